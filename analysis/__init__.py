@@ -1,0 +1,1 @@
+"""Analysis side of dormant-heads: reads the score database; never imports torch."""

@@ -1,0 +1,1 @@
+"""GPU side of dormant-heads: model loading, attention capture, head scores, ablation, datasets."""
