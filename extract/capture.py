@@ -1,0 +1,85 @@
+"""Capture sessions: what the registered attention function records while a session is active.
+
+A :class:`Capture` lives for one or more forward passes. For every attention layer it receives the six
+raw per-head statistics (``RAW_STATS``, each ``(batch, heads)`` float64, means over valid positions) and,
+when it carries an ablation ``rule``, returns the ``(batch, heads)`` bool mask of heads whose output
+``O`` is replaced before the output projection. Outside any session the attention is plain SDPA.
+
+Capture points (named, family-agnostic): ``Capture.stats[layer]`` (raw stats of the last forward),
+``Capture.forward_masks`` (one ``(batch, layers, heads)`` ablation mask per forward pass).
+"""
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+RAW_STATS = ("p_first", "entropy", "v_first_norm", "v_norm", "o_last_norm", "o_norm")
+"""Per (example, head): mean A[q, first] over valid queries; mean row entropy (nats); ‖V[first]‖;
+mean ‖V[t]‖; ‖O[last]‖; mean ‖O[t]‖ (L2 over head_dim, t over valid positions)."""
+
+Rule = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Capture:
+    rule: Rule | None = None  # (layer, stats (B, H, 6)) -> bool (B, H): heads to ablate
+    mode: str = "zero"  # "zero" or "mean"
+    means: torch.Tensor | None = None  # (layers, heads, head_dim) replacement outputs for mode "mean"
+    chunk_size: int = 256  # query chunk of the portable kernel
+    stats: dict[int, torch.Tensor] = field(default_factory=dict)
+    forward_masks: list[torch.Tensor] = field(default_factory=list)
+    _masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    _mask_cache: dict[int, tuple] = field(default_factory=dict)
+
+    def record(self, layer: int, stats: torch.Tensor) -> torch.Tensor | None:
+        """Store ``stats`` (B, H, 6) of ``layer``; return the heads to ablate (B, H) or None."""
+        if layer in self.stats:  # a new forward pass started
+            self.end_forward()
+        self.stats[layer] = stats
+        if self.rule is None:
+            return None
+        mask = self.rule(layer, stats)
+        self._masks[layer] = mask
+        return mask
+
+    def end_forward(self) -> None:
+        if self._masks:
+            self.forward_masks.append(torch.stack([self._masks[i] for i in sorted(self._masks)], 1).cpu())
+        self._masks = {}
+        self.stats = {}
+        self._mask_cache = {}
+
+    def stacked_stats(self) -> torch.Tensor:
+        """Raw stats of the last forward, ``(B, layers, H, 6)`` float64 on CPU."""
+        return torch.stack([self.stats[i] for i in sorted(self.stats)], 1).cpu()
+
+    def cached(self, key_obj: object, make: Callable[[], object]) -> object:
+        """Per-forward cache keyed by object identity (masks are shared by all layers of one type)."""
+        hit = self._mask_cache.get(id(key_obj))
+        if hit is None or hit[0] is not key_obj:
+            hit = (key_obj, make())
+            self._mask_cache[id(key_obj)] = hit
+        return hit[1]
+
+
+_current: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("dormant_capture", default=None)
+
+
+def current() -> Capture | None:
+    """The active capture session, or None."""
+    return _current.get()
+
+
+@contextmanager
+def capturing(capture: Capture) -> Iterator[Capture]:
+    """Activate ``capture`` for the forward passes run inside the block."""
+    token = _current.set(capture)
+    try:
+        yield capture
+    finally:
+        _current.reset(token)
+        capture.end_forward()

@@ -1,0 +1,139 @@
+"""Attention with the per-query statistics the head scores need, behind one small device dispatch.
+
+``attend(q, k, v, ...)`` returns the attention output and, per query, the weight on the first valid key
+and the entropy of the attention row, without ever holding a (heads x S x S) tensor:
+
+* ``"flash_cpu"``: PyTorch's CPU flash kernel returns each row's log-sum-exp ``lse``; a second call with
+  the keys as values gives ``A·K``, and ``H_q = lse_q - scale * q·(A·K)_q`` (done in float64).
+* ``"efficient_cuda"``: the same two calls through the memory-efficient CUDA kernel (its ``lse`` is
+  padded to a multiple of 32 queries and cut back here).
+  Cancellation: ``lse`` and ``q·(A·K)`` are both about the row's largest logit, so float32 inputs leave an
+  absolute error of ~1e-6 nats per row. Heads whose mean entropy is below ``EXACT_ENTROPY_BELOW`` (the
+  few, nearly one-hot heads where that error would matter relatively) get their entropy recomputed
+  with the exact chunked softmax; above it the relative error stays below ~1e-5.
+* ``"chunked"``: the portable fallback for any device, dtype or feature (logit soft-capping): explicit
+  softmax over query chunks, so extra memory is bounded by ``chunk_size x S`` per head.
+
+Shapes: q ``(B, H, S, D)``; k, v ``(B, H, S, D)`` (KV heads already repeated for grouped-query attention);
+``mask`` additive ``(B, 1, S, S)`` in q's dtype (0 = visible, -inf = hidden) or None for plain causal.
+Outputs: ``out (B, H, S, D)`` in q's dtype; ``p_first, entropy (B, H, S)`` float64 (entropy in nats).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("flash_cpu", "efficient_cuda", "chunked")
+EXACT_ENTROPY_BELOW = 0.05  # nats; heads (per example) under it get the exact entropy
+
+
+def choose_backend(device: torch.device, softcap: float | None) -> str:
+    """The fastest exact backend for ``device``; override with env ``DORMANT_ATTN_BACKEND``."""
+    forced = os.environ.get("DORMANT_ATTN_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"DORMANT_ATTN_BACKEND={forced!r}; choose one of {BACKENDS}")
+        return forced
+    if softcap is not None:
+        return "chunked"
+    if device.type == "cpu":
+        return "flash_cpu"
+    if device.type == "cuda":
+        return "efficient_cuda"
+    return "chunked"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           first: torch.Tensor, *, valid: torch.Tensor | None = None, softcap: float | None = None,
+           backend: str | None = None, chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention output, weight on key ``first[b]`` per query, and row entropy (see module doc).
+
+    ``first``: ``(B,)`` long, index of each example's first valid (non-padding) token; ``valid``:
+    ``(B, S)`` bool non-padding positions (default all), used to pick heads for the exact entropy.
+    """
+    backend = backend or choose_backend(q.device, softcap)
+    if backend == "chunked" or softcap is not None:
+        return _chunked(q, k, v, mask, scale, first, softcap, chunk_size)
+    if backend == "flash_cpu":
+        out, lse = _flash_cpu(q, k, v, mask, scale)
+        ak, _ = _flash_cpu(q, k, k, mask, scale)
+    elif backend == "efficient_cuda":
+        out, lse = _efficient_cuda(q, k, v, mask, scale)
+        ak, _ = _efficient_cuda(q, k, k, mask, scale)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    lse = lse.double()
+    qd = q.double()
+    entropy = lse - scale * (qd * ak.double()).sum(-1)
+    p_first = _weight_on_first(qd, k, mask, scale, first, lse)
+    _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size)
+    return out, p_first, entropy
+
+
+def _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size):
+    """Recompute in place the entropy of the (example, head) pairs with mean entropy < EXACT_ENTROPY_BELOW."""
+    if valid is None:
+        mean = entropy.mean(-1)
+    else:
+        w = valid[:, None, :].to(entropy.dtype)
+        mean = (torch.where(valid[:, None, :], entropy, 0.0) * w).sum(-1) / w.sum(-1)
+    low = mean < EXACT_ENTROPY_BELOW
+    for b in low.any(1).nonzero().flatten().tolist():
+        hs = low[b].nonzero().flatten()
+        m = None if mask is None else mask[b : b + 1]
+        _, _, ent = _chunked(q[b : b + 1, hs], k[b : b + 1, hs], v[b : b + 1, hs], m, scale,
+                             first[b : b + 1], None, chunk_size)
+        entropy[b, hs] = ent[0]
+
+
+def _weight_on_first(qd, k, mask, scale, first, lse):
+    """``A[q, first] = exp(s_q,first + mask_q,first - lse_q)`` in float64, shape (B, H, S)."""
+    idx = first.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[-1])
+    k_first = k.gather(2, idx).double()  # (B, H, 1, D)
+    s = scale * (qd * k_first).sum(-1)
+    if mask is not None:
+        midx = first.view(-1, 1, 1, 1).expand(-1, 1, mask.shape[2], 1)
+        s = s + mask.gather(3, midx).squeeze(-1).double()
+    return torch.exp(s - lse)
+
+
+def _flash_cpu(q, k, v, mask, scale):
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if mask is None:
+        return op(q, k, v, 0.0, True, scale=scale)
+    return op(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+
+
+def _efficient_cuda(q, k, v, mask, scale):
+    op = torch.ops.aten._scaled_dot_product_efficient_attention
+    bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], -1, -1)
+    out, lse, _, _ = op(q, k, v, bias, True, 0.0, mask is None, scale=scale)
+    return out, lse[..., : q.shape[2]]
+
+
+def _chunked(q, k, v, mask, scale, first, softcap, chunk_size):
+    """Portable exact path: explicit softmax over query chunks (extra memory chunk_size x S per head)."""
+    B, H, S, D = q.shape
+    out = torch.empty_like(q)
+    p_first = torch.empty(B, H, S, dtype=torch.float64, device=q.device)
+    entropy = torch.empty_like(p_first)
+    rows = torch.arange(B, device=q.device)
+    for s0 in range(0, S, chunk_size):
+        e = min(S, s0 + chunk_size)
+        s = torch.matmul(q[:, :, s0:e].float(), k[:, :, :e].float().transpose(-1, -2)) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        if mask is None:
+            causal = torch.ones(e - s0, e, dtype=torch.bool, device=q.device).tril(s0)
+            s = s.masked_fill(~causal, float("-inf"))
+        else:
+            s = s + mask[:, :, s0:e, :e].float()
+        logp = torch.log_softmax(s, dim=-1)
+        p = logp.exp()
+        out[:, :, s0:e] = torch.matmul(p, v[:, :, :e].float()).to(q.dtype)
+        entropy[:, :, s0:e] = -(p * logp.nan_to_num(neginf=0.0)).sum(-1).double()
+        idx = first.clamp(max=e - 1)
+        pf = p[rows, :, :, idx].double()  # (B, H, chunk)
+        p_first[:, :, s0:e] = torch.where((first < e).view(-1, 1, 1), pf, torch.zeros_like(pf))
+    return out, p_first, entropy
