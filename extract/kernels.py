@@ -54,7 +54,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     backend = backend or choose_backend(q.device, softcap)
     if backend == "chunked" or softcap is not None:
-        return _chunked(q, k, v, mask, scale, first, softcap, chunk_size)
+        out, p_first, entropy = _chunked(q, k, v, mask, scale, first, softcap, chunk_size)
+        _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size, softcap)
+        return out, p_first, entropy
     if backend == "flash_cpu":
         out, lse = _flash_cpu(q, k, v, mask, scale)
         ak, _ = _flash_cpu(q, k, k, mask, scale)
@@ -71,7 +73,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out, p_first, entropy
 
 
-def _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size):
+def _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size, softcap=None):
     """Recompute in place the entropy of the (example, head) pairs with mean entropy < EXACT_ENTROPY_BELOW."""
     if valid is None:
         mean = entropy.mean(-1)
@@ -83,7 +85,7 @@ def _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size):
         hs = low[b].nonzero().flatten()
         m = None if mask is None else mask[b : b + 1]
         _, _, ent = _chunked(q[b : b + 1, hs], k[b : b + 1, hs], v[b : b + 1, hs], m, scale,
-                             first[b : b + 1], None, chunk_size)
+                             first[b : b + 1], softcap, chunk_size, work=torch.float64)
         entropy[b, hs] = ent[0]
 
 
@@ -112,8 +114,10 @@ def _efficient_cuda(q, k, v, mask, scale):
     return out, lse[..., : q.shape[2]]
 
 
-def _chunked(q, k, v, mask, scale, first, softcap, chunk_size):
-    """Portable exact path: explicit softmax over query chunks (extra memory chunk_size x S per head)."""
+def _chunked(q, k, v, mask, scale, first, softcap, chunk_size, work=torch.float32):
+    """Portable exact path: explicit softmax over query chunks (extra memory chunk_size x S per head),
+    computed in ``work`` precision (at least float32)."""
+    work = torch.promote_types(work, q.dtype)
     B, H, S, D = q.shape
     out = torch.empty_like(q)
     p_first = torch.empty(B, H, S, dtype=torch.float64, device=q.device)
@@ -121,17 +125,17 @@ def _chunked(q, k, v, mask, scale, first, softcap, chunk_size):
     rows = torch.arange(B, device=q.device)
     for s0 in range(0, S, chunk_size):
         e = min(S, s0 + chunk_size)
-        s = torch.matmul(q[:, :, s0:e].float(), k[:, :, :e].float().transpose(-1, -2)) * scale
+        s = torch.matmul(q[:, :, s0:e].to(work), k[:, :, :e].to(work).transpose(-1, -2)) * scale
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
         if mask is None:
             causal = torch.ones(e - s0, e, dtype=torch.bool, device=q.device).tril(s0)
             s = s.masked_fill(~causal, float("-inf"))
         else:
-            s = s + mask[:, :, s0:e, :e].float()
+            s = s + mask[:, :, s0:e, :e].to(work)
         logp = torch.log_softmax(s, dim=-1)
         p = logp.exp()
-        out[:, :, s0:e] = torch.matmul(p, v[:, :, :e].float()).to(q.dtype)
+        out[:, :, s0:e] = torch.matmul(p, v[:, :, :e].to(work)).to(q.dtype)
         entropy[:, :, s0:e] = -(p * logp.nan_to_num(neginf=0.0)).sum(-1).double()
         idx = first.clamp(max=e - 1)
         pf = p[rows, :, :, idx].double()  # (B, H, chunk)

@@ -1,0 +1,112 @@
+"""score_heads against the naive eager reference (tests/reference.py), on tiny and real models."""
+import numpy as np
+import pytest
+import torch
+
+from analysis.score_functions import SCORE_KEYS
+from extract.scores import score_heads, scores_from_stats
+from reference import reference_scores
+from tiny import FAMILIES, tiny_model
+
+
+def as_array(df, n_examples, model):
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    assert df.columns == ["example", "layer", "head", *SCORE_KEYS]
+    assert df.height == n_examples * L * H
+    return df.sort(["example", "layer", "head"]).select(SCORE_KEYS).to_numpy().reshape(n_examples, L, H, 13)
+
+
+def assert_close_to_reference(model, seqs, rtol=1e-4):
+    got = as_array(score_heads(model, seqs), len(seqs), model)
+    assert np.isfinite(got).all()
+    for i, ids in enumerate(seqs):
+        ref = reference_scores(model, ids).numpy()
+        rel = np.abs(got[i] - ref) / np.maximum(np.abs(ref), 1e-12)
+        worst = {k: float(rel[..., j].max()) for j, k in enumerate(SCORE_KEYS)}
+        assert max(worst.values()) <= rtol, worst
+
+
+def random_seqs(n, lo, hi, vocab, seed=0, bos=1):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [[bos] + torch.randint(3, vocab, (L - 1,), generator=g).tolist() for L in lens]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_families_match_reference(family):
+    model = tiny_model(family)
+    # lengths past gemma's sliding window (8), batched with padding
+    assert_close_to_reference(model, random_seqs(4, 5, 40, 128))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch_equals_unbatched(family):
+    model = tiny_model(family, seed=3)
+    seqs = random_seqs(5, 2, 50, 128, seed=1)
+    batched = as_array(score_heads(model, seqs), len(seqs), model)
+    alone = np.stack([as_array(score_heads(model, [s]), 1, model)[0] for s in seqs])
+    np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-7)
+    # and several batch budgets give the same numbers
+    small = as_array(score_heads(model, seqs, batch_tokens=60), len(seqs), model)
+    np.testing.assert_allclose(small, batched, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_backend_equals_flash(monkeypatch):
+    model = tiny_model("gemma3", seed=5)
+    seqs = random_seqs(3, 10, 30, 128, seed=2)
+    fast = as_array(score_heads(model, seqs), 3, model)
+    monkeypatch.setenv("DORMANT_ATTN_BACKEND", "chunked")
+    slow = as_array(score_heads(model, seqs, chunk_size=7), 3, model)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [[], [5]])
+def test_short_sequences_are_refused(bad):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="at least 2"):
+        score_heads(model, [[1, 4, 5], bad])
+
+
+def test_two_token_sequence_is_finite():
+    model = tiny_model("qwen2")
+    got = as_array(score_heads(model, [[1, 7]]), 1, model)
+    assert np.isfinite(got).all()
+
+
+def test_ln_zero_over_zero_is_one():
+    stats = torch.zeros(1, 3, 6, dtype=torch.float64)
+    s = scores_from_stats(stats)
+    assert torch.equal(s[..., SCORE_KEYS.index("ahon_ln")], torch.ones(1, 3))
+
+
+def test_float64_model_matches_reference_tightly():
+    # the eager reference computes its softmax in float32 even for float64 models: 1e-6, not 1e-12
+    model = tiny_model("llama", dtype=torch.float64)
+    assert_close_to_reference(model, random_seqs(2, 10, 30, 128, seed=4), rtol=1e-6)
+
+
+def test_bfloat16_model_scores_are_close_to_float32():
+    seqs = random_seqs(3, 10, 30, 128, seed=6)
+    m32 = tiny_model("qwen2", seed=7)
+    m16 = tiny_model("qwen2", seed=7, dtype=torch.bfloat16)
+    assert next(m16.parameters()).dtype == torch.bfloat16
+    a32 = as_array(score_heads(m32, seqs), 3, m32)
+    a16 = as_array(score_heads(m16, seqs), 3, m16)
+    assert np.isfinite(a16).all()
+    np.testing.assert_allclose(a16, a32, rtol=0.1, atol=0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma-3-270m"])
+def test_real_zoo_models_match_reference(name, zoo_model):
+    model, tok = zoo_model(name)
+    texts = ["The quick brown fox jumps over the lazy dog. Then it ran into the forest, where nobody saw it again "
+             "for a very long time, until one winter morning.",
+             "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+             "Paris is the capital of France."]
+    seqs = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if name == "gemma-3-270m":  # past the 512-token sliding window, so local layers really slide
+        long = " ".join(["The history of the city spans many centuries and many rulers."] * 60)
+        seqs.append([tok.bos_token_id] + tok(long, add_special_tokens=False)["input_ids"][:700])
+        assert model.config.sliding_window < len(seqs[-1])
+    assert_close_to_reference(model, seqs)
