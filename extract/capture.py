@@ -5,8 +5,9 @@ raw per-head statistics (``RAW_STATS``, each ``(batch, heads)`` float64, means o
 when it carries an ablation ``rule``, returns the ``(batch, heads)`` bool mask of heads whose output
 ``O`` is replaced before the output projection. Outside any session the attention is plain SDPA.
 
-Capture points (named, family-agnostic): ``Capture.stats[layer]`` (raw stats of the last forward),
-``Capture.forward_masks`` (one ``(batch, layers, heads)`` ablation mask per forward pass).
+Capture points (named, family-agnostic): ``Capture.stats[layer]`` (raw stats of the current forward),
+``Capture.forward_stats`` (one ``(batch, layers, heads, 6)`` tensor per finished forward when
+``keep_stats``), ``Capture.forward_masks`` (one ``(batch, layers, heads)`` ablation mask per forward).
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ class Capture:
     mode: str = "zero"  # "zero" or "mean"
     means: torch.Tensor | None = None  # (layers, heads, head_dim) replacement outputs for mode "mean"
     chunk_size: int = 256  # query chunk of the portable kernel
+    keep_stats: bool = False  # keep every forward's stats in ``forward_stats`` (calibration runs)
     stats: dict[int, torch.Tensor] = field(default_factory=dict)
     forward_masks: list[torch.Tensor] = field(default_factory=list)
+    forward_stats: list[torch.Tensor] = field(default_factory=list)
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
     _mask_cache: dict[int, tuple] = field(default_factory=dict)
 
@@ -47,6 +50,8 @@ class Capture:
         return mask
 
     def end_forward(self) -> None:
+        if self.keep_stats and self.stats:
+            self.forward_stats.append(self.stacked_stats())
         if self._masks:
             self.forward_masks.append(torch.stack([self._masks[i] for i in sorted(self._masks)], 1).cpu())
         self._masks = {}

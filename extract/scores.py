@@ -12,7 +12,8 @@ models all see a BOS first and the first-token scores are only comparable across
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -157,3 +158,45 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, prepend_bos: bool = T
     """:func:`score_heads` on texts encoded with ``tokenizer`` (see :func:`encode_texts`)."""
     return score_heads(model, encode_texts(tokenizer, texts, prepend_bos=prepend_bos, max_tokens=max_tokens),
                        **options)
+
+
+class Recording:
+    """What :func:`recording` yields: the head scores of every forward pass run inside the block."""
+
+    def __init__(self, cap: capture.Capture):
+        self._cap = cap
+
+    def raw_stats(self) -> torch.Tensor:
+        """``(examples, layers, heads, 6)`` float64, forward passes concatenated in call order."""
+        parts = list(self._cap.forward_stats)
+        if self._cap.stats:
+            parts.append(self._cap.stacked_stats())
+        if not parts:
+            raise RuntimeError("no forward pass ran inside recording()")
+        return torch.cat(parts, 0)
+
+    def scores(self) -> torch.Tensor:
+        """``(examples, layers, heads, 13)`` float64 in ``SCORE_KEYS`` order."""
+        return scores_from_stats(self.raw_stats())
+
+    def frame(self) -> pl.DataFrame:
+        """The long frame of :func:`score_heads` (``example`` = row in call order)."""
+        return scores_frame(self.scores().numpy())
+
+
+@contextmanager
+def recording(model, *, chunk_size: int = 256) -> Iterator[Recording]:
+    """Record the 13 scores of every head in every full forward pass run inside the block.
+
+    For calibration: run the evaluation as usual (any forward of ``model`` or its decoder, padded
+    batches included) and read ``rec.scores()`` afterwards; rows follow the batches in call order.
+    Right or left padding is recognised from the attention mask (left padding needs the usual
+    ``position_ids``, as for any HF model). Inside :func:`ablate` the
+    ablation keeps applying.
+    """
+    attention.use(model)
+    outer = capture.current()
+    cap = capture.Capture(rule=outer.rule if outer else None, mode=outer.mode if outer else "zero",
+                          means=outer.means if outer else None, chunk_size=chunk_size, keep_stats=True)
+    with capture.capturing(cap):
+        yield Recording(cap)

@@ -110,3 +110,36 @@ def test_real_zoo_models_match_reference(name, zoo_model):
         seqs.append([tok.bos_token_id] + tok(long, add_special_tokens=False)["input_ids"][:700])
         assert model.config.sliding_window < len(seqs[-1])
     assert_close_to_reference(model, seqs)
+
+
+def test_recording_equals_score_heads_on_padded_forwards():
+    """Calibration mode: scores recorded from ordinary (padded, full-LM) forwards equal score_heads."""
+    from extract.scores import pad_right, recording
+
+    model = tiny_model("gemma3", seed=9)
+    seqs = random_seqs(5, 3, 30, 128, seed=8)
+    ref = as_array(score_heads(model, seqs), 5, model)
+    with recording(model) as rec, torch.no_grad():
+        for part in (seqs[:2], seqs[2:]):
+            ids, am = pad_right(part, 0, "cpu")
+            model(input_ids=ids, attention_mask=am, use_cache=False)
+    np.testing.assert_allclose(rec.scores().numpy(), ref, rtol=1e-5, atol=1e-7)
+    assert rec.frame().height == ref.size // 13
+
+
+def test_recording_left_padding_with_position_ids():
+    from extract.scores import recording
+
+    model = tiny_model("llama", seed=10)
+    seqs = random_seqs(3, 4, 20, 128, seed=12)
+    ref = as_array(score_heads(model, seqs), 3, model)
+    n = max(map(len, seqs))
+    ids = torch.zeros(3, n, dtype=torch.long)
+    am = torch.zeros(3, n, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, n - len(s):] = torch.tensor(s)
+        am[b, n - len(s):] = 1
+    pos = (am.cumsum(-1) - 1).clamp_min(0)
+    with recording(model) as rec, torch.no_grad():
+        model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False)
+    np.testing.assert_allclose(rec.scores().numpy(), ref, rtol=1e-5, atol=1e-7)

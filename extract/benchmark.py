@@ -1,0 +1,171 @@
+"""Benchmark of the score engine against plain forwards and the naive eager approach, in one run.
+
+Each (method, length) runs in a fresh subprocess so its peak resident memory is its own. Methods:
+
+* ``sdpa_lm``: plain ``sdpa`` forward of the causal LM (with the LM head), no scores;
+* ``sdpa_decoder``: plain ``sdpa`` forward of the decoder stack only (what ``score_heads`` runs);
+* ``score_heads``: the 13 scores of every head;
+* ``naive_eager``: eager attention (full S x S weights per layer) with hooks on the value projection and
+  the output projection's input, scores from the weights with plain tensor ops, layer by layer.
+
+Times are medians over repeats after one warm-up; input is real text (Python standard-library source)
+truncated to the length. Usage: ``dormant bench [--model NAME] [--lengths 512 2048 4096]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("sdpa_lm", "sdpa_decoder", "score_heads", "naive_eager")
+
+
+def _text_ids(tok, n: int) -> list[int]:
+    import inspect
+    import typing
+
+    text = "".join(Path(m.__file__).read_text() for m in (inspect, typing, argparse, json))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    ids = ([bos] if bos is not None else []) + ids
+    if len(ids) < n:
+        raise RuntimeError(f"benchmark text has only {len(ids)} tokens")
+    return ids[:n]
+
+
+def _naive_eager(model, ids):
+    """Scores the naive way: eager weights (B, H, S, S) per layer, consumed by hooks as they appear."""
+    import torch
+
+    from .scores import scores_from_stats
+
+    cfg = model.config
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    stats, vals, hooks = {}, {}, []
+
+    for i, layer in enumerate(model.base_model.layers):
+        att = layer.self_attn
+
+        def on_v(m, a, out, i=i):
+            vals[i] = out
+
+        def on_o(m, a, i=i):
+            vals[("o", i)] = a[0]
+
+        def on_attn(m, a, out, i=i):
+            A = out[1][0]  # (H, S, S)
+            S = A.shape[-1]
+            V = vals[i][0].view(S, KV, -1).repeat_interleave(H // KV, 1)
+            O = vals[("o", i)][0].view(S, H, -1)
+            ent = -(A * torch.log(A.clamp_min(1e-30))).sum(-1).mean(-1)
+            on = O.norm(dim=-1)
+            vn = V.norm(dim=-1)
+            stats[i] = torch.stack([A[:, :, 0].mean(-1), ent, vn[0], vn.mean(0), on[-1], on.mean(0)], -1).double()
+        hooks += [att.v_proj.register_forward_hook(on_v), att.o_proj.register_forward_pre_hook(on_o),
+                  att.register_forward_hook(on_attn)]
+    try:
+        with torch.inference_mode():
+            model.base_model(input_ids=torch.tensor([ids]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return scores_from_stats(torch.stack([stats[i] for i in sorted(stats)]))
+
+
+def worker(model_name: str, method: str, n: int, repeats: int) -> dict:
+    import torch
+
+    from .models import load_model
+    from .scores import score_heads
+
+    torch.manual_seed(0)
+    model, tok = load_model(model_name)
+    ids = _text_ids(tok, n)
+    x = torch.tensor([ids])
+    if method in ("sdpa_lm", "sdpa_decoder"):
+        model.set_attn_implementation("sdpa")
+        net = model if method == "sdpa_lm" else model.base_model
+
+        def run():
+            with torch.inference_mode():
+                net(input_ids=x, use_cache=False)
+    elif method == "score_heads":
+        def run():
+            score_heads(model, [ids], batch_tokens=n)
+    elif method == "naive_eager":
+        model.set_attn_implementation("eager")
+
+        def run():
+            _naive_eager(model, ids)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"method": method, "tokens": n, "median_s": statistics.median(times), "times_s": times,
+            "peak_rss_mib": peak_mib, "threads": torch.get_num_threads()}
+
+
+def run_all(model_name: str, lengths: list[int], repeats: int, methods=METHODS) -> list[dict]:
+    rows = []
+    for n in lengths:
+        for m in methods:
+            cmd = [sys.executable, "-m", "extract.benchmark", "--worker", m, "--model", model_name,
+                   "--lengths", str(n), "--repeats", str(repeats)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"  {m:13s} {n:5d} tok  median {row['median_s']:.3f} s  peak RSS {row['peak_rss_mib']:.0f} MiB",
+                  file=sys.stderr)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    by = {(r["method"], r["tokens"]): r for r in rows}
+    lines = ["| tokens | sdpa LM (s) | sdpa decoder (s) | score_heads (s) | naive eager (s) | score/sdpa LM | "
+             "score/sdpa decoder | naive/score | peak RSS score/sdpa LM | peak RSS score/sdpa decoder | "
+             "peak RSS naive/score |", "|" + "---|" * 11]
+    for n in sorted({r["tokens"] for r in rows}):
+        g = {m: by.get((m, n)) for m in METHODS}
+        t = {m: (g[m]["median_s"] if g[m] else float("nan")) for m in METHODS}
+        p = {m: (g[m]["peak_rss_mib"] if g[m] else float("nan")) for m in METHODS}
+        lines.append(f"| {n} | {t['sdpa_lm']:.3f} | {t['sdpa_decoder']:.3f} | {t['score_heads']:.3f} | "
+                     f"{t['naive_eager']:.3f} | {t['score_heads'] / t['sdpa_lm']:.2f}x | "
+                     f"{t['score_heads'] / t['sdpa_decoder']:.2f}x | {t['naive_eager'] / t['score_heads']:.2f}x | "
+                     f"{p['score_heads'] / p['sdpa_lm']:.2f}x | {p['score_heads'] / p['sdpa_decoder']:.2f}x | "
+                     f"{p['naive_eager'] / p['score_heads']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--json", type=Path, help="also write the raw rows here")
+    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        print(json.dumps(worker(a.model, a.worker, a.lengths[0], a.repeats)))
+        return
+    rows = run_all(a.model, a.lengths, a.repeats, a.methods)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(rows, indent=1))
+    print(f"model {a.model}, {rows[0]['threads']} threads, median of {a.repeats} runs after a warm-up")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
