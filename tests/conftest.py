@@ -4,6 +4,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import functools
+import os
 
 import pytest
 
@@ -14,3 +15,13 @@ def zoo_model():
     from extract.models import load_model
 
     return functools.lru_cache(maxsize=None)(lambda name: load_model(name))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``optional`` unless DORMANT_RUN_OPTIONAL=1."""
+    if os.environ.get("DORMANT_RUN_OPTIONAL") == "1":
+        return
+    skip = pytest.mark.skip(reason="optional (very slow): set DORMANT_RUN_OPTIONAL=1 to run")
+    for item in items:
+        if "optional" in item.keywords:
+            item.add_marker(skip)

@@ -49,9 +49,14 @@ def reference_scores(model, ids: list[int]) -> torch.Tensor:
             Ah = A[h]
             ent = torch.zeros(S, dtype=torch.float64)
             for q in range(S):
+                # -sum p log p, with the largest weight taken as 1 - (sum of the others): a float32 weight
+                # stored as 0.9999995 would otherwise carry a 6e-8 error into near-zero entropies
                 row = Ah[q, : q + 1]
-                row = row[row > 0]
-                ent[q] = -(row * row.log()).sum()
+                i = int(row.argmax())
+                others = torch.cat([row[:i], row[i + 1 :]])
+                others = others[others > 0]
+                rest = others.sum()
+                ent[q] = -(others * others.log()).sum() - (1 - rest) * torch.log1p(-rest)
             Vh = V[:, h // (H // KV)]
             Oh = O[:, h]
             raw.append([Ah[:, 0].mean(), ent.mean(), Vh[0].norm(), Vh.norm(dim=-1).mean(),
