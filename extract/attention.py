@@ -71,9 +71,10 @@ def head_stats(out: torch.Tensor, value: torch.Tensor, p_first: torch.Tensor, en
     def at(x, idx):  # x (B, H, S) -> x[b, :, idx[b]]
         return x.gather(2, idx.view(-1, 1, 1).expand(-1, x.shape[1], 1)).squeeze(2)
 
-    vn = torch.linalg.vector_norm(value, dim=-1, dtype=torch.float64)
+    work = torch.promote_types(out.dtype, torch.float32)
+    vn = torch.linalg.vector_norm(value, dim=-1, dtype=work).double()
     vn = vn.repeat_interleave(H // value.shape[1], dim=1)
-    on = torch.linalg.vector_norm(out, dim=-1, dtype=torch.float64)
+    on = torch.linalg.vector_norm(out, dim=-1, dtype=work).double()
     return torch.stack([mean_t(p_first), mean_t(entropy), at(vn, first), mean_t(vn), at(on, last), mean_t(on)], -1)
 
 

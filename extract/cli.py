@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -76,7 +77,46 @@ def add_models_parser(subparsers) -> None:
     i.set_defaults(func=_models_info)
 
 
-GROUPS: list[Callable] = [add_models_parser]
+def _score(args: argparse.Namespace) -> int:
+    from extract.shards import score_shard
+
+    t0 = time.perf_counter()
+    df = score_shard(args.model, args.data, args.dataset, args.out, shard=args.shard, num_shards=args.num_shards,
+                     prepend_bos=not args.no_bos, batch_tokens=args.batch_tokens, dtype=args.dtype,
+                     device=args.device)
+    n_ex = df["example"].n_unique()
+    print(f"{args.model} / {args.dataset} shard {args.shard}/{args.num_shards}: {n_ex} examples, "
+          f"{df.height} rows -> {args.out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def add_score_parser(subparsers) -> None:
+    """``dormant score``: the 13 head scores of one dataset shard, to one Parquet file."""
+    from pathlib import Path
+
+    p = subparsers.add_parser("score", help="score one shard of a JSON-lines text dataset with one model")
+    p.add_argument("--model", required=True, help="zoo name, hub id, local directory or .gguf file")
+    p.add_argument("--data", required=True, type=Path, help="JSON lines: id, text[, domain, max_tokens]")
+    p.add_argument("--dataset", required=True, help="dataset id stored with the rows")
+    p.add_argument("--out", required=True, type=Path, help="Parquet file to write (atomically)")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=_score)
+
+
+def add_bench_parser(subparsers) -> None:
+    """``dormant bench``: score_heads vs plain sdpa forwards vs the naive eager approach."""
+    p = subparsers.add_parser("bench", help="benchmark the score engine (times and peak memory)",
+                              add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("extract.benchmark", fromlist=["main"]).main(a.rest) or 0)
+
+
+GROUPS: list[Callable] = [add_models_parser, add_score_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark has its own parser
+        from extract.benchmark import main as bench_main
+
+        return bench_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except DormantError as e:
+    except (DormantError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("DORMANT_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

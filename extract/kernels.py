@@ -66,9 +66,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     else:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     lse = lse.double()
-    qd = q.double()
-    entropy = lse - scale * (qd * ak.double()).sum(-1)
-    p_first = _weight_on_first(qd, k, mask, scale, first, lse)
+    entropy = lse - scale * _rowdot(q, ak).double()
+    p_first = _weight_on_first(q, k, mask, scale, first, lse)
     _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size)
     return out, p_first, entropy
 
@@ -85,15 +84,21 @@ def _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size, 
         hs = low[b].nonzero().flatten()
         m = None if mask is None else mask[b : b + 1]
         _, _, ent = _chunked(q[b : b + 1, hs], k[b : b + 1, hs], v[b : b + 1, hs], m, scale,
-                             first[b : b + 1], softcap, chunk_size, work=torch.float64)
+                             first[b : b + 1], softcap, chunk_size)
         entropy[b, hs] = ent[0]
 
 
-def _weight_on_first(qd, k, mask, scale, first, lse):
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of ``(..., S, D)`` tensors -> ``(..., S)``, accumulated in at least float32."""
+    work = torch.promote_types(a.dtype, torch.float32)
+    return torch.matmul(a.to(work).unsqueeze(-2), b.to(work).unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+
+def _weight_on_first(q, k, mask, scale, first, lse):
     """``A[q, first] = exp(s_q,first + mask_q,first - lse_q)`` in float64, shape (B, H, S)."""
     idx = first.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[-1])
-    k_first = k.gather(2, idx).double()  # (B, H, 1, D)
-    s = scale * (qd * k_first).sum(-1)
+    k_first = k.gather(2, idx)  # (B, H, 1, D)
+    s = scale * _rowdot(q, k_first.expand_as(q)).double()
     if mask is not None:
         midx = first.view(-1, 1, 1, 1).expand(-1, 1, mask.shape[2], 1)
         s = s + mask.gather(3, midx).squeeze(-1).double()
@@ -115,8 +120,12 @@ def _efficient_cuda(q, k, v, mask, scale):
 
 
 def _chunked(q, k, v, mask, scale, first, softcap, chunk_size, work=torch.float32):
-    """Portable exact path: explicit softmax over query chunks (extra memory chunk_size x S per head),
-    computed in ``work`` precision (at least float32)."""
+    """Portable exact path: explicit softmax over query chunks (extra memory chunk_size x S per head).
+
+    The entropy has no cancellation: with m the row max, e = exp(s - m), the max entry (e = 1) dropped
+    and rest = sum of the other e, ``H = log1p(rest) - sum_others e (s - m) / (1 + rest)``; every term
+    keeps its relative precision in float32 even for nearly one-hot rows.
+    """
     work = torch.promote_types(work, q.dtype)
     B, H, S, D = q.shape
     out = torch.empty_like(q)
@@ -133,10 +142,17 @@ def _chunked(q, k, v, mask, scale, first, softcap, chunk_size, work=torch.float3
             s = s.masked_fill(~causal, float("-inf"))
         else:
             s = s + mask[:, :, s0:e, :e].to(work)
-        logp = torch.log_softmax(s, dim=-1)
-        p = logp.exp()
+        m, arg = s.max(-1, keepdim=True)
+        d = s - m  # <= 0, -inf where masked
+        ex = d.exp()
+        ex.scatter_(-1, arg, 0.0)  # drop the max entry
+        rest = ex.sum(-1, keepdim=True)
+        z = 1 + rest
+        p = ex / z
+        p.scatter_(-1, arg, 1 / z)
         out[:, :, s0:e] = torch.matmul(p, v[:, :, :e].to(work)).to(q.dtype)
-        entropy[:, :, s0:e] = -(p * logp.nan_to_num(neginf=0.0)).sum(-1).double()
+        ent = torch.log1p(rest) - (ex * d.nan_to_num(neginf=0.0)).sum(-1, keepdim=True) / z
+        entropy[:, :, s0:e] = ent.squeeze(-1).double()
         idx = first.clamp(max=e - 1)
         pf = p[rows, :, :, idx].double()  # (B, H, chunk)
         p_first[:, :, s0:e] = torch.where((first < e).view(-1, 1, 1), pf, torch.zeros_like(pf))

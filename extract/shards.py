@@ -20,6 +20,8 @@ from analysis.score_functions import SCORE_KEYS
 def read_examples(path: Path) -> list[dict]:
     """The examples of a JSON-lines dataset file, validated (``id`` and non-empty ``text``)."""
     rows = []
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"dataset file {path} not found; write it first (one JSON object per line)")
     with open(path, encoding="utf-8") as f:
         for k, line in enumerate(f):
             if not line.strip():
