@@ -116,7 +116,15 @@ def add_bench_parser(subparsers) -> None:
     p.set_defaults(func=lambda a: __import__("extract.benchmark", fromlist=["main"]).main(a.rest) or 0)
 
 
-GROUPS: list[Callable] = [add_models_parser, add_score_parser, add_bench_parser]
+def add_analysis_parsers(subparsers) -> None:
+    """``dormant db|sql|report`` (the analysis side, no torch)."""
+    from analysis.cli import add_db_parser, add_report_parser
+
+    add_db_parser(subparsers)
+    add_report_parser(subparsers)
+
+
+GROUPS: list[Callable] = [add_models_parser, add_score_parser, add_bench_parser, add_analysis_parsers]
 
 
 def build_parser() -> argparse.ArgumentParser:

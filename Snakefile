@@ -1,0 +1,134 @@
+# The dormant-heads workflow: models -> corpora -> per-shard head scores -> DuckDB -> tables and figures.
+#   snakemake --cores all                                    # embedded default profile (config/default.yaml)
+#   snakemake --cores all --configfile config/smoke.yaml     # another profile
+#   snakemake --report results/report.html                   # HTML report of the figures and tables
+# Every rule is one `dormant` CLI call; outputs live under results/, logs under results/logs/.
+import re
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+configfile: "config/default.yaml"
+validate(config, "config/schema.yaml")
+
+DORMANT = f"{sys.executable} -m extract.cli"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+ZOO = ["smollm2-135m-instruct", "gemma-3-270m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
+
+
+def _check_config(cfg):
+    for i, m in enumerate(cfg["models"]):
+        if not (m in ZOO or Path(m).expanduser().exists() or HUB_ID.match(m)):
+            raise ValueError(f"config key models[{i}] = {m!r}: not a zoo name ({', '.join(ZOO)}), "
+                             "an existing path, or a hub id (org/name)")
+    c = cfg["corpora"]
+    if c["min_tokens"] > c["max_tokens"]:
+        raise ValueError(f"config keys corpora.min_tokens ({c['min_tokens']}) > corpora.max_tokens "
+                         f"({c['max_tokens']})")
+
+
+_check_config(config)
+
+
+def key(model):
+    """A file-name-safe key for a model name (hub ids contain '/')."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "__", Path(model).name if Path(model).exists() else model)
+
+
+MODELS = {key(m): m for m in config["models"]}
+CORPORA = config["corpora"]["names"]
+NSHARDS = config["scoring"]["shards"]
+SHARDS = [f"{i}-of-{NSHARDS}" for i in range(NSHARDS)]
+THREADS = config["scoring"].get("threads", workflow.cores)
+SCORE_FIGURES = expand("results/figures/score_ecdf_{fn}.{ext}", fn=["ahon_ln", "awft", "aeqd"], ext=["png", "svg"])
+
+wildcard_constraints:
+    model="[A-Za-z0-9_.-]+",
+    corpus="[a-z0-9_]+",
+    shard=r"\d+-of-\d+",
+
+
+rule all:
+    input:
+        "results/scores.duckdb",
+        "results/summary.md",
+        "results/tables/score_summary.csv",
+        SCORE_FIGURES,
+
+
+rule model_info:
+    """Fetch, verify and convert a model once (zoo) and record its description."""
+    output: "results/models/{model}.json"
+    params: name=lambda w: MODELS[w.model]
+    log: "results/logs/model_info/{model}.log"
+    benchmark: "results/benchmarks/model_info/{model}.tsv"
+    resources: mem_mb=config["resources"]["mem_mb"]
+    shell: "{DORMANT} models info {params.name:q} > {output:q} 2> {log:q}"
+
+
+rule fetch_data:
+    """Download BIG-bench and the pinned code sdist into the cache (sha256-checked)."""
+    output: "results/data/sources.json"
+    log: "results/logs/fetch_data.log"
+    shell: "{DORMANT} data fetch --manifest {output:q} 2> {log:q}"
+
+
+rule corpus:
+    """N documents of a corpus with seeded lengths in [min_tokens, max_tokens]."""
+    input: rules.fetch_data.output
+    output: "results/data/corpora/{corpus}.jsonl"
+    params: c=config["corpora"]
+    log: "results/logs/corpus/{corpus}.log"
+    shell:
+        "{DORMANT} data corpus {wildcards.corpus} --n {params.c[n]} --min-tokens {params.c[min_tokens]} "
+        "--max-tokens {params.c[max_tokens]} --seed {params.c[seed]} --out {output:q} 2> {log:q}"
+
+
+rule score:
+    """The 13 scores of every head on one shard of a corpus (atomic Parquet)."""
+    input:
+        info="results/models/{model}.json",
+        data="results/data/corpora/{corpus}.jsonl",
+    output: "results/scores/{model}/{corpus}/shard-{shard}.parquet"
+    params:
+        name=lambda w: MODELS[w.model],
+        i=lambda w: w.shard.split("-of-")[0],
+        s=config["scoring"],
+        bos=lambda w: "" if config["scoring"]["prepend_bos"] else "--no-bos",
+    threads: THREADS
+    resources: mem_mb=config["resources"]["mem_mb"], gpu=config["resources"]["gpu"]
+    log: "results/logs/score/{model}/{corpus}/{shard}.log"
+    benchmark: "results/benchmarks/score/{model}/{corpus}/{shard}.tsv"
+    shell:
+        "OMP_NUM_THREADS={threads} {DORMANT} score --model {params.name:q} --data {input.data:q} "
+        "--dataset {wildcards.corpus} --shard {params.i} --num-shards {NSHARDS} --out {output:q} "
+        "--batch-tokens {params.s[batch_tokens]} --dtype {params.s[dtype]} --device {params.s[device]} "
+        "{params.bos} 2> {log:q}"
+
+
+rule database:
+    """Load every shard into results/scores.duckdb (fresh file, renamed into place)."""
+    input:
+        models=expand("results/models/{model}.json", model=MODELS),
+        shards=expand("results/scores/{model}/{corpus}/shard-{shard}.parquet", model=MODELS, corpus=CORPORA,
+                      shard=SHARDS),
+        corpora=expand("results/data/corpora/{corpus}.jsonl", corpus=CORPORA),
+    output: "results/scores.duckdb"
+    params: corpora=" ".join(f"{c}=results/data/corpora/{c}.jsonl" for c in CORPORA)
+    log: "results/logs/database.log"
+    shell:
+        "{DORMANT} db build --db {output:q} --models {input.models:q} --shards {input.shards:q} "
+        "--corpus {params.corpora} > {log:q} 2>&1"
+
+
+rule summarize:
+    """Score-distribution tables, figures and the human-readable run summary."""
+    input: "results/scores.duckdb"
+    output:
+        summary="results/summary.md",
+        table=report("results/tables/score_summary.csv", category="Tables"),
+        tables=multiext("results/tables/score_summary", ".md", ".tex"),
+        figures=[report(f, category="Score distributions") if f.endswith(".png") else f for f in SCORE_FIGURES],
+    log: "results/logs/summarize.log"
+    shell: "{DORMANT} report --db {input:q} --out results > {log:q} 2>&1 && cat {output.summary:q}"

@@ -1,0 +1,76 @@
+"""Command-line handlers of the analysis side (database, SQL); no torch."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _db_build(args: argparse.Namespace) -> int:
+    from .database import build
+
+    corpora = {}
+    for item in args.corpus or []:
+        name, _, path = item.partition("=")
+        if not path:
+            raise ValueError(f"--corpus wants NAME=FILE.jsonl, got {item!r}")
+        corpora[name] = Path(path)
+    tables = {}
+    for item in args.table or []:
+        name, _, path = item.partition("=")
+        tables[name] = Path(path)
+    counts = build(args.db, model_jsons=args.models or [], shards=args.shards or [], corpora=corpora, tables=tables)
+    print(f"{args.db}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
+    return 0
+
+
+def _sql(args: argparse.Namespace) -> int:
+    from .database import connect, query as db_query
+
+    query = args.query if args.query != "-" else sys.stdin.read()
+    con = connect(args.db, read_only=True)
+    df = db_query(con, query)
+    if args.csv:
+        sys.stdout.write(df.write_csv())
+    else:
+        import polars as pl
+
+        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+            print(df)
+    return 0
+
+
+def add_db_parser(subparsers) -> None:
+    """``dormant db build`` and ``dormant sql``."""
+    p = subparsers.add_parser("db", help="build the score database from Parquet shards")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    b = sub.add_parser("build", help="write a fresh database (atomically) from model infos and score shards")
+    b.add_argument("--db", required=True, type=Path)
+    b.add_argument("--models", nargs="*", type=Path, help="model_info JSON files")
+    b.add_argument("--shards", nargs="*", type=Path, help="score shard Parquet files")
+    b.add_argument("--corpus", nargs="*", metavar="NAME=FILE", help="corpus JSON-lines files (domains, hashes)")
+    b.add_argument("--table", nargs="*", metavar="TABLE=FILE", help="Parquet files to upsert into TABLE")
+    b.set_defaults(func=_db_build)
+    q = subparsers.add_parser("sql", help="run a read-only SQL query on the score database")
+    q.add_argument("query", help="SQL text, or - to read it from stdin")
+    q.add_argument("--db", type=Path, default=Path("results/scores.duckdb"))
+    q.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    q.add_argument("--max-rows", type=int, default=40)
+    q.set_defaults(func=_sql)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .summary import write_reports
+
+    paths = write_reports(args.db, args.out)
+    print((args.out / "summary.md").read_text())
+    print(f"wrote {len(paths)} files under {args.out}")
+    return 0
+
+
+def add_report_parser(subparsers) -> None:
+    """``dormant report``: tables, figures and the run summary from the database."""
+    p = subparsers.add_parser("report", help="write summary tables, figures and summary.md from the database")
+    p.add_argument("--db", type=Path, default=Path("results/scores.duckdb"))
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.set_defaults(func=_report)

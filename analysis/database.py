@@ -1,0 +1,191 @@
+"""The score database (``results/scores.duckdb``): schema, idempotent ingestion, views.
+
+DuckDB allows one writing process, so scoring jobs write Parquet shards and one ingest job loads them.
+Ingestion runs in one transaction per call and upserts by primary key: ingesting the same files again
+changes nothing, and a killed ingest leaves the previous contents. ``build()`` writes a fresh database to
+a temporary file and renames it, so the workflow's database is never half-written.
+
+Tables (primary keys in brackets):
+
+* ``models`` [model]: the ``extract.models.model_info`` fields.
+* ``examples`` [model, dataset, example]: domain, tokens seen by that model, BOS-first flag, content hash.
+* ``head_scores`` [model, dataset, example, layer, head]: the 13 raw scores (SPEC §2).
+* ``thresholds`` [model, task, score_fn, target_fraction]: τ per SPEC §3.
+* ``ablation_results`` [model, task, score_fn, target_fraction]: realized %, accuracy (SPEC §4–5).
+
+Views: ``head_scores_long`` (one row per score function) and ``head_summary`` (per model, function,
+layer, head: mean, median, quantiles, fraction of examples on the inactive side of each threshold).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import duckdb
+
+from .score_functions import INACTIVE_WHEN, SCORE_KEYS
+
+_SCORES = ", ".join(f"{k} DOUBLE" for k in SCORE_KEYS)
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS models (
+  model VARCHAR PRIMARY KEY, upstream VARCHAR, family VARCHAR, variant VARCHAR, quantisation VARCHAR,
+  n_params BIGINT, n_layers INTEGER, n_heads INTEGER, n_kv_heads INTEGER, head_dim INTEGER,
+  d_model INTEGER, source_sha256 VARCHAR);
+CREATE TABLE IF NOT EXISTS examples (
+  model VARCHAR, dataset VARCHAR, example VARCHAR, domain VARCHAR, n_tokens INTEGER, max_tokens INTEGER,
+  bos_first BOOLEAN, sha256 VARCHAR, PRIMARY KEY (model, dataset, example));
+CREATE TABLE IF NOT EXISTS head_scores (
+  model VARCHAR, dataset VARCHAR, example VARCHAR, layer INTEGER, head INTEGER, {_SCORES},
+  PRIMARY KEY (model, dataset, example, layer, head));
+CREATE TABLE IF NOT EXISTS thresholds (
+  model VARCHAR, task VARCHAR, score_fn VARCHAR, target_fraction DOUBLE, threshold DOUBLE,
+  n_scores BIGINT, PRIMARY KEY (model, task, score_fn, target_fraction));
+CREATE TABLE IF NOT EXISTS ablation_results (
+  model VARCHAR, task VARCHAR, score_fn VARCHAR, target_fraction DOUBLE, threshold DOUBLE,
+  realized_percent DOUBLE, accuracy DOUBLE, n_questions INTEGER,
+  PRIMARY KEY (model, task, score_fn, target_fraction));
+CREATE TABLE IF NOT EXISTS score_functions (
+  score_fn VARCHAR PRIMARY KEY, inactive_when VARCHAR);
+"""
+
+_LONG = " UNION ALL ".join(
+    f"SELECT model, dataset, example, layer, head, '{k}' AS score_fn, {k} AS score FROM head_scores"
+    for k in SCORE_KEYS)
+VIEWS = f"""
+CREATE OR REPLACE VIEW head_scores_long AS {_LONG};
+CREATE OR REPLACE VIEW head_summary AS
+SELECT s.model, s.score_fn, s.layer, s.head, count(*) AS n_examples,
+  avg(s.score) AS mean, median(s.score) AS median,
+  quantile_cont(s.score, 0.05) AS q05, quantile_cont(s.score, 0.25) AS q25,
+  quantile_cont(s.score, 0.75) AS q75, quantile_cont(s.score, 0.95) AS q95,
+  t.task, t.target_fraction, t.threshold,
+  avg(CASE WHEN f.inactive_when = '>' THEN (s.score > t.threshold)::INT
+           ELSE (s.score < t.threshold)::INT END) AS fraction_inactive
+FROM head_scores_long s
+JOIN score_functions f USING (score_fn)
+LEFT JOIN thresholds t ON t.model = s.model AND t.score_fn = s.score_fn
+GROUP BY ALL;
+"""
+
+
+def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the database; a writable connection creates the schema and views if missing."""
+    if read_only:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no database at {path}; run the workflow first (bash scripts/run.sh)")
+        return duckdb.connect(str(path), read_only=True)
+    con = duckdb.connect(str(path))
+    con.execute(SCHEMA)
+    con.executemany("INSERT OR REPLACE INTO score_functions VALUES (?, ?)", list(INACTIVE_WHEN.items()))
+    con.execute(VIEWS)
+    return con
+
+
+def _sql_list(paths: Iterable[Path]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def ingest_models(con, model_jsons: Iterable[Path]) -> int:
+    rows = [json.loads(Path(p).read_text()) for p in model_jsons]
+    cols = ["model", "upstream", "family", "variant", "quantisation", "n_params", "n_layers", "n_heads",
+            "n_kv_heads", "head_dim", "d_model", "source_sha256"]
+    con.executemany(f"INSERT OR REPLACE INTO models VALUES ({', '.join('?' * len(cols))})",
+                    [[r.get(c) for c in cols] for r in rows])
+    return len(rows)
+
+
+def ingest_scores(con, shards: list[Path], corpora: dict[str, Path]) -> int:
+    """Load score shards (``extract.shards`` Parquet) and their examples; returns head_scores rows seen."""
+    if not shards:
+        return 0
+    files = _sql_list(shards)
+    cols = ", ".join(SCORE_KEYS)
+    con.execute(f"""INSERT OR REPLACE INTO head_scores
+        SELECT model, dataset, example_id, layer, head, {cols} FROM read_parquet({files})""")
+    meta = con.execute(f"""SELECT DISTINCT model, dataset, example_id, n_tokens, bos_first
+                           FROM read_parquet({files})""").fetchall()
+    info = {}
+    for name, path in corpora.items():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    ex = json.loads(line)
+                    info[(name, str(ex["id"]))] = (ex.get("domain"), ex.get("max_tokens"), ex.get("sha256"))
+    rows = []
+    for m, d, e, n, b in meta:
+        domain, max_tokens, sha = info.get((d, e), (None, None, None))
+        rows.append((m, d, e, domain, n, max_tokens, b, sha))
+    con.executemany("INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    return con.execute(f"SELECT count(*) FROM read_parquet({files})").fetchone()[0]
+
+
+def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterable[Path] = (),
+           corpora: dict[str, Path] | None = None, tables: dict[str, Path] | None = None) -> dict[str, int]:
+    """Upsert everything given into the database at ``path`` in one transaction; returns row counts.
+
+    ``tables``: extra Parquet files to upsert into same-named tables (e.g. ``thresholds``).
+    """
+    con = connect(path)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        ingest_models(con, model_jsons)
+        ingest_scores(con, sorted(Path(s) for s in shards), corpora or {})
+        for table, file in (tables or {}).items():
+            con.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM read_parquet('{file}')")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    counts = row_counts(con)
+    con.close()
+    return counts
+
+
+def build(path: str | Path, **parts) -> dict[str, int]:
+    """Write a fresh database from ``parts`` (see :func:`ingest`) to a temporary file, then rename it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        counts = ingest(tmp, **parts)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+    return counts
+
+
+TABLES = ("models", "examples", "head_scores", "thresholds", "ablation_results")
+
+
+def row_counts(con) -> dict[str, int]:
+    return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+
+
+def checksum(con) -> str:
+    """An order-independent digest of head_scores (for 'same database' checks across reruns)."""
+    cols = " || '|' || ".join(["model", "dataset", "example", "layer::VARCHAR", "head::VARCHAR"]
+                              + [f"{k}::VARCHAR" for k in SCORE_KEYS])
+    return str(con.execute(f"SELECT bit_xor(hash({cols})) FROM head_scores").fetchone()[0])
+
+
+def query(con, sql: str, params: list | None = None):
+    """Run ``sql`` and return a polars DataFrame (through NumPy columns; no pyarrow needed)."""
+    import polars as pl
+
+    cur = con.execute(sql, params or [])
+    cols = [d[0] for d in cur.description]
+    import numpy as np
+
+    data = cur.fetchnumpy()
+
+    def column(a):
+        if isinstance(a, np.ma.MaskedArray) or a.dtype == object:  # nullable / strings: let polars infer
+            return pl.Series(np.ma.asarray(a).astype(object).tolist() if not isinstance(a, np.ma.MaskedArray)
+                             else [None if m else v for v, m in zip(a.data.tolist(), np.ma.getmaskarray(a))])
+        return a
+
+    return pl.DataFrame({c: column(data[c]) for c in cols})

@@ -1,0 +1,65 @@
+"""Writers for generated tables (CSV, Markdown, LaTeX) and figures (PNG and SVG via vl-convert)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def _fmt(v, digits: int) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}".rstrip("0").rstrip(".") or "0"
+    return str(v)
+
+
+def markdown(df: pl.DataFrame, digits: int = 4) -> str:
+    rows = [[_fmt(v, digits) for v in r] for r in df.iter_rows()]
+    head = "| " + " | ".join(df.columns) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    return "\n".join([head, sep] + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def latex(df: pl.DataFrame, digits: int = 4, caption: str | None = None) -> str:
+    def esc(s: str) -> str:
+        return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+
+    cols = "l" * len(df.columns)
+    lines = [f"\\begin{{tabular}}{{{cols}}}", "\\toprule", " & ".join(esc(c) for c in df.columns) + " \\\\",
+             "\\midrule"]
+    lines += [" & ".join(esc(_fmt(v, digits)) for v in r) + " \\\\" for r in df.iter_rows()]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if caption:
+        lines.append(f"% {caption}")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(df: pl.DataFrame, stem: str | Path, digits: int = 4) -> list[Path]:
+    """Write ``stem``.csv, .md and .tex; returns the paths."""
+    stem = Path(stem)
+    out = [stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".tex")]
+    _atomic_write(out[0], df.write_csv())
+    _atomic_write(out[1], markdown(df, digits))
+    _atomic_write(out[2], latex(df, digits))
+    return out
+
+
+def write_figure(chart, stem: str | Path, scale: float = 2.0) -> list[Path]:
+    """Render an altair chart to ``stem``.png and .svg with vl-convert (offline, system fonts)."""
+    import vl_convert as vlc
+
+    stem = Path(stem)
+    spec = chart.to_json()
+    png, svg = stem.with_suffix(".png"), stem.with_suffix(".svg")
+    _atomic_write(png, vlc.vegalite_to_png(spec, scale=scale))
+    _atomic_write(svg, vlc.vegalite_to_svg(spec))
+    return [png, svg]
