@@ -27,9 +27,15 @@ def _db_build(args: argparse.Namespace) -> int:
 def _sql(args: argparse.Namespace) -> int:
     from .database import connect, query as db_query
 
+    import duckdb
+
     query = args.query if args.query != "-" else sys.stdin.read()
     con = connect(args.db, read_only=True)
-    df = db_query(con, query)
+    try:
+        df = db_query(con, query)
+    except duckdb.Error as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     if args.csv:
         sys.stdout.write(df.write_csv())
     else:

@@ -1,0 +1,133 @@
+"""The score database: schema, idempotent and transactional ingest, views, read-only SQL access."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from analysis.database import build, checksum, connect, ingest, query, row_counts
+from analysis.score_functions import SCORE_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_shard(path, model="m", dataset="d", n_examples=3, layers=2, heads=3, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for e in range(n_examples):
+        for l in range(layers):
+            for h in range(heads):
+                rows.append({"model": model, "dataset": dataset, "example_id": f"{dataset}/{e}", "example": e,
+                             "n_tokens": 10 + e, "bos_first": True, "layer": l, "head": h,
+                             **{k: float(rng.random()) for k in SCORE_KEYS}})
+    df = pl.DataFrame(rows).with_columns(pl.col("layer", "head").cast(pl.Int32))
+    df.write_parquet(path)
+    return df
+
+
+def fake_inputs(tmp_path):
+    info = tmp_path / "m.json"
+    info.write_text(json.dumps({"model": "m", "family": "llama", "variant": "base", "n_params": 10,
+                                "n_layers": 2, "n_heads": 3, "n_kv_heads": 1, "head_dim": 4, "d_model": 12}))
+    corpus = tmp_path / "d.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d/{e}", "text": "x", "domain": "news", "max_tokens": 50,
+                                          "sha256": f"h{e}"}) + "\n" for e in range(3)))
+    shard = tmp_path / "s.parquet"
+    df = fake_shard(shard)
+    return dict(model_jsons=[info], shards=[shard], corpora={"d": corpus}), df
+
+
+def test_ingest_roundtrip_and_idempotence(tmp_path):
+    parts, df = fake_inputs(tmp_path)
+    db = tmp_path / "x.duckdb"
+    counts = ingest(db, **parts)
+    assert counts["models"] == 1 and counts["examples"] == 3 and counts["head_scores"] == df.height
+    con = connect(db, read_only=True)
+    first = checksum(con)
+    got = query(con, "SELECT * FROM head_scores ORDER BY example, layer, head")
+    np.testing.assert_array_equal(got.select(SCORE_KEYS).to_numpy(),
+                                  df.sort("example", "layer", "head").select(SCORE_KEYS).to_numpy())
+    dom = query(con, "SELECT DISTINCT domain, max_tokens FROM examples").rows()
+    assert dom == [("news", 50)]
+    con.close()
+    assert ingest(db, **parts) == counts  # again: nothing changes
+    con = connect(db, read_only=True)
+    assert checksum(con) == first
+    long = query(con, "SELECT score_fn, count(*) AS n FROM head_scores_long GROUP BY 1")
+    assert sorted(long["score_fn"].to_list()) == sorted(SCORE_KEYS) and set(long["n"].to_list()) == {df.height}
+    con.close()
+
+
+def test_failed_ingest_rolls_back(tmp_path):
+    parts, df = fake_inputs(tmp_path)
+    db = tmp_path / "x.duckdb"
+    ingest(db, **parts)
+    bad = tmp_path / "bad.parquet"
+    fake_shard(bad, model="m2", seed=1)
+    pl.read_parquet(bad).drop("ahon_ln").write_parquet(bad)  # a malformed shard
+    with pytest.raises(Exception):
+        ingest(db, model_jsons=[], shards=[tmp_path / "s2.parquet", bad], corpora={})
+    con = connect(db, read_only=True)
+    assert row_counts(con)["head_scores"] == df.height  # nothing of the failed call landed
+    con.close()
+
+
+def test_build_is_atomic_and_reproducible(tmp_path):
+    parts, _ = fake_inputs(tmp_path)
+    a, b = tmp_path / "a.duckdb", tmp_path / "b.duckdb"
+    build(a, **parts)
+    build(b, **parts)
+    ca, cb = connect(a, read_only=True), connect(b, read_only=True)
+    assert checksum(ca) == checksum(cb) and row_counts(ca) == row_counts(cb)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_head_summary_fraction_inactive_follows_direction(tmp_path):
+    parts, df = fake_inputs(tmp_path)
+    db = tmp_path / "x.duckdb"
+    ingest(db, **parts)
+    con = connect(db)
+    con.execute("INSERT INTO thresholds VALUES ('m', 't', 'awft', 0.1, 0.5, 1), ('m', 't', 'ahon', 0.1, 0.5, 1)")
+    got = query(con, "SELECT score_fn, layer, head, fraction_inactive FROM head_summary WHERE task = 't'")
+    for fn, op in (("awft", np.greater), ("ahon", np.less)):
+        sub = df.filter((pl.col("layer") == 0) & (pl.col("head") == 1))[fn].to_numpy()
+        want = op(sub, 0.5).mean()
+        row = got.filter((pl.col("score_fn") == fn) & (pl.col("layer") == 0) & (pl.col("head") == 1))
+        assert row["fraction_inactive"][0] == pytest.approx(want)
+    con.close()
+
+
+def test_sql_cli_is_read_only(tmp_path):
+    parts, df = fake_inputs(tmp_path)
+    db = tmp_path / "x.duckdb"
+    ingest(db, **parts)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "extract.cli", "sql", "--db", str(db), *a],
+                                    capture_output=True, text=True, cwd=ROOT)
+    ok = run("--csv", "SELECT count(*) AS n FROM head_scores")
+    assert ok.returncode == 0 and ok.stdout.strip().splitlines() == ["n", str(df.height)]
+    bad = run("DELETE FROM head_scores")
+    assert bad.returncode == 2 and "read-only" in bad.stderr.lower()
+    missing = run("--csv", "SELECT 1").returncode  # db exists; and a missing db names the fix:
+    assert missing == 0
+    gone = subprocess.run([sys.executable, "-m", "extract.cli", "sql", "--db", str(tmp_path / "no.duckdb"), "SELECT 1"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert gone.returncode == 2 and "run the workflow" in gone.stderr
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("corpora:\n  names: [xsum]\n  n: -1\n  min_tokens: 10\n  max_tokens: 20\n  seed: 0\n", "n"),
+    ("score_functions: [awft, nope]\n", "nope"),
+    ("models: [not-a-zoo-model]\n", "models[0]"),
+    ("corpora:\n  names: [xsum]\n  n: 2\n  min_tokens: 30\n  max_tokens: 20\n  seed: 0\n", "corpora.min_tokens"),
+])
+def test_bad_config_fails_before_any_job(tmp_path, override, needle):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(override)
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(bad)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode != 0
+    assert needle in res.stdout + res.stderr
+    assert "rule " not in res.stdout  # failed before planning any job
