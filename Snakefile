@@ -55,6 +55,7 @@ rule all:
         "results/summary.md",
         "results/tables/score_summary.csv",
         SCORE_FIGURES,
+        "results/paper/status.txt",
 
 
 rule model_info:
@@ -132,3 +133,14 @@ rule summarize:
         figures=[report(f, category="Score distributions") if f.endswith(".png") else f for f in SCORE_FIGURES],
     log: "results/logs/summarize.log"
     shell: "{DORMANT} report --db {input:q} --out results > {log:q} 2>&1 && cat {output.summary:q}"
+
+
+rule paper:
+    """The manuscript: paper/main.tex with the generated tables and figures (latexmk when installed)."""
+    input:
+        tex="paper/main.tex",
+        tables=rules.summarize.output.tables,
+        figures=rules.summarize.output.figures,
+    output: "results/paper/status.txt"
+    log: "results/logs/paper.log"
+    shell: "{DORMANT} paper --tex {input.tex:q} --out results/paper > {log:q} 2>&1"

@@ -80,3 +80,18 @@ def add_report_parser(subparsers) -> None:
     p.add_argument("--db", type=Path, default=Path("results/scores.duckdb"))
     p.add_argument("--out", type=Path, default=Path("results"))
     p.set_defaults(func=_report)
+
+
+def add_paper_parser(subparsers) -> None:
+    """``dormant paper``: build the manuscript from the generated tables and figures."""
+    p = subparsers.add_parser("paper", help="build paper/main.tex with latexmk (skips when no TeX engine)")
+    p.add_argument("--tex", type=Path, default=Path("paper/main.tex"))
+    p.add_argument("--out", type=Path, default=Path("results/paper"))
+
+    def run(args):
+        from .paper import build_paper
+
+        print(build_paper(args.tex, args.out))
+        return 0
+
+    p.set_defaults(func=run)

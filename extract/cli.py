@@ -117,11 +117,12 @@ def add_bench_parser(subparsers) -> None:
 
 
 def add_analysis_parsers(subparsers) -> None:
-    """``dormant db|sql|report`` (the analysis side, no torch)."""
-    from analysis.cli import add_db_parser, add_report_parser
+    """``dormant db|sql|report|paper`` (the analysis side, no torch)."""
+    from analysis.cli import add_db_parser, add_paper_parser, add_report_parser
 
     add_db_parser(subparsers)
     add_report_parser(subparsers)
+    add_paper_parser(subparsers)
 
 
 GROUPS: list[Callable] = [add_models_parser, add_score_parser, add_bench_parser, add_analysis_parsers]

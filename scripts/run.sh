@@ -5,4 +5,4 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/scripts/setup.sh"
 cd "$root"
-exec .venv/bin/snakemake --cores all "$@"
+exec .venv/bin/snakemake --cores all --rerun-incomplete --show-failed-logs "$@"
