@@ -113,7 +113,8 @@ def ablate(model, score_fn: str, *, threshold: float | None = None, p: float | N
         if threshold is None:
             raise ValueError(f"score_fn={score_fn!r} needs a threshold (see SPEC §3 / analysis.thresholds)")
         rule = _threshold_rule(score_fn, float(threshold))
-    cap = capture.Capture(rule=rule, mode=mode, means=means)
+    # only the entropy scores need the second attention pass
+    cap = capture.Capture(rule=rule, mode=mode, means=means, need_entropy=score_fn in ("aeqd", "aeqd_ln"))
     try:
         with capture.capturing(cap):
             yield Ablation(cap)

@@ -46,7 +46,8 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     layout = _mask_layout(attention_mask, B, S, query, cap)
     valid, first, last, add_mask = layout
     out, p_first, entropy = kernels.attend(query, k, v, add_mask, scale, first, valid=valid, softcap=softcap,
-                                           chunk_size=cap.chunk_size if cap else 256)
+                                           chunk_size=cap.chunk_size if cap else 256,
+                                           need_entropy=cap.need_entropy if cap else False)
     if cap is not None:
         stats = head_stats(out, value, p_first, entropy, valid, first, last)
         ablated = cap.record(module.layer_idx, stats)

@@ -32,6 +32,7 @@ class Capture:
     means: torch.Tensor | None = None  # (layers, heads, head_dim) replacement outputs for mode "mean"
     chunk_size: int = 256  # query chunk of the portable kernel
     keep_stats: bool = False  # keep every forward's stats in ``forward_stats`` (calibration runs)
+    need_entropy: bool = True  # False: skip the entropy pass (its stat becomes NaN), for ablation by others
     stats: dict[int, torch.Tensor] = field(default_factory=dict)
     forward_masks: list[torch.Tensor] = field(default_factory=list)
     forward_stats: list[torch.Tensor] = field(default_factory=list)

@@ -46,28 +46,28 @@ def choose_backend(device: torch.device, softcap: float | None) -> str:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
            first: torch.Tensor, *, valid: torch.Tensor | None = None, softcap: float | None = None,
-           backend: str | None = None, chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           backend: str | None = None, chunk_size: int = 256, need_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention output, weight on key ``first[b]`` per query, and row entropy (see module doc).
 
     ``first``: ``(B,)`` long, index of each example's first valid (non-padding) token; ``valid``:
     ``(B, S)`` bool non-padding positions (default all), used to pick heads for the exact entropy.
+    ``need_entropy=False`` skips the second pass and returns NaN entropies (ablation by other scores).
     """
     backend = backend or choose_backend(q.device, softcap)
     if backend == "chunked" or softcap is not None:
         out, p_first, entropy = _chunked(q, k, v, mask, scale, first, softcap, chunk_size)
         _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size, softcap)
         return out, p_first, entropy
-    if backend == "flash_cpu":
-        out, lse = _flash_cpu(q, k, v, mask, scale)
-        ak, _ = _flash_cpu(q, k, k, mask, scale)
-    elif backend == "efficient_cuda":
-        out, lse = _efficient_cuda(q, k, v, mask, scale)
-        ak, _ = _efficient_cuda(q, k, k, mask, scale)
-    else:
+    if backend not in ("flash_cpu", "efficient_cuda"):
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    kernel = _flash_cpu if backend == "flash_cpu" else _efficient_cuda
+    out, lse = kernel(q, k, v, mask, scale)
     lse = lse.double()
-    entropy = lse - scale * _rowdot(q, ak).double()
     p_first = _weight_on_first(q, k, mask, scale, first, lse)
+    if not need_entropy:
+        return out, p_first, torch.full_like(lse, float("nan"))
+    ak, _ = kernel(q, k, k, mask, scale)
+    entropy = lse - scale * _rowdot(q, ak).double()
     _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size)
     return out, p_first, entropy
 
