@@ -189,3 +189,17 @@ def test_real_model_mid_threshold_matches_reference(zoo_model):
     ab, got = logits_under(model, ids, am, score_fn="ahon_ln", threshold=tau)
     np.testing.assert_array_equal(ab.mask, ref_mask)
     assert (valid_logits(got, am) - valid_logits(ref_logits, am)).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("fn", __import__("analysis.score_functions", fromlist=["SCORE_KEYS"]).SCORE_KEYS)
+def test_layer0_masks_follow_each_function_and_direction(fn):
+    from analysis.score_functions import INACTIVE_WHEN
+
+    model = tiny_model("qwen2", seed=13)
+    seqs, ids, am = batch(8, n=6)
+    scores = score_heads(model, seqs)
+    v = scores.filter(scores["layer"] == 0).sort("example", "head")[fn].to_numpy().reshape(len(seqs), -1)
+    tau = float(np.median(v))
+    ab, _ = logits_under(model, ids, am, score_fn=fn, threshold=tau)
+    want = v > tau if INACTIVE_WHEN[fn] == ">" else v < tau
+    np.testing.assert_array_equal(ab.mask[:, 0, :], want)
