@@ -122,8 +122,7 @@ def _extract(tar: Path, wanted: set[str], out: Path, progress: bool) -> None:
     try:
         with open(tar, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tf:
             for m in tf:
-                bar.n = raw.tell()
-                bar.refresh()
+                bar.update(raw.tell() - bar.n)
                 hit = MEMBER.match(m.name)
                 if not (hit and m.isfile()):
                     continue
