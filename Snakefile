@@ -22,6 +22,11 @@ def _check_config(cfg):
         if not (m in ZOO or Path(m).expanduser().exists() or HUB_ID.match(m)):
             raise ValueError(f"config key models[{i}] = {m!r}: not a zoo name ({', '.join(ZOO)}), "
                              "an existing path, or a hub id (org/name)")
+    for i, m in enumerate(cfg["evaluation"]["models"]):
+        if m not in cfg["models"]:
+            raise ValueError(f"config key evaluation.models[{i}] = {m!r} is not in `models`; add it there too")
+    if 0.0 not in cfg["evaluation"]["fractions"]:
+        raise ValueError("config key evaluation.fractions must contain 0.0 (the baseline)")
     c = cfg["corpora"]
     if c["min_tokens"] > c["max_tokens"]:
         raise ValueError(f"config keys corpora.min_tokens ({c['min_tokens']}) > corpora.max_tokens "
@@ -41,6 +46,12 @@ CORPORA = config["corpora"]["names"]
 NSHARDS = config["scoring"]["shards"]
 SHARDS = [f"{i}-of-{NSHARDS}" for i in range(NSHARDS)]
 THREADS = config["scoring"].get("threads", workflow.cores)
+EV = config["evaluation"]
+SWEEP_MODELS = [key(m) for m in EV["models"]]
+SWEEP_DIR = f"results/ablation/{EV['task_name']}"
+ABLATION = {"table2", "auc_ranks", "auc_rank_correlation", "top5_iou"} if SWEEP_MODELS else set()
+ABLATION_FIGURES = (expand("results/figures/{f}.{ext}", f=["figure3_auc_ranks", "figure4_top3", "figure10_all"],
+                           ext=["png", "svg"]) if SWEEP_MODELS else [])
 SCORE_FIGURES = expand("results/figures/score_ecdf_{fn}.{ext}", fn=["ahon_ln", "awft", "aeqd"], ext=["png", "svg"])
 
 wildcard_constraints:
@@ -56,6 +67,8 @@ rule all:
         "results/tables/score_summary.csv",
         SCORE_FIGURES,
         "results/paper/status.txt",
+        expand("results/tables/{t}.csv", t=sorted(ABLATION)),
+        ABLATION_FIGURES,
 
 
 rule model_info:
@@ -108,19 +121,68 @@ rule score:
         "{params.bos} 2> {log:q}"
 
 
+rule sweep:
+    """Calibration (baseline + head scores on the prompts), thresholds, and the ablation sweep of one model."""
+    input:
+        info="results/models/{model}.json",
+        data=rules.fetch_data.output,
+    output:
+        results=f"{SWEEP_DIR}/{{model}}/ablation_results.parquet",
+        thresholds=f"{SWEEP_DIR}/{{model}}/thresholds.parquet",
+        calibration=f"{SWEEP_DIR}/{{model}}/calibration.parquet",
+        timing=f"{SWEEP_DIR}/{{model}}/timing.json",
+    params:
+        name=lambda w: MODELS[w.model],
+        tasks=" ".join(EV["tasks"]),
+        fns=" ".join(EV["score_functions"]),
+        fractions=" ".join(str(f) for f in EV["fractions"]),
+        dir=lambda w: f"{SWEEP_DIR}/{w.model}",
+    threads: THREADS
+    resources: mem_mb=config["resources"]["mem_mb"], gpu=config["resources"]["gpu"]
+    log: f"results/logs/sweep/{{model}}.log"
+    benchmark: f"results/benchmarks/sweep/{{model}}.tsv"
+    shell:
+        "OMP_NUM_THREADS={threads} {DORMANT} sweep --model {params.name:q} --tasks {params.tasks} "
+        "--task-name {EV[task_name]} --limit {EV[limit]} --k-shot {EV[k_shot]} --seed {EV[seed]} "
+        "--score-fns {params.fns} --fractions {params.fractions} --batch-tokens {EV[batch_tokens]} "
+        "--dtype {config[scoring][dtype]} --device {config[scoring][device]} --out-dir {params.dir:q} 2> {log:q}"
+
+
+def _tables(name):
+    return [f"--table {name}={f}" for f in expand(f"{SWEEP_DIR}/{{model}}/{name}.parquet", model=SWEEP_MODELS)]
+
+
 rule database:
-    """Load every shard into results/scores.duckdb (fresh file, renamed into place)."""
+    """Load every shard and sweep output into results/scores.duckdb (fresh file, renamed into place)."""
     input:
         models=expand("results/models/{model}.json", model=MODELS),
         shards=expand("results/scores/{model}/{corpus}/shard-{shard}.parquet", model=MODELS, corpus=CORPORA,
                       shard=SHARDS),
         corpora=expand("results/data/corpora/{corpus}.jsonl", corpus=CORPORA),
+        sweeps=expand(f"{SWEEP_DIR}/{{model}}/{{part}}.parquet", model=SWEEP_MODELS,
+                      part=["ablation_results", "thresholds", "calibration"]),
     output: "results/scores.duckdb"
-    params: corpora=" ".join(f"{c}=results/data/corpora/{c}.jsonl" for c in CORPORA)
+    params:
+        corpora=" ".join(f"{c}=results/data/corpora/{c}.jsonl" for c in CORPORA),
+        tables=" ".join(_tables("ablation_results") + _tables("thresholds")
+                        + [t.replace("calibration=", "calibration_scores=") for t in _tables("calibration")]),
     log: "results/logs/database.log"
     shell:
         "{DORMANT} db build --db {output:q} --models {input.models:q} --shards {input.shards:q} "
-        "--corpus {params.corpora} > {log:q} 2>&1"
+        "--corpus {params.corpora} {params.tables} > {log:q} 2>&1"
+
+
+rule ablation_report:
+    """Table 2, AUC ranks, Figures 3/4/10, agreement and overlap analyses, threshold stability, sweep cost."""
+    input:
+        db="results/scores.duckdb",
+        timings=expand(f"{SWEEP_DIR}/{{model}}/timing.json", model=SWEEP_MODELS),
+    output:
+        tables=[report(f"results/tables/{t}.csv", category="Ablation") if t == "table2" else f"results/tables/{t}.csv"
+                for t in sorted(ABLATION)],
+        figures=[report(f, category="Ablation") if f.endswith(".png") else f for f in ABLATION_FIGURES],
+    log: "results/logs/ablation_report.log"
+    shell: "{DORMANT} ablation-report --db {input.db:q} --out results --timings {input.timings:q} > {log:q} 2>&1"
 
 
 rule summarize:
@@ -141,6 +203,7 @@ rule paper:
         tex="paper/main.tex",
         tables=rules.summarize.output.tables,
         figures=rules.summarize.output.figures,
+        ablation=rules.ablation_report.output,
     output: "results/paper/status.txt"
     log: "results/logs/paper.log"
     shell: "{DORMANT} paper --tex {input.tex:q} --out results/paper > {log:q} 2>&1"

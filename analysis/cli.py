@@ -15,10 +15,12 @@ def _db_build(args: argparse.Namespace) -> int:
         if not path:
             raise ValueError(f"--corpus wants NAME=FILE.jsonl, got {item!r}")
         corpora[name] = Path(path)
-    tables = {}
+    tables: dict[str, list[Path]] = {}
     for item in args.table or []:
         name, _, path = item.partition("=")
-        tables[name] = Path(path)
+        if not path:
+            raise ValueError(f"--table wants TABLE=FILE.parquet, got {item!r}")
+        tables.setdefault(name, []).append(Path(path))
     counts = build(args.db, model_jsons=args.models or [], shards=args.shards or [], corpora=corpora, tables=tables)
     print(f"{args.db}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
     return 0
@@ -92,6 +94,26 @@ def add_paper_parser(subparsers) -> None:
         from .paper import build_paper
 
         print(build_paper(args.tex, args.out))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def add_ablation_report_parser(subparsers) -> None:
+    """``dormant ablation-report``: Table 2, Figures 3/4/10 and the agreement analyses."""
+    p = subparsers.add_parser("ablation-report", help="Table 2, AUC ranks, Figures 3/4/10 from the database")
+    p.add_argument("--db", type=Path, default=Path("results/scores.duckdb"))
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--timings", nargs="*", type=Path, default=[], help="sweep timing.json files")
+
+    def run(args):
+        from .ablation_report import write_ablation_reports
+
+        paths = write_ablation_reports(args.db, args.out, args.timings)
+        for p in paths:
+            if p.name.startswith(("table2", "sweep_cost")) and p.suffix == ".md":
+                print(p.read_text())
+        print(f"wrote {len(paths)} files under {args.out}")
         return 0
 
     p.set_defaults(func=run)

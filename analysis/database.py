@@ -12,6 +12,7 @@ Tables (primary keys in brackets):
 * ``head_scores`` [model, dataset, example, layer, head]: the 13 raw scores (SPEC §2).
 * ``thresholds`` [model, task, score_fn, target_fraction]: τ per SPEC §3.
 * ``ablation_results`` [model, task, score_fn, target_fraction]: realized %, accuracy (SPEC §4–5).
+* ``calibration_scores`` [model, task, question, layer, head]: the 13 scores on the evaluation prompts.
 
 Views: ``head_scores_long`` (one row per score function) and ``head_summary`` (per model, function,
 layer, head: mean, median, quantiles, fraction of examples on the inactive side of each threshold).
@@ -46,6 +47,9 @@ CREATE TABLE IF NOT EXISTS ablation_results (
   model VARCHAR, task VARCHAR, score_fn VARCHAR, target_fraction DOUBLE, threshold DOUBLE,
   realized_percent DOUBLE, accuracy DOUBLE, n_questions INTEGER,
   PRIMARY KEY (model, task, score_fn, target_fraction));
+CREATE TABLE IF NOT EXISTS calibration_scores (
+  model VARCHAR, task VARCHAR, question_task VARCHAR, question VARCHAR, layer INTEGER, head INTEGER, {_SCORES},
+  PRIMARY KEY (model, task, question, layer, head));
 CREATE TABLE IF NOT EXISTS score_functions (
   score_fn VARCHAR PRIMARY KEY, inactive_when VARCHAR);
 """
@@ -122,18 +126,22 @@ def ingest_scores(con, shards: list[Path], corpora: dict[str, Path]) -> int:
 
 
 def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterable[Path] = (),
-           corpora: dict[str, Path] | None = None, tables: dict[str, Path] | None = None) -> dict[str, int]:
+           corpora: dict[str, Path] | None = None, tables: dict[str, list[Path]] | None = None) -> dict[str, int]:
     """Upsert everything given into the database at ``path`` in one transaction; returns row counts.
 
-    ``tables``: extra Parquet files to upsert into same-named tables (e.g. ``thresholds``).
+    ``tables``: table name -> Parquet files to upsert into it (columns in the table's order).
     """
     con = connect(path)
     try:
         con.execute("BEGIN TRANSACTION")
         ingest_models(con, model_jsons)
         ingest_scores(con, sorted(Path(s) for s in shards), corpora or {})
-        for table, file in (tables or {}).items():
-            con.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM read_parquet('{file}')")
+        for table, files in (tables or {}).items():
+            if table not in TABLES:
+                raise ValueError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
+            files = [files] if isinstance(files, (str, Path)) else list(files)
+            if files:
+                con.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM read_parquet({_sql_list(files)})")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -158,7 +166,7 @@ def build(path: str | Path, **parts) -> dict[str, int]:
     return counts
 
 
-TABLES = ("models", "examples", "head_scores", "thresholds", "ablation_results")
+TABLES = ("models", "examples", "head_scores", "thresholds", "ablation_results", "calibration_scores")
 
 
 def row_counts(con) -> dict[str, int]:

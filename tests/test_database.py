@@ -119,7 +119,8 @@ def test_sql_cli_is_read_only(tmp_path):
 
 @pytest.mark.parametrize("override,needle", [
     ("corpora:\n  names: [xsum]\n  n: -1\n  min_tokens: 10\n  max_tokens: 20\n  seed: 0\n", "n"),
-    ("score_functions: [awft, nope]\n", "nope"),
+    ("evaluation:\n  models: []\n  tasks: [physics]\n  task_name: t\n  limit: 2\n  k_shot: 0\n  seed: 0\n"
+     "  score_functions: [awft, nope]\n  fractions: [0, 0.1]\n  batch_tokens: 64\n", "nope"),
     ("models: [not-a-zoo-model]\n", "models[0]"),
     ("corpora:\n  names: [xsum]\n  n: 2\n  min_tokens: 30\n  max_tokens: 20\n  seed: 0\n", "corpora.min_tokens"),
 ])

@@ -1,0 +1,111 @@
+"""The ablation sweep (SPEC §3–§5): calibrate, threshold, then evaluate under every ablation config.
+
+1. Calibration: one evaluation without ablation that also records every head score on the evaluation
+   prompts (same forward passes); its accuracy is the baseline (``random`` at fraction 0).
+2. Thresholds per (function, target fraction) from the pooled calibration scores (analysis.thresholds),
+   for the pooled suite and for each of its tasks (threshold stability).
+3. For every function and fraction > 0, the same evaluation inside ``ablate(model, fn, threshold=τ)``, and
+   ``random`` with probability p; realized % = zeroed (question, layer, head) triples / all triples.
+   At p = 0 τ is the extreme calibration score, which no head passes strictly on the same inputs: those
+   rows equal the baseline by construction and are recorded without a rerun.
+
+Cost: ablation by a function other than the entropy ones runs one attention pass (as a plain forward);
+``timing`` reports the sweep time against (configs run x one plain evaluation).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from analysis.score_functions import SCORE_KEYS
+from analysis.thresholds import TARGET_FRACTIONS, thresholds
+
+from .ablation import ablate
+from .datasets import TaskData, load_tasks
+from .evaluate import evaluate
+from .models import model_info
+
+RESULT_COLUMNS = ["model", "task", "score_fn", "target_fraction", "threshold", "realized_percent", "accuracy",
+                  "n_questions"]
+
+
+def pooled(tasks: list[TaskData], name: str) -> TaskData:
+    """One task made of several (questions concatenated; shots and descriptions keyed by question task)."""
+    out = TaskData(name, [])
+    for t in tasks:
+        out.questions += t.questions
+        out.shots.update(t.shots)
+        out.descriptions.update(t.descriptions)
+    return out
+
+
+def calibration_frame(model_name: str, data: TaskData, scores) -> pl.DataFrame:
+    """Wide frame of the calibration scores: ``model, task, question_task, question, layer, head`` + 13."""
+    import numpy as np
+
+    Q, L, H, _ = scores.shape
+    q, la, he = np.meshgrid(np.arange(Q), np.arange(L), np.arange(H), indexing="ij")
+    flat = scores.numpy().reshape(-1, len(SCORE_KEYS))
+    ids = [x.id for x in data.questions]
+    qtask = [x.task for x in data.questions]
+    return pl.DataFrame({"model": model_name, "task": data.name,
+                         "question_task": [qtask[i] for i in q.ravel()], "question": [ids[i] for i in q.ravel()],
+                         "layer": la.ravel().astype(np.int32), "head": he.ravel().astype(np.int32),
+                         **{k: flat[:, j] for j, k in enumerate(SCORE_KEYS)}})
+
+
+@dataclass
+class SweepResult:
+    results: pl.DataFrame  # RESULT_COLUMNS
+    thresholds: pl.DataFrame  # analysis.thresholds columns (pooled task and each question task)
+    calibration: pl.DataFrame  # calibration_frame
+    timing: dict = field(default_factory=dict)
+
+
+def run_sweep(model, tokenizer, data: TaskData, *, score_fns=SCORE_KEYS, fractions=TARGET_FRACTIONS,
+              seed: int = 0, k_shot: int = 0, batch_tokens: int = 8192, chat_template: bool | None = None,
+              progress: bool = True) -> SweepResult:
+    """Calibrate, threshold and sweep ``data`` (see module doc); accuracy in points (0–100)."""
+    name = model_info(model)["model"]
+    kw = dict(k_shot=k_shot, batch_tokens=batch_tokens, chat_template=chat_template, progress=False)
+    t0 = time.perf_counter()
+    base = evaluate(model, tokenizer, data, calibrate=True, **kw)
+    t_cal = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plain = evaluate(model, tokenizer, data, **kw)
+    t_plain = time.perf_counter() - t0
+    if plain.accuracy != base.accuracy:
+        raise RuntimeError("recording changed the predictions: calibration and plain evaluation disagree")
+    cal = calibration_frame(name, data, base.scores)
+    th = pl.concat([thresholds(cal, fractions, score_fns),
+                    thresholds(cal.drop("task").rename({"question_task": "task"}), fractions, score_fns)])
+    tau = {(f, p): t for f, p, t in th.filter(pl.col("task") == data.name)
+           .select("score_fn", "target_fraction", "threshold").iter_rows()}
+    n = base.n_questions
+    rows = [(name, data.name, "random", 0.0, None, 0.0, 100 * base.accuracy, n)]
+    rows += [(name, data.name, f, 0.0, tau[(f, 0.0)], 0.0, 100 * base.accuracy, n) for f in score_fns]
+    configs = [(f, p) for f in (*score_fns, "random") for p in fractions if p > 0]
+    t0 = time.perf_counter()
+    for f, p in tqdm(configs, desc=f"sweep {name}", unit="config", disable=not progress):
+        opts = dict(p=p, seed=seed) if f == "random" else dict(threshold=tau[(f, p)])
+        with ablate(model, f, **opts) as ab:
+            res = evaluate(model, tokenizer, data, **kw)
+        rows.append((name, data.name, f, float(p), opts.get("threshold"), 100 * ab.zeroed_fraction,
+                     100 * res.accuracy, res.n_questions))
+    t_sweep = time.perf_counter() - t0
+    results = pl.DataFrame(rows, schema={"model": pl.String, "task": pl.String, "score_fn": pl.String,
+                                         "target_fraction": pl.Float64, "threshold": pl.Float64,
+                                         "realized_percent": pl.Float64, "accuracy": pl.Float64,
+                                         "n_questions": pl.Int32}, orient="row")
+    timing = {"configs": len(configs), "plain_eval_s": t_plain, "calibration_s": t_cal, "sweep_s": t_sweep,
+              "cost_ratio": t_sweep / (len(configs) * t_plain), "questions": n}
+    return SweepResult(results, th, cal, timing)
+
+
+def load_suite(names, *, limit: int | None, seed: int = 0, name: str | None = None, progress: bool = True) -> TaskData:
+    """The tasks ``names`` (registry names) with ``limit`` questions each, pooled as one task."""
+    tasks = load_tasks(names, limit=limit, seed=seed, progress=progress)
+    return tasks[0] if len(tasks) == 1 and name is None else pooled(tasks, name or "+".join(names))
