@@ -83,9 +83,9 @@ rule model_info:
 
 rule fetch_data:
     """Download BIG-bench and the pinned code sdist into the cache (sha256-checked)."""
-    output: "results/data/sources.json"
+    output: "results/data/sources.txt"
     log: "results/logs/fetch_data.log"
-    shell: "{DORMANT} data fetch --manifest {output:q} 2> {log:q}"
+    shell: "{DORMANT} data fetch > {output:q} 2> {log:q}"
 
 
 rule corpus:
