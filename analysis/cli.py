@@ -57,7 +57,8 @@ def add_db_parser(subparsers) -> None:
     b.add_argument("--models", nargs="*", type=Path, help="model_info JSON files")
     b.add_argument("--shards", nargs="*", type=Path, help="score shard Parquet files")
     b.add_argument("--corpus", nargs="*", metavar="NAME=FILE", help="corpus JSON-lines files (domains, hashes)")
-    b.add_argument("--table", nargs="*", metavar="TABLE=FILE", help="Parquet files to upsert into TABLE")
+    b.add_argument("--table", nargs="+", action="extend", metavar="TABLE=FILE",
+                   help="Parquet files to upsert into TABLE (repeatable)")
     b.set_defaults(func=_db_build)
     q = subparsers.add_parser("sql", help="run a read-only SQL query on the score database")
     q.add_argument("query", help="SQL text, or - to read it from stdin")
