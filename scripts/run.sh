@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
 # The main job: set up .venv if needed, then run the workflow on the embedded default profile.
-# Extra arguments go to snakemake (e.g. `bash scripts/run.sh --config profile=smoke`, or `-n`).
+# Extra arguments go to snakemake (e.g. `bash scripts/run.sh --configfile config/smoke.yaml`, or `-n`).
+# A run that was killed resumes: incomplete jobs are rerun, and a stale Snakemake lock left by a killed
+# run is cleared (safe: this script holds its own lock while it runs, released by the kernel on kill -9).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/scripts/setup.sh"
 cd "$root"
-exec .venv/bin/snakemake --cores all --rerun-incomplete --show-failed-logs "$@"
+mkdir -p .snakemake
+exec 9> .snakemake/run.lock
+if ! flock -n 9; then
+  echo "another scripts/run.sh is running in $root; wait for it to finish" >&2
+  exit 1
+fi
+if [ -n "$(ls -A .snakemake/locks 2>/dev/null)" ]; then
+  echo "[run] clearing the lock of an earlier run that was killed"
+  .venv/bin/snakemake --unlock "$@" > /dev/null
+fi
+.venv/bin/snakemake --cores all --rerun-incomplete --show-failed-logs "$@"
