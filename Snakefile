@@ -3,6 +3,7 @@
 #   snakemake --cores all --configfile config/smoke.yaml     # another profile
 #   snakemake --report results/report.html                   # HTML report of the figures and tables
 # Every rule is one `dormant` CLI call; outputs live under results/, logs under results/logs/.
+import os
 import re
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ MODELS = {key(m): m for m in config["models"]}
 CORPORA = config["corpora"]["names"]
 NSHARDS = config["scoring"]["shards"]
 SHARDS = [f"{i}-of-{NSHARDS}" for i in range(NSHARDS)]
-THREADS = config["scoring"].get("threads", workflow.cores)
+THREADS = config["scoring"].get("threads") or os.cpu_count() or 1  # snakemake caps it at --cores
 EV = config["evaluation"]
 SWEEP_MODELS = [key(m) for m in EV["models"]]
 SWEEP_DIR = f"results/ablation/{EV['task_name']}"
