@@ -60,7 +60,11 @@ def test_smoke_outputs(first_run):
               "results/figures/figure4_top3.png", "results/figures/score_ecdf_ahon_ln.png",
               "results/paper/status.txt"):
         assert (d / f).is_file() and (d / f).stat().st_size > 0, f
-    assert "Nothing to be done" in snakemake(d).stdout + snakemake(d).stderr  # rerun: no-op
+    rerun = snakemake(d)
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr  # rerun: no-op
+    rep = subprocess.run([sys.executable, "-m", "snakemake", "--configfile", "config/smoke.yaml", "--report",
+                          "results/report.html"], cwd=d, capture_output=True, text=True)
+    assert rep.returncode == 0 and (d / "results" / "report.html").stat().st_size > 100_000, rep.stderr[-2000:]
 
 
 def test_kill_and_resume_gives_the_same_database(first_run, tmp_path):
