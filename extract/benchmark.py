@@ -8,8 +8,9 @@ Each (method, length) runs in a fresh subprocess so its peak resident memory is 
 * ``naive_eager``: eager attention (full S x S weights per layer) with hooks on the value projection and
   the output projection's input, scores from the weights with plain tensor ops, layer by layer.
 
-Times are medians over repeats after one warm-up; input is real text (Python standard-library source)
-truncated to the length. Usage: ``dormant bench [--model NAME] [--lengths 512 2048 4096]``.
+Times are medians over repeats after one warm-up, the methods interleaved in one process (rotated order
+each repetition) so that background load affects them alike; peak resident memory comes from a fresh
+process per (method, length). Input is real text (Python standard-library source) truncated to the length. Usage: ``dormant bench [--model NAME] [--lengths 512 2048 4096]``.
 """
 from __future__ import annotations
 
@@ -78,55 +79,81 @@ def _naive_eager(model, ids):
     return scores_from_stats(torch.stack([stats[i] for i in sorted(stats)]))
 
 
-def worker(model_name: str, method: str, n: int, repeats: int) -> dict:
+def _runner(model, tok, method: str, n: int):
+    """A zero-argument callable running ``method`` once on ``n`` tokens of real text."""
     import torch
 
-    from .models import load_model
     from .scores import score_heads
 
-    torch.manual_seed(0)
-    model, tok = load_model(model_name)
     ids = _text_ids(tok, n)
     x = torch.tensor([ids])
+
+    def attn(name):
+        if model.config._attn_implementation != name:
+            model.set_attn_implementation(name)
+
     if method in ("sdpa_lm", "sdpa_decoder"):
-        model.set_attn_implementation("sdpa")
         net = model if method == "sdpa_lm" else model.base_model
 
         def run():
+            attn("sdpa")
             with torch.inference_mode():
                 net(input_ids=x, use_cache=False)
     elif method == "score_heads":
         def run():
             score_heads(model, [ids], batch_tokens=n)
     elif method == "naive_eager":
-        model.set_attn_implementation("eager")
-
         def run():
+            attn("eager")
             _naive_eager(model, ids)
     else:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
+    return run
+
+
+def worker(model_name: str, methods: list[str], n: int, repeats: int) -> list[dict]:
+    """Time ``methods`` interleaved in one process (each repetition runs every method once, in rotated
+    order), so that background load hits all of them alike; one warm-up each."""
+    import torch
+
+    from .models import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model(model_name, progress=False)
+    runs = {m: _runner(model, tok, m, n) for m in methods}
+    for m in methods:
+        runs[m]()
+    times = {m: [] for m in methods}
+    for r in range(repeats):
+        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        for m in order:
+            t0 = time.perf_counter()
+            runs[m]()
+            times[m].append(time.perf_counter() - t0)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": method, "tokens": n, "median_s": statistics.median(times), "times_s": times,
-            "peak_rss_mib": peak_mib, "threads": torch.get_num_threads()}
+    return [{"method": m, "tokens": n, "median_s": statistics.median(times[m]), "times_s": times[m],
+             "peak_rss_mib": peak_mib if len(methods) == 1 else None, "threads": torch.get_num_threads()}
+            for m in methods]
+
+
+def _spawn(model_name: str, methods: list[str], n: int, repeats: int) -> list[dict]:
+    cmd = [sys.executable, "-m", "extract.benchmark", "--worker", "--model", model_name, "--lengths", str(n),
+           "--repeats", str(repeats), "--methods", *methods]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_all(model_name: str, lengths: list[int], repeats: int, methods=METHODS) -> list[dict]:
+    """Times: one process per length, methods interleaved. Peak RSS: one fresh process per (method,
+    length) running the method once after a warm-up."""
     rows = []
     for n in lengths:
+        timed = {r["method"]: r for r in _spawn(model_name, list(methods), n, repeats)}
         for m in methods:
-            cmd = [sys.executable, "-m", "extract.benchmark", "--worker", m, "--model", model_name,
-                   "--lengths", str(n), "--repeats", str(repeats)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"  {m:13s} {n:5d} tok  median {row['median_s']:.3f} s  peak RSS {row['peak_rss_mib']:.0f} MiB",
-                  file=sys.stderr)
+            timed[m]["peak_rss_mib"] = _spawn(model_name, [m], n, 1)[0]["peak_rss_mib"]
+            rows.append(timed[m])
+            print(f"  {m:13s} {n:5d} tok  median {timed[m]['median_s']:.3f} s  peak RSS "
+                  f"{timed[m]['peak_rss_mib']:.0f} MiB", file=sys.stderr)
     return rows
 
 
@@ -154,10 +181,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--json", type=Path, help="also write the raw rows here")
-    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a.model, a.worker, a.lengths[0], a.repeats)))
+        print(json.dumps(worker(a.model, a.methods, a.lengths[0], a.repeats)))
         return
     rows = run_all(a.model, a.lengths, a.repeats, a.methods)
     if a.json:
