@@ -262,9 +262,10 @@ def _eval(args: argparse.Namespace) -> int:
     for task in tasks:
         t0 = time.perf_counter()
         res = evaluate(model, tok, task, k_shot=args.k_shot, chat_template=chat, batch_tokens=args.batch_tokens,
-                       calibrate=args.calibrate_out is not None)
+                       calibrate=args.calibrate_out is not None, scoring=args.scoring)
         meta = [pl.lit(res.model).alias("model"), pl.lit(task.name).alias("dataset"),
-                pl.lit(args.k_shot).alias("k_shot"), pl.lit(res.chat_template).alias("chat_template")]
+                pl.lit(args.k_shot).alias("k_shot"), pl.lit(res.chat_template).alias("chat_template"),
+                pl.lit(args.scoring).alias("scoring")]
         preds.append(res.predictions.with_columns(meta))
         if res.scores is not None:
             ids = pl.DataFrame({"example": range(res.n_questions), "example_id": res.predictions["id"]},
@@ -275,7 +276,7 @@ def _eval(args: argparse.Namespace) -> int:
     allp = pl.concat(preds)
     chance = float((1.0 / allp["n_choices"]).mean())
     print(f"{'all (micro)':<22} {allp.height:>5} {allp['correct'].mean():>8.3f} {chance:>7.3f}  "
-          f"[{args.model}, {args.k_shot}-shot, chat template: {preds[0]['chat_template'][0]}]")
+          f"[{args.model}, {args.k_shot}-shot, {args.scoring}, chat template: {preds[0]['chat_template'][0]}]")
     if args.out:
         write_parquet_atomic(allp, args.out)
     if args.calibrate_out:
@@ -297,6 +298,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--chat-template", choices=["auto", "yes", "no"], default="auto",
                    help="auto: instruct models use their chat template (paper)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    p.add_argument("--scoring", choices=["letter", "cloze"], default="letter",
+                   help="letter: SPEC §5 (paper); cloze: per-character log-likelihood of each choice's text")
     p.add_argument("--mmlu-dir", type=Path, help="local MMLU CSV directory instead of the hub")
     p.add_argument("--out", type=Path, help="Parquet file of per-question predictions")
     p.add_argument("--calibrate-out", type=Path,

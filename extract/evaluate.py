@@ -7,6 +7,10 @@ is predicted at the same place in both modes. Prediction: the choice whose lette
 " B", ...) has the highest log-likelihood after the prompt; read at one position when every letter is one
 token, else summed over the letter's tokens (one row per choice). Ties go to the earlier letter.
 
+``scoring="cloze"`` is a documented deviation for models too small to answer in the lettered format: no
+choices listed, shots end with ``"Answer: {choice}"``, and the prediction is the choice whose continuation
+``" {choice}"`` has the highest summed log-likelihood per character (lm-evaluation-harness ``acc_norm``).
+
 Rows are grouped longest-first under ``batch_tokens`` padded tokens, right-padded, and run through one
 forward of the causal LM (``use_cache=False``, logits only at the positions read). Nothing is cached
 between calls: inside ``extract.ablation.ablate(...)`` the same call evaluates the ablated model.
@@ -33,7 +37,8 @@ class EvalResult:
     model: str
     k_shot: int
     chat_template: bool
-    predictions: pl.DataFrame  # id, task, sha256, answer, predicted, correct, n_choices, loglik (per choice)
+    scoring: str  # "letter" (SPEC §5) or "cloze"
+    predictions: pl.DataFrame  # id, task, sha256, answer, predicted, correct, n_choices, n_tokens (prompt), loglik
     scores: torch.Tensor | None = None  # (questions, layers, heads, 13) float64, SCORE_KEYS order
 
     @property
@@ -51,18 +56,25 @@ class EvalResult:
 
     def summary(self) -> dict:
         return {"model": self.model, "task": self.task, "k_shot": self.k_shot, "chat_template": self.chat_template,
-                "n_questions": self.n_questions, "accuracy": self.accuracy, "chance": self.chance}
+                "scoring": self.scoring, "n_questions": self.n_questions, "accuracy": self.accuracy, "chance": self.chance}
 
 
-def format_question(q: Question, with_answer: bool = False) -> str:
-    """``"{question}\\nA. ...\\nAnswer:"``, plus ``" {letter}\\n\\n"`` for a shot."""
+SCORINGS = ("letter", "cloze")
+
+
+def format_question(q: Question, with_answer: bool = False, scoring: str = "letter") -> str:
+    """``"{question}\\nA. ...\\nAnswer:"``, plus ``" {letter}\\n\\n"`` for a shot; cloze: no choices listed,
+    a shot ends with ``" {choice}\\n\\n"``."""
+    if scoring == "cloze":
+        return f"{q.question}\nAnswer:" + (f" {q.choices[q.answer]}\n\n" if with_answer else "")
     text = "\n".join([q.question] + [f"{LETTERS[j]}. {c}" for j, c in enumerate(q.choices)]) + "\nAnswer:"
     return text + f" {LETTERS[q.answer]}\n\n" if with_answer else text
 
 
-def build_prompt(q: Question, shots: Sequence[Question] = (), description: str = "", tokenizer=None) -> str:
+def build_prompt(q: Question, shots: Sequence[Question] = (), description: str = "", tokenizer=None,
+                 scoring: str = "letter") -> str:
     """The prompt text of ``q``; with a ``tokenizer``, wrapped in its chat template (module doc)."""
-    body = description + "".join(format_question(s, True) for s in shots) + format_question(q)
+    body = description + "".join(format_question(s, True, scoring) for s in shots) + format_question(q, False, scoring)
     if tokenizer is None:
         return body
     user = body.removesuffix("Answer:").rstrip("\n")
@@ -123,26 +135,34 @@ def _forward(model, rows: list[_Row], pad_id: int, device) -> list[list[float]]:
 
 def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: int | None = None,
              chat_template: bool | None = None, prepend_bos: bool = True, batch_tokens: int = 8192,
-             calibrate: bool = False, progress: bool = True) -> EvalResult:
+             calibrate: bool = False, scoring: str = "letter", progress: bool = True) -> EvalResult:
     """Evaluate ``model`` on a multiple-choice task (a name is loaded with ``limit``, see extract.datasets).
 
     k_shot: shots from the task's held-out pool (the first k). chat_template: None = the chat template for
     instruct models. batch_tokens: padded tokens per forward pass. calibrate: also record every head's
     13 scores on each question's prompt, in the same forward passes (``result.scores``; with multi-token
-    letters, the row of the first choice).
+    continuations, the row of the first choice). scoring: "letter" (SPEC §5) or "cloze" (module doc).
     """
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring={scoring!r}; choose one of {SCORINGS}")
     from extract.models import model_info
 
     data = load_task(task, limit=limit, progress=progress) if isinstance(task, str) else task
     chat = uses_chat_template(model, tokenizer, chat_template)
     letters = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in LETTERS]
     rows: list[_Row] = []
+    n_tokens = []
     for i, q in enumerate(data.questions):
         pool = data.shots.get(q.task, [])
         if len(pool) < k_shot:
             raise DormantError(f"{k_shot}-shot asked, but task {q.task!r} has {len(pool)} held-out shots")
-        text = build_prompt(q, pool[:k_shot], data.descriptions.get(q.task, ""), tokenizer if chat else None)
-        rows += _rows(encode_prompt(tokenizer, text, chat, prepend_bos), letters[:len(q.choices)], i)
+        text = build_prompt(q, pool[:k_shot], data.descriptions.get(q.task, ""), tokenizer if chat else None,
+                            scoring)
+        prompt = encode_prompt(tokenizer, text, chat, prepend_bos)
+        n_tokens.append(len(prompt))
+        conts = letters[:len(q.choices)] if scoring == "letter" else \
+            [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in q.choices]
+        rows += _rows(prompt, conts, i)
     pad = getattr(model.config, "pad_token_id", None)
     pad = pad if isinstance(pad, int) else tokenizer.pad_token_id or 0
     device = next(model.parameters()).device
@@ -163,12 +183,14 @@ def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: 
         for k, r in enumerate(rows):
             first.setdefault(r.question, k)
         scores = rec.scores()[[at[first[i]] for i in range(len(data.questions))]]
-    predicted = [max(range(len(ll)), key=lambda j: (ll[j], -j)) for ll in loglik]
     qs = data.questions
+    norm = [[1.0] * len(q.choices) if scoring == "letter" else [max(len(c), 1) for c in q.choices] for q in qs]
+    predicted = [max(range(len(ll)), key=lambda j: (ll[j] / n[j], -j)) for ll, n in zip(loglik, norm)]
     frame = pl.DataFrame({
         "id": [q.id for q in qs], "task": [q.task for q in qs], "sha256": [q.sha256 for q in qs],
         "answer": [q.answer for q in qs], "predicted": predicted,
         "correct": [p == q.answer for p, q in zip(predicted, qs)], "n_choices": [len(q.choices) for q in qs],
-        "loglik": loglik}, schema_overrides={"answer": pl.Int32, "predicted": pl.Int32, "n_choices": pl.Int32,
-                                             "loglik": pl.List(pl.Float64)})
-    return EvalResult(data.name, model_info(model)["model"], k_shot, chat, frame, scores)
+        "n_tokens": n_tokens, "loglik": loglik},
+        schema_overrides={"answer": pl.Int32, "predicted": pl.Int32, "n_choices": pl.Int32, "n_tokens": pl.Int64,
+                          "loglik": pl.List(pl.Float64)})
+    return EvalResult(data.name, model_info(model)["model"], k_shot, chat, scoring, frame, scores)

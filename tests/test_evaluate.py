@@ -1,0 +1,198 @@
+"""The multiple-choice evaluator: prompt format, letter log-likelihoods by hand, batching, ablation, calibration."""
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from analysis.score_functions import SCORE_KEYS
+from extract.ablation import ablate
+from extract.cli import main
+from extract.datasets import TaskData, load_task, make_question
+from extract.errors import DormantError
+from extract.evaluate import build_prompt, encode_prompt, evaluate, format_question
+from extract.scores import score_heads
+from test_datasets import write_mmlu
+from tiny import tiny_model
+from tiny_tokenizer import tiny_tokenizer
+
+
+def toy_task(n=7) -> TaskData:
+    qs = [make_question(f"toy/{i}", "toy", f"What is {i} plus {i % 3}?",
+                        [str(i + i % 3 + d) for d in range(-1, 2 + i % 3)], 1) for i in range(n)]
+    shots = [make_question(f"toy/shot{i}", "toy", f"Is {i} even?", ["yes", "no"], i % 2) for i in range(3)]
+    return TaskData("toy", qs, {"toy": shots}, {"toy": "Arithmetic.\n\n"})
+
+
+def test_prompt_format():
+    q = make_question("q", "t", "2+2?", ["3", "4", "5"], 1)
+    s1 = make_question("s", "t", "Sky?", ["blue", "red"], 0)
+    assert format_question(q) == "2+2?\nA. 3\nB. 4\nC. 5\nAnswer:"
+    assert format_question(s1, True) == "Sky?\nA. blue\nB. red\nAnswer: A\n\n"
+    assert build_prompt(q, [s1], "Desc.\n\n") == "Desc.\n\nSky?\nA. blue\nB. red\nAnswer: A\n\n2+2?\nA. 3\nB. 4\nC. 5\nAnswer:"
+    chat = build_prompt(q, [s1], "", tiny_tokenizer(chat_template=True))
+    assert chat == "<|user|>\nSky?\nA. blue\nB. red\nAnswer: A\n\n2+2?\nA. 3\nB. 4\nC. 5\n<|assistant|>\nAnswer:"
+
+
+def by_hand(model, tok, task, k_shot, scoring="letter"):
+    """Letter (or choice) log-likelihoods computed one question at a time, one continuation at a time."""
+    out = []
+    for q in task.questions:
+        text = build_prompt(q, task.shots["toy"][:k_shot], task.descriptions["toy"], scoring=scoring)
+        prompt = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+        lls = []
+        for j in range(len(q.choices)):
+            cont = tok(" " + ("ABCDEF"[j] if scoring == "letter" else q.choices[j]), add_special_tokens=False)
+            cont = cont["input_ids"]
+            ids = torch.tensor([prompt + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+            lls.append(sum(float(logp[len(prompt) - 1 + t, tok_id]) for t, tok_id in enumerate(cont)))
+        out.append(lls)
+    return out
+
+
+@pytest.mark.parametrize("letter_tokens", [True, False], ids=["one-token-letters", "two-token-letters"])
+def test_letter_loglik_by_hand(letter_tokens):
+    model, tok = tiny_model("llama", seed=1), tiny_tokenizer(letter_tokens)
+    task = toy_task()
+    res = evaluate(model, tok, task, k_shot=2, progress=False)
+    expect = by_hand(model, tok, task, 2)
+    got = res.predictions["loglik"].to_list()
+    for g, e in zip(got, expect):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    assert res.predictions["predicted"].to_list() == [int(np.argmax(e)) for e in expect]
+    assert res.predictions["id"].to_list() == [q.id for q in task.questions]
+    assert res.accuracy == pytest.approx(np.mean([np.argmax(e) == 1 for e in expect]))
+    assert res.chance == pytest.approx(np.mean([1 / len(q.choices) for q in task.questions]))
+    assert res.n_questions == 7 and not res.chat_template
+    # batching does not change a number
+    small = evaluate(model, tok, task, k_shot=2, batch_tokens=1, progress=False)
+    np.testing.assert_allclose(np.concatenate(small.predictions["loglik"].to_list()), np.concatenate(got), rtol=1e-5)
+
+
+def test_cloze_scoring_by_hand():
+    model, tok = tiny_model("qwen2", seed=3), tiny_tokenizer()
+    task = toy_task()
+    q = task.questions[0]
+    assert build_prompt(q, task.shots["toy"][:1], "", scoring="cloze") == \
+        "Is 0 even?\nAnswer: yes\n\nWhat is 0 plus 0?\nAnswer:"
+    res = evaluate(model, tok, task, k_shot=2, scoring="cloze", batch_tokens=200, progress=False)
+    expect = by_hand(model, tok, task, 2, scoring="cloze")
+    for g, e in zip(res.predictions["loglik"].to_list(), expect):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    per_char = [[ll / len(c) for ll, c in zip(e, q.choices)] for e, q in zip(expect, task.questions)]
+    assert res.predictions["predicted"].to_list() == [int(np.argmax(x)) for x in per_char]
+    assert res.scoring == "cloze"
+    with pytest.raises(ValueError, match="scoring="):
+        evaluate(model, tok, task, scoring="nope", progress=False)
+
+
+def test_chat_template_option():
+    model, tok = tiny_model("qwen2"), tiny_tokenizer(chat_template=True)
+    task = toy_task(3)
+    assert not evaluate(model, tok, task, k_shot=0, progress=False).chat_template  # base model: plain prompt
+    model.config.dormant_source = {"name": "tiny-instruct", "variant": "instruct"}
+    res = evaluate(model, tok, task, k_shot=1, progress=False)
+    assert res.chat_template
+    text = build_prompt(task.questions[0], task.shots["toy"][:1], task.descriptions["toy"], tok)
+    assert res.predictions["n_tokens"][0] == len(encode_prompt(tok, text, chat=True))
+    assert not evaluate(model, tok, task, k_shot=0, chat_template=False, progress=False).chat_template
+    with pytest.raises(DormantError, match="no chat template"):
+        evaluate(model, tiny_tokenizer(), task, chat_template=True, progress=False)
+    with pytest.raises(DormantError, match="4-shot asked.*3 held-out"):
+        evaluate(model, tok, task, k_shot=4, progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_evaluate_under_ablation(family):
+    model, tok = tiny_model(family, seed=2), tiny_tokenizer()
+    task = toy_task()
+    base = evaluate(model, tok, task, k_shot=1, progress=False)
+    with ablate(model, "random", p=1.0) as ab:
+        zeroed = evaluate(model, tok, task, k_shot=1, progress=False)
+    assert ab.zeroed_fraction == 1.0 and ab.mask.shape[0] == len(task.questions)
+    diff = np.abs(np.concatenate(zeroed.predictions["loglik"].to_list()) -
+                  np.concatenate(base.predictions["loglik"].to_list()))
+    assert diff.max() > 1e-3
+    with ablate(model, "ahon_ln", threshold=-1.0) as ab:  # ahon_ln >= 0: no head is below -1
+        same = evaluate(model, tok, task, k_shot=1, progress=False)
+    assert ab.zeroed_fraction == 0.0 and ab.mask.size > 0
+    np.testing.assert_allclose(np.concatenate(same.predictions["loglik"].to_list()),
+                               np.concatenate(base.predictions["loglik"].to_list()), rtol=1e-6, atol=1e-6)
+    after = evaluate(model, tok, task, k_shot=1, progress=False)  # nothing leaks out of the block
+    assert after.predictions.equals(base.predictions)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_calibrate_scores_equal_score_heads(family):
+    model, tok = tiny_model(family, seed=4), tiny_tokenizer()
+    task = toy_task(9)
+    plain = evaluate(model, tok, task, k_shot=2, batch_tokens=300, progress=False)
+    res = evaluate(model, tok, task, k_shot=2, calibrate=True, batch_tokens=300, progress=False)
+    assert res.predictions.equals(plain.predictions)
+    seqs = [encode_prompt(tok, build_prompt(q, task.shots["toy"][:2], task.descriptions["toy"]), chat=False)
+            for q in task.questions]
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    ref = score_heads(model, seqs).sort(["example", "layer", "head"]).select(SCORE_KEYS).to_numpy()
+    assert res.scores.shape == (len(seqs), L, H, 13)
+    np.testing.assert_allclose(res.scores.numpy().reshape(-1, 13), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_mmlu_fixture_through_loader_and_evaluator(tmp_path):
+    root = write_mmlu(tmp_path / "mmlu")
+    model, tok = tiny_model("qwen2", seed=5), tiny_tokenizer()
+    data = load_task("mmlu", mmlu_dir=root, limit=3)
+    res = evaluate(model, tok, data, k_shot=5, progress=False)
+    p = res.predictions
+    assert p.height == 6 and p["task"].unique().sort().to_list() == ["mmlu/astronomy", "mmlu/high_school_physics"]
+    assert res.chance == 0.25 and p["n_choices"].unique().to_list() == [4]
+    assert all(len(ll) == 4 and np.isfinite(ll).all() for ll in p["loglik"].to_list())
+    q = data.questions[0]
+    text = build_prompt(q, data.shots[q.task][:5], data.descriptions[q.task])
+    assert text.startswith("The following are multiple choice questions (with answers) about astronomy.\n\n"
+                           "astronomy dev question 0")
+    assert text.count("Answer:") == 6 and p["n_tokens"][0] == len(text) + 1 - 5  # chars + BOS, the shots' 5 " X" are one token each
+
+
+def test_cli_eval_end_to_end(tmp_path, capsys):
+    """``dormant eval`` on a saved tiny model directory and an MMLU fixture, with calibration output."""
+    model, tok = tiny_model("llama", seed=6), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    root = write_mmlu(tmp_path / "mmlu")
+    out, cal = tmp_path / "p.parquet", tmp_path / "c.parquet"
+    assert main(["eval", "--model", str(tmp_path / "m"), "--task", "mmlu", "--mmlu-dir", str(root), "--k-shot", "1",
+                 "--limit", "2", "--out", str(out), "--calibrate-out", str(cal)]) == 0
+    text = capsys.readouterr().out
+    assert "mmlu" in text and "all (micro)" in text and "0.250" in text
+    p = pl.read_parquet(out)
+    assert p.height == 4 and {"model", "dataset", "id", "correct", "loglik", "k_shot"} <= set(p.columns)
+    c = pl.read_parquet(cal)
+    assert c.height == 4 * 3 * 4 and set(c["example_id"]) == set(p["id"])
+
+
+@pytest.mark.slow
+def test_real_bigbench_task_end_to_end(zoo_model):
+    """general_knowledge from the real sdist on smollm2-135m-instruct: chat template, one-token letters,
+    a hand check of one question, calibration scores and ablation."""
+    from extract.datasets import LETTERS
+
+    model, tok = zoo_model("smollm2-135m-instruct")
+    data = load_task("general_knowledge", limit=8)
+    assert len(data.questions) == 8 and all(len(q.choices) >= 4 for q in data.questions)
+    res = evaluate(model, tok, data, k_shot=2, calibrate=True, progress=False)
+    assert res.chat_template and res.n_questions == 8 and 0 <= res.accuracy <= 1
+    assert res.scores.shape == (8, 30, 9, 13) and torch.isfinite(res.scores).all()
+    q = data.questions[0]
+    text = build_prompt(q, data.shots[q.task][:2], data.descriptions[q.task], tok)
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\nAnswer:")
+    ids = encode_prompt(tok, text, chat=True)
+    letters = [tok(" " + c, add_special_tokens=False)["input_ids"] for c in LETTERS[:len(q.choices)]]
+    assert all(len(t) == 1 for t in letters)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+    np.testing.assert_allclose(res.predictions["loglik"][0].to_list(), [float(logp[t[0]]) for t in letters],
+                               rtol=1e-4, atol=1e-4)
+    with ablate(model, "random", p=0.5, seed=1):
+        ablated = evaluate(model, tok, data, k_shot=2, progress=False)
+    assert not np.allclose(ablated.predictions["loglik"][0].to_list(), res.predictions["loglik"][0].to_list())
