@@ -5,8 +5,9 @@ Each (method, length) runs in a fresh subprocess so its peak resident memory is 
 * ``sdpa_lm``: plain ``sdpa`` forward of the causal LM (with the LM head), no scores;
 * ``sdpa_decoder``: plain ``sdpa`` forward of the decoder stack only (what ``score_heads`` runs);
 * ``score_heads``: the 13 scores of every head;
-* ``naive_eager``: eager attention (full S x S weights per layer) with hooks on the value projection and
-  the output projection's input, scores from the weights with plain tensor ops, layer by layer.
+* ``naive_eager``: eager attention with ``output_attentions=True`` (every layer's S x S weights kept), hooks
+  on the value projection and the output projection's input, scores with plain tensor ops (skipped, and
+  marked n/a, where the weights alone would exceed ``NAIVE_MAX_GIB``).
 
 Times are medians over repeats after one warm-up, the methods interleaved in one process (rotated order
 each repetition) so that background load affects them alike; peak resident memory comes from a fresh
@@ -40,43 +41,46 @@ def _text_ids(tok, n: int) -> list[int]:
     return ids[:n]
 
 
+NAIVE_MAX_GIB = 8.0  # the naive approach keeps every layer's (heads, S, S) weights: skip it beyond this
+
+
+def naive_gib(model, n: int) -> float:
+    """GiB of attention weights the naive approach holds at once (all layers, float32)."""
+    cfg = model.config
+    return cfg.num_hidden_layers * cfg.num_attention_heads * n * n * 4 / 2**30
+
+
 def _naive_eager(model, ids):
-    """Scores the naive way: eager weights (B, H, S, S) per layer, consumed by hooks as they appear."""
+    """Scores the naive way: eager attention with ``output_attentions=True`` (every layer's weights kept),
+    hooks on the value projection's output and the output projection's input, plain tensor ops."""
     import torch
 
     from .scores import scores_from_stats
 
     cfg = model.config
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
-    stats, vals, hooks = {}, {}, []
-
+    vals, outs, hooks = {}, {}, []
     for i, layer in enumerate(model.base_model.layers):
         att = layer.self_attn
-
-        def on_v(m, a, out, i=i):
-            vals[i] = out
-
-        def on_o(m, a, i=i):
-            vals[("o", i)] = a[0]
-
-        def on_attn(m, a, out, i=i):
-            A = out[1][0]  # (H, S, S)
-            S = A.shape[-1]
-            V = vals[i][0].view(S, KV, -1).repeat_interleave(H // KV, 1)
-            O = vals[("o", i)][0].view(S, H, -1)
-            ent = -(A * torch.log(A.clamp_min(1e-30))).sum(-1).mean(-1)
-            on = O.norm(dim=-1)
-            vn = V.norm(dim=-1)
-            stats[i] = torch.stack([A[:, :, 0].mean(-1), ent, vn[0], vn.mean(0), on[-1], on.mean(0)], -1).double()
-        hooks += [att.v_proj.register_forward_hook(on_v), att.o_proj.register_forward_pre_hook(on_o),
-                  att.register_forward_hook(on_attn)]
+        hooks += [att.v_proj.register_forward_hook(lambda m, a, out, i=i: vals.__setitem__(i, out)),
+                  att.o_proj.register_forward_pre_hook(lambda m, a, i=i: outs.__setitem__(i, a[0]))]
     try:
         with torch.inference_mode():
-            model.base_model(input_ids=torch.tensor([ids]), use_cache=False)
+            attentions = model.base_model(input_ids=torch.tensor([ids]), output_attentions=True,
+                                          use_cache=False).attentions
     finally:
         for h in hooks:
             h.remove()
-    return scores_from_stats(torch.stack([stats[i] for i in sorted(stats)]))
+    stats = []
+    for i, A in enumerate(attentions):
+        A = A[0]  # (H, S, S)
+        S = A.shape[-1]
+        V = vals[i][0].view(S, KV, -1).repeat_interleave(H // KV, 1)
+        O = outs[i][0].view(S, H, -1)
+        ent = -(A * torch.log(A.clamp_min(1e-30))).sum(-1).mean(-1)
+        on, vn = O.norm(dim=-1), V.norm(dim=-1)
+        stats.append(torch.stack([A[:, :, 0].mean(-1), ent, vn[0], vn.mean(0), on[-1], on.mean(0)], -1).double())
+    return scores_from_stats(torch.stack(stats))
 
 
 def _runner(model, tok, method: str, n: int):
@@ -120,6 +124,8 @@ def worker(model_name: str, methods: list[str], n: int, repeats: int) -> list[di
 
     torch.manual_seed(0)
     model, tok = load_model(model_name, progress=False)
+    skipped = [m for m in methods if m == "naive_eager" and naive_gib(model, n) > NAIVE_MAX_GIB]
+    methods = [m for m in methods if m not in skipped]
     runs = {m: _runner(model, tok, m, n) for m in methods}
     for m in methods:
         runs[m]()
@@ -131,9 +137,12 @@ def worker(model_name: str, methods: list[str], n: int, repeats: int) -> list[di
             runs[m]()
             times[m].append(time.perf_counter() - t0)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return [{"method": m, "tokens": n, "median_s": statistics.median(times[m]), "times_s": times[m],
+    rows = [{"method": m, "tokens": n, "median_s": statistics.median(times[m]), "times_s": times[m],
              "peak_rss_mib": peak_mib if len(methods) == 1 else None, "threads": torch.get_num_threads()}
             for m in methods]
+    return rows + [{"method": m, "tokens": n, "median_s": float("nan"), "times_s": [], "peak_rss_mib": float("nan"),
+                    "threads": torch.get_num_threads(), "skipped": f"needs {naive_gib(model, n):.0f} GiB of weights"}
+                   for m in skipped]
 
 
 def _spawn(model_name: str, methods: list[str], n: int, repeats: int) -> list[dict]:
@@ -150,7 +159,8 @@ def run_all(model_name: str, lengths: list[int], repeats: int, methods=METHODS) 
     for n in lengths:
         timed = {r["method"]: r for r in _spawn(model_name, list(methods), n, repeats)}
         for m in methods:
-            timed[m]["peak_rss_mib"] = _spawn(model_name, [m], n, 1)[0]["peak_rss_mib"]
+            if not timed[m].get("skipped"):
+                timed[m]["peak_rss_mib"] = _spawn(model_name, [m], n, 1)[0]["peak_rss_mib"]
             rows.append(timed[m])
             print(f"  {m:13s} {n:5d} tok  median {timed[m]['median_s']:.3f} s  peak RSS "
                   f"{timed[m]['peak_rss_mib']:.0f} MiB", file=sys.stderr)
