@@ -56,7 +56,8 @@ class EvalResult:
 
     def summary(self) -> dict:
         return {"model": self.model, "task": self.task, "k_shot": self.k_shot, "chat_template": self.chat_template,
-                "scoring": self.scoring, "n_questions": self.n_questions, "accuracy": self.accuracy, "chance": self.chance}
+                "scoring": self.scoring, "n_questions": self.n_questions, "accuracy": self.accuracy,
+                "chance": self.chance}
 
 
 SCORINGS = ("letter", "cloze")

@@ -28,7 +28,8 @@ def test_prompt_format():
     s1 = make_question("s", "t", "Sky?", ["blue", "red"], 0)
     assert format_question(q) == "2+2?\nA. 3\nB. 4\nC. 5\nAnswer:"
     assert format_question(s1, True) == "Sky?\nA. blue\nB. red\nAnswer: A\n\n"
-    assert build_prompt(q, [s1], "Desc.\n\n") == "Desc.\n\nSky?\nA. blue\nB. red\nAnswer: A\n\n2+2?\nA. 3\nB. 4\nC. 5\nAnswer:"
+    assert build_prompt(q, [s1], "Desc.\n\n") == \
+        "Desc.\n\nSky?\nA. blue\nB. red\nAnswer: A\n\n2+2?\nA. 3\nB. 4\nC. 5\nAnswer:"
     chat = build_prompt(q, [s1], "", tiny_tokenizer(chat_template=True))
     assert chat == "<|user|>\nSky?\nA. blue\nB. red\nAnswer: A\n\n2+2?\nA. 3\nB. 4\nC. 5\n<|assistant|>\nAnswer:"
 
@@ -151,7 +152,8 @@ def test_mmlu_fixture_through_loader_and_evaluator(tmp_path):
     text = build_prompt(q, data.shots[q.task][:5], data.descriptions[q.task])
     assert text.startswith("The following are multiple choice questions (with answers) about astronomy.\n\n"
                            "astronomy dev question 0")
-    assert text.count("Answer:") == 6 and p["n_tokens"][0] == len(text) + 1 - 5  # chars + BOS, the shots' 5 " X" are one token each
+    assert text.count("Answer:") == 6
+    assert p["n_tokens"][0] == len(text) + 1 - 5  # chars + BOS; the shots' five " X" are one token each
 
 
 def test_cli_eval_end_to_end(tmp_path, capsys):
