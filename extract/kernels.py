@@ -91,14 +91,15 @@ def _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size, 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise dot products of ``(..., S, D)`` tensors -> ``(..., S)``, accumulated in at least float32."""
     work = torch.promote_types(a.dtype, torch.float32)
-    return torch.matmul(a.to(work).unsqueeze(-2), b.to(work).unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    return (a.to(work) * b.to(work)).sum(-1)
 
 
 def _weight_on_first(q, k, mask, scale, first, lse):
     """``A[q, first] = exp(s_q,first + mask_q,first - lse_q)`` in float64, shape (B, H, S)."""
     idx = first.view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[-1])
     k_first = k.gather(2, idx)  # (B, H, 1, D)
-    s = scale * _rowdot(q, k_first.expand_as(q)).double()
+    work = torch.promote_types(q.dtype, torch.float32)
+    s = scale * torch.matmul(q.to(work), k_first.to(work).transpose(-1, -2)).squeeze(-1).double()
     if mask is not None:
         midx = first.view(-1, 1, 1, 1).expand(-1, 1, mask.shape[2], 1)
         s = s + mask.gather(3, midx).squeeze(-1).double()
