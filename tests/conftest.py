@@ -25,3 +25,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "optional" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run that collects no tests fails loudly (exit 1) instead of pytest's ambiguous exit code 5."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.config.get_terminal_writer().line("error: no tests were collected or selected", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
