@@ -36,9 +36,7 @@ class Ablation:
     @property
     def mask(self) -> np.ndarray:
         """Bool ``(examples, layers, heads)``: which head outputs were replaced, per forward pass example."""
-        masks = list(self._cap.forward_masks)
-        if self._cap._masks:  # the pass in progress / last pass not yet flushed
-            masks.append(torch.stack([self._cap._masks[i] for i in sorted(self._cap._masks)], 1).cpu())
+        masks = self._cap.all_masks()
         if not masks:
             return np.zeros((0, 0, 0), dtype=bool)
         return torch.cat(masks, 0).numpy()

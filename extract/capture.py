@@ -39,6 +39,14 @@ class Capture:
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
     _mask_cache: dict[int, tuple] = field(default_factory=dict)
 
+    @classmethod
+    def nested(cls, **options) -> "Capture":
+        """A capture opened inside the active session (if any), keeping its ablation (rule, mode, means)."""
+        outer = current()
+        if outer is not None:
+            options = dict(rule=outer.rule, mode=outer.mode, means=outer.means) | options
+        return cls(**options)
+
     def record(self, layer: int, stats: torch.Tensor) -> torch.Tensor | None:
         """Store ``stats`` (B, H, 6) of ``layer``; return the heads to ablate (B, H) or None."""
         if layer in self.stats:  # a new forward pass started
@@ -54,14 +62,22 @@ class Capture:
         if self.keep_stats and self.stats:
             self.forward_stats.append(self.stacked_stats())
         if self._masks:
-            self.forward_masks.append(torch.stack([self._masks[i] for i in sorted(self._masks)], 1).cpu())
+            self.forward_masks.append(_by_layer(self._masks))
         self._masks = {}
         self.stats = {}
         self._mask_cache = {}
 
     def stacked_stats(self) -> torch.Tensor:
-        """Raw stats of the last forward, ``(B, layers, H, 6)`` float64 on CPU."""
-        return torch.stack([self.stats[i] for i in sorted(self.stats)], 1).cpu()
+        """Raw stats of the current forward, ``(B, layers, H, 6)`` float64 on CPU."""
+        return _by_layer(self.stats)
+
+    def all_stats(self) -> list[torch.Tensor]:
+        """Stats of every finished forward (``keep_stats``) and of the one in progress, in call order."""
+        return self.forward_stats + ([self.stacked_stats()] if self.stats else [])
+
+    def all_masks(self) -> list[torch.Tensor]:
+        """Ablation masks of every finished forward and of the one in progress, in call order."""
+        return self.forward_masks + ([_by_layer(self._masks)] if self._masks else [])
 
     def cached(self, key_obj: object, make: Callable[[], object]) -> object:
         """Per-forward cache keyed by object identity (masks are shared by all layers of one type)."""
@@ -70,6 +86,11 @@ class Capture:
             hit = (key_obj, make())
             self._mask_cache[id(key_obj)] = hit
         return hit[1]
+
+
+def _by_layer(per_layer: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``{layer: (B, H, ...)}`` -> ``(B, layers, H, ...)`` on CPU, layers in order."""
+    return torch.stack([per_layer[i] for i in sorted(per_layer)], 1).cpu()
 
 
 _current: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("dormant_capture", default=None)

@@ -98,9 +98,7 @@ def raw_head_stats(model, sequences: Sequence, *, batch_tokens: int = 8192, chun
     bar = tqdm(total=sum(len(s) for s in seqs), unit="tok", desc="scoring", disable=not progress)
     for idx in groups:
         ids, am = pad_right([seqs[i] for i in idx], pad, device)
-        outer = capture.current()
-        cap = capture.Capture(rule=outer.rule if outer else None, mode=outer.mode if outer else "zero",
-                              means=outer.means if outer else None, chunk_size=chunk_size)
+        cap = capture.Capture.nested(chunk_size=chunk_size)
         with capture.capturing(cap), torch.inference_mode():
             model.base_model(input_ids=ids, attention_mask=am, use_cache=False)
             stats = cap.stacked_stats()
@@ -168,9 +166,7 @@ class Recording:
 
     def raw_stats(self) -> torch.Tensor:
         """``(examples, layers, heads, 6)`` float64, forward passes concatenated in call order."""
-        parts = list(self._cap.forward_stats)
-        if self._cap.stats:
-            parts.append(self._cap.stacked_stats())
+        parts = self._cap.all_stats()
         if not parts:
             raise RuntimeError("no forward pass ran inside recording()")
         return torch.cat(parts, 0)
@@ -195,8 +191,6 @@ def recording(model, *, chunk_size: int = 256) -> Iterator[Recording]:
     ablation keeps applying.
     """
     attention.use(model)
-    outer = capture.current()
-    cap = capture.Capture(rule=outer.rule if outer else None, mode=outer.mode if outer else "zero",
-                          means=outer.means if outer else None, chunk_size=chunk_size, keep_stats=True)
+    cap = capture.Capture.nested(chunk_size=chunk_size, keep_stats=True)
     with capture.capturing(cap):
         yield Recording(cap)
