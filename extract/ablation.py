@@ -24,7 +24,7 @@ import torch
 from analysis.score_functions import INACTIVE_WHEN, SCORE_KEYS, check_score_key
 
 from . import attention, capture
-from .scores import pad_right, scores_from_stats
+from .scores import pad_id, pad_right, scores_from_stats
 
 
 class Ablation:
@@ -146,7 +146,7 @@ def head_output_means(model, sequences: Sequence, *, batch_tokens: int = 8192) -
     device = next(model.parameters()).device
     try:
         for idx in batches([len(s) for s in seqs], batch_tokens):
-            ids, am = pad_right([seqs[j] for j in idx], getattr(cfg, "pad_token_id", None) or 0, device)
+            ids, am = pad_right([seqs[j] for j in idx], pad_id(model), device)
             state["valid"] = am.bool()
             with torch.inference_mode():
                 model.base_model(input_ids=ids, attention_mask=am, use_cache=False)

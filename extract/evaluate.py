@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from extract.datasets import LETTERS, Question, TaskData, load_task
 from extract.errors import DormantError
-from extract.scores import batches, pad_right, recording
+from extract.scores import batches, pad_id, pad_right, recording
 
 
 @dataclass
@@ -164,8 +164,7 @@ def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: 
         conts = letters[:len(q.choices)] if scoring == "letter" else \
             [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in q.choices]
         rows += _rows(prompt, conts, i)
-    pad = getattr(model.config, "pad_token_id", None)
-    pad = pad if isinstance(pad, int) else tokenizer.pad_token_id or 0
+    pad = pad_id(model, tokenizer)
     device = next(model.parameters()).device
     groups = batches([len(r.ids) for r in rows], batch_tokens)
     loglik = [[0.0] * len(q.choices) for q in data.questions]

@@ -67,6 +67,15 @@ def batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     return groups
 
 
+def pad_id(model, tokenizer=None) -> int:
+    """Token id used for padding: the model's ``pad_token_id``, else the tokenizer's, else 0 (padded
+    positions are masked, so any valid id works)."""
+    for pad in (getattr(model.config, "pad_token_id", None), getattr(tokenizer, "pad_token_id", None)):
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
 def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` both ``(B, max_len)``, padding on the right."""
     n = max(len(s) for s in seqs)
@@ -90,8 +99,7 @@ def raw_head_stats(model, sequences: Sequence, *, batch_tokens: int = 8192, chun
     if no_bos:
         warnings.warn(f"{len(no_bos)} of {len(seqs)} sequences do not start with BOS id {bos} "
                       f"(first: #{no_bos[0]}); first-token scores then refer to their first token", stacklevel=3)
-    pad = getattr(cfg, "pad_token_id", None)
-    pad = pad if isinstance(pad, int) else 0
+    pad = pad_id(model)
     device = next(model.parameters()).device
     result: torch.Tensor | None = None
     groups = batches([len(s) for s in seqs], batch_tokens)
