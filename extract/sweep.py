@@ -27,6 +27,7 @@ from .ablation import ablate
 from .datasets import TaskData, load_tasks
 from .evaluate import evaluate
 from .models import model_info
+from .scores import scores_frame
 
 RESULT_COLUMNS = ["model", "task", "score_fn", "target_fraction", "threshold", "realized_percent", "accuracy",
                   "n_questions"]
@@ -44,17 +45,12 @@ def pooled(tasks: list[TaskData], name: str) -> TaskData:
 
 def calibration_frame(model_name: str, data: TaskData, scores) -> pl.DataFrame:
     """Wide frame of the calibration scores: ``model, task, question_task, question, layer, head`` + 13."""
-    import numpy as np
-
-    Q, L, H, _ = scores.shape
-    q, la, he = np.meshgrid(np.arange(Q), np.arange(L), np.arange(H), indexing="ij")
-    flat = scores.numpy().reshape(-1, len(SCORE_KEYS))
-    ids = [x.id for x in data.questions]
-    qtask = [x.task for x in data.questions]
-    return pl.DataFrame({"model": model_name, "task": data.name,
-                         "question_task": [qtask[i] for i in q.ravel()], "question": [ids[i] for i in q.ravel()],
-                         "layer": la.ravel().astype(np.int32), "head": he.ravel().astype(np.int32),
-                         **{k: flat[:, j] for j, k in enumerate(SCORE_KEYS)}})
+    questions = pl.DataFrame({"example": range(len(data.questions)),
+                              "question_task": [q.task for q in data.questions],
+                              "question": [q.id for q in data.questions]}, schema_overrides={"example": pl.Int64})
+    frame = scores_frame(scores.numpy()).join(questions, on="example", how="left", maintain_order="left")
+    return frame.select(pl.lit(model_name).alias("model"), pl.lit(data.name).alias("task"), "question_task",
+                        "question", "layer", "head", *SCORE_KEYS)
 
 
 @dataclass
