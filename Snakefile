@@ -10,12 +10,12 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from extract.cache import HUB_ID, ZOO  # standard library + tqdm only: cheap at DAG start
+
 configfile: "config/default.yaml"
 validate(config, "config/schema.yaml")
 
 DORMANT = f"{sys.executable} -m extract.cli"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-ZOO = ["smollm2-135m-instruct", "gemma-3-270m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
 
 
 def _check_config(cfg):

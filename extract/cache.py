@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from extract.errors import ChecksumError, DormantError, DownloadError, UnknownModelError
 
 CHUNK = 1 << 20  # bytes per read while streaming
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # what a Hugging Face hub id ("org/name") looks like
 
 
 @dataclass(frozen=True)

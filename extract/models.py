@@ -17,13 +17,12 @@ from typing import Any
 
 import torch
 
-from extract.cache import ZOO, ZooEntry, converted_dir, fetch, get_entry, licence_files, local_sha256
+from extract.cache import HUB_ID, ZOO, ZooEntry, converted_dir, fetch, get_entry, licence_files, local_sha256
 from extract.errors import ChecksumError, DormantError, HubError, UnknownModelError
 
 __all__ = ["ZOO", "ZooEntry", "fetch", "convert", "converted_model_dir", "load_model", "model_info",
            "guess_variant", "DormantError", "ChecksumError", "UnknownModelError", "HubError"]
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _INSTRUCT = re.compile(r"instruct|chat|sft|dpo|rlhf|(^|[-_/.])it($|[-_/.])")
 
 
