@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from analysis.outputs import atomic_path
 from extract import bigbench
 from extract.cache import cache_dir
 from extract.errors import DormantError, HubError
@@ -149,17 +150,10 @@ def sample_corpus(name: str, n: int, min_tokens: int, max_tokens: int, seed: int
 
 def write_jsonl_atomic(rows: Iterable[dict], out: Path) -> Path:
     """Write one JSON object per line to ``out`` through a temporary file and a rename."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(out)
 
 
 # ------------------------------------------------------------------------------------ multiple choice

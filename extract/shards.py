@@ -9,11 +9,11 @@ scores; written to a temporary name beside ``out`` and renamed, so a killed job 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import polars as pl
 
+from analysis.outputs import atomic_path
 from analysis.score_functions import SCORE_KEYS
 
 
@@ -37,15 +37,9 @@ def read_examples(path: Path) -> list[dict]:
 
 def write_parquet_atomic(df: pl.DataFrame, out: Path) -> Path:
     """Write ``df`` to ``out`` through a temporary file in the same directory and a rename."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         df.write_parquet(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return Path(out)
 
 
 def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: int = 0, num_shards: int = 1,
