@@ -24,9 +24,7 @@ def within_budget(x, y, baseline: float, budget: float = BUDGET) -> float:
     found = 0.0
     for i in range(len(x) - 1):
         a, b = y[i], y[i + 1]
-        if a == 0 and b == 0:
-            found = x[i + 1]
-        elif b == 0:
+        if b == 0:  # the segment ends on the line (or runs along it)
             found = x[i + 1]
         elif a == 0:
             found = x[i]
