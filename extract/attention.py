@@ -38,11 +38,11 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if softcap is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
+    if not full:  # cached decoding with soft-capping (outside a session)
+        raise NotImplementedError("cached decoding with logit soft-capping is not supported; use use_cache=False")
     B, H, S, D = query.shape
     n_rep = H // key.shape[1]
     k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    if not full:  # decoding with soft-capping outside a session: the portable kernel on the cached keys
-        raise NotImplementedError("cached decoding with logit soft-capping is not supported; use use_cache=False")
     layout = _mask_layout(attention_mask, B, S, query, cap)
     valid, first, last, add_mask = layout
     out, p_first, entropy = kernels.attend(query, k, v, add_mask, scale, first, valid=valid, softcap=softcap,
