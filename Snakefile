@@ -55,6 +55,15 @@ ABLATION_FIGURES = (expand("results/figures/{f}.{ext}", f=["figure3_auc_ranks", 
                            ext=["png", "svg"]) if SWEEP_MODELS else [])
 SCORE_FIGURES = expand("results/figures/score_ecdf_{fn}.{ext}", fn=["ahon_ln", "awft", "aeqd"], ext=["png", "svg"])
 
+# Analysis modules live in rules/*.smk. Each may append to EXTRA_TABLES (database table -> Parquet files that
+# the final `database` rule upserts into results/scores.duckdb) and to EXTRA_TARGETS (inputs of `all`).
+# Rules that need the head scores read the core database results/db/core.duckdb (no cycle).
+CORE_DB = "results/db/core.duckdb"
+EXTRA_TABLES = {}
+EXTRA_TARGETS = []
+for _smk in sorted(Path(workflow.basedir, "rules").glob("*.smk")):
+    include: _smk
+
 wildcard_constraints:
     model="[A-Za-z0-9_.-]+",
     corpus="[a-z0-9_]+",
@@ -70,6 +79,7 @@ rule all:
         "results/paper/status.txt",
         expand("results/tables/{t}.csv", t=sorted(ABLATION)),
         ABLATION_FIGURES,
+        EXTRA_TARGETS,
 
 
 rule model_info:
@@ -153,8 +163,8 @@ def _tables(name):
     return [f"--table {name}={f}" for f in expand(f"{SWEEP_DIR}/{{model}}/{name}.parquet", model=SWEEP_MODELS)]
 
 
-rule database:
-    """Load every shard and sweep output into results/scores.duckdb (fresh file, renamed into place)."""
+rule database_core:
+    """Load every shard and sweep output into the core database (fresh file, renamed into place)."""
     input:
         models=expand("results/models/{model}.json", model=MODELS),
         shards=expand("results/scores/{model}/{corpus}/shard-{shard}.parquet", model=MODELS, corpus=CORPORA,
@@ -162,15 +172,26 @@ rule database:
         corpora=expand("results/data/corpora/{corpus}.jsonl", corpus=CORPORA),
         sweeps=expand(f"{SWEEP_DIR}/{{model}}/{{part}}.parquet", model=SWEEP_MODELS,
                       part=["ablation_results", "thresholds", "calibration"]),
-    output: "results/scores.duckdb"
+    output: CORE_DB
     params:
         corpora=" ".join(f"{c}=results/data/corpora/{c}.jsonl" for c in CORPORA),
         tables=" ".join(_tables("ablation_results") + _tables("thresholds")
                         + [t.replace("calibration=", "calibration_scores=") for t in _tables("calibration")]),
-    log: "results/logs/database.log"
+    log: "results/logs/database_core.log"
     shell:
         "{DORMANT} db build --db {output:q} --models {input.models:q} --shards {input.shards:q} "
         "--corpus {params.corpora} {params.tables} > {log:q} 2>&1"
+
+
+rule database:
+    """results/scores.duckdb: the core database plus every analysis table (copied, ingested, renamed)."""
+    input:
+        core=CORE_DB,
+        extra=[f for files in EXTRA_TABLES.values() for f in files],
+    output: "results/scores.duckdb"
+    params: tables=" ".join(f"--table {t}={f}" for t, files in EXTRA_TABLES.items() for f in files)
+    log: "results/logs/database.log"
+    shell: "{DORMANT} db build --db {output:q} --base {input.core:q} {params.tables} > {log:q} 2>&1"
 
 
 rule ablation_report:

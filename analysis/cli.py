@@ -21,7 +21,7 @@ def _db_build(args: argparse.Namespace) -> int:
         if not path:
             raise ValueError(f"--table wants TABLE=FILE.parquet, got {item!r}")
         tables.setdefault(name, []).append(Path(path))
-    counts = build(args.db, model_jsons=args.models or [], shards=args.shards or [], corpora=corpora, tables=tables)
+    counts = build(args.db, base=args.base, model_jsons=args.models or [], shards=args.shards or [], corpora=corpora, tables=tables)
     print(f"{args.db}: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
     return 0
 
@@ -54,6 +54,7 @@ def add_db_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     b = sub.add_parser("build", help="write a fresh database (atomically) from model infos and score shards")
     b.add_argument("--db", required=True, type=Path)
+    b.add_argument("--base", type=Path, help="start from a copy of this database (left unchanged)")
     b.add_argument("--models", nargs="*", type=Path, help="model_info JSON files")
     b.add_argument("--shards", nargs="*", type=Path, help="score shard Parquet files")
     b.add_argument("--corpus", nargs="*", metavar="NAME=FILE", help="corpus JSON-lines files (domains, hashes)")

@@ -13,6 +13,9 @@ Tables (primary keys in brackets):
 * ``thresholds`` [model, task, score_fn, target_fraction]: τ per SPEC §3.
 * ``ablation_results`` [model, task, score_fn, target_fraction]: realized %, accuracy (SPEC §4–5).
 * ``calibration_scores`` [model, task, question, layer, head]: the 13 scores on the evaluation prompts.
+* ``distribution_tests`` [comparison, score_fn, depth_bin, statistic]: SPEC §6 statistics with bootstrap CIs.
+* ``bb_metrics`` [run, step, metric]: Bigram-Backcopy toy-model training metrics (SPEC §7).
+* ``maps_scores`` [model, layer, head, operation]: MAPS static and suppression scores (SPEC §8).
 
 Views: ``head_scores_long`` (one row per score function) and ``head_summary`` (per model, function,
 layer, head: mean, median, quantiles, fraction of examples on the inactive side of each threshold).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -50,6 +54,14 @@ CREATE TABLE IF NOT EXISTS ablation_results (
 CREATE TABLE IF NOT EXISTS calibration_scores (
   model VARCHAR, task VARCHAR, question_task VARCHAR, question VARCHAR, layer INTEGER, head INTEGER, {_SCORES},
   PRIMARY KEY (model, task, question, layer, head));
+CREATE TABLE IF NOT EXISTS distribution_tests (
+  comparison VARCHAR, score_fn VARCHAR, depth_bin VARCHAR, statistic VARCHAR, value DOUBLE, ci_low DOUBLE,
+  ci_high DOUBLE, p_value DOUBLE, n_examples INTEGER, PRIMARY KEY (comparison, score_fn, depth_bin, statistic));
+CREATE TABLE IF NOT EXISTS bb_metrics (
+  run VARCHAR, step INTEGER, metric VARCHAR, value DOUBLE, PRIMARY KEY (run, step, metric));
+CREATE TABLE IF NOT EXISTS maps_scores (
+  model VARCHAR, layer INTEGER, head INTEGER, operation VARCHAR, category VARCHAR, k INTEGER, score DOUBLE,
+  suppression_score DOUBLE, n_pairs INTEGER, PRIMARY KEY (model, layer, head, operation));
 CREATE TABLE IF NOT EXISTS score_functions (
   score_fn VARCHAR PRIMARY KEY, inactive_when VARCHAR);
 """
@@ -93,6 +105,8 @@ def _sql_list(paths: Iterable[Path]) -> str:
 
 def ingest_models(con, model_jsons: Iterable[Path]) -> int:
     rows = [json.loads(Path(p).read_text()) for p in model_jsons]
+    if not rows:
+        return 0
     cols = ["model", "upstream", "family", "variant", "quantisation", "n_params", "n_layers", "n_heads",
             "n_kv_heads", "head_dim", "d_model", "source_sha256"]
     con.executemany(f"INSERT OR REPLACE INTO models VALUES ({', '.join('?' * len(cols))})",
@@ -129,7 +143,7 @@ def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterab
            corpora: dict[str, Path] | None = None, tables: dict[str, list[Path]] | None = None) -> dict[str, int]:
     """Upsert everything given into the database at ``path`` in one transaction; returns row counts.
 
-    ``tables``: table name -> Parquet files to upsert into it (columns in the table's order).
+    ``tables``: table name -> Parquet files to upsert into it (columns matched by name).
     """
     con = connect(path)
     try:
@@ -141,7 +155,7 @@ def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterab
                 raise ValueError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
             files = [files] if isinstance(files, (str, Path)) else list(files)
             if files:
-                con.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM read_parquet({_sql_list(files)})")
+                con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM read_parquet({_sql_list(files)})")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -151,13 +165,20 @@ def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterab
     return counts
 
 
-def build(path: str | Path, **parts) -> dict[str, int]:
-    """Write a fresh database from ``parts`` (see :func:`ingest`) to a temporary file, then rename it."""
+def build(path: str | Path, *, base: str | Path | None = None, **parts) -> dict[str, int]:
+    """Write a database from ``parts`` (see :func:`ingest`) to a temporary file, then rename it.
+
+    ``base``: an existing database to start from (copied, never modified); else the database starts empty.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
+        if base is not None:
+            if not Path(base).is_file():
+                raise FileNotFoundError(f"no base database at {base}; build it first")
+            shutil.copyfile(base, tmp)
         counts = ingest(tmp, **parts)
         os.replace(tmp, path)
     finally:
@@ -166,7 +187,8 @@ def build(path: str | Path, **parts) -> dict[str, int]:
     return counts
 
 
-TABLES = ("models", "examples", "head_scores", "thresholds", "ablation_results", "calibration_scores")
+TABLES = ("models", "examples", "head_scores", "thresholds", "ablation_results", "calibration_scores",
+          "distribution_tests", "bb_metrics", "maps_scores")
 
 
 def row_counts(con) -> dict[str, int]:

@@ -132,3 +132,25 @@ def test_bad_config_fails_before_any_job(tmp_path, override, needle):
     assert res.returncode != 0
     assert needle in res.stdout + res.stderr
     assert "rule " not in res.stdout  # failed before planning any job
+
+
+def test_build_from_base_adds_tables_and_leaves_base_untouched(tmp_path):
+    base = tmp_path / "core.duckdb"
+    thr = tmp_path / "thr.parquet"
+    pl.DataFrame({"model": ["m"], "task": ["t"], "score_fn": ["awft"], "target_fraction": [0.1],
+                  "threshold": [0.5], "n_scores": [10]}).write_parquet(thr)
+    build(base, tables={"thresholds": [thr]})
+    metrics = tmp_path / "bb.parquet"  # columns in another order than the table: matched by name
+    pl.DataFrame({"value": [0.25, 0.5], "metric": ["attn_bos", "attn_bos"], "step": [10, 20],
+                  "run": ["r", "r"]}).write_parquet(metrics)
+    final = tmp_path / "scores.duckdb"
+    counts = build(final, base=base, tables={"bb_metrics": [metrics]})
+    assert counts["thresholds"] == 1 and counts["bb_metrics"] == 2
+    con = connect(final, read_only=True)
+    assert con.execute("SELECT value FROM bb_metrics WHERE step = 20").fetchone()[0] == 0.5
+    con.close()
+    con = connect(base, read_only=True)
+    assert con.execute("SELECT count(*) FROM bb_metrics").fetchone()[0] == 0
+    con.close()
+    with pytest.raises(FileNotFoundError, match="build it first"):
+        build(tmp_path / "x.duckdb", base=tmp_path / "missing.duckdb")
