@@ -58,11 +58,18 @@ SCORE_FIGURES = expand("results/figures/score_ecdf_{fn}.{ext}", fn=["ahon_ln", "
 # Analysis modules live in rules/*.smk. Each may append to EXTRA_TABLES (database table -> Parquet files that
 # the final `database` rule upserts into results/scores.duckdb) and to EXTRA_TARGETS (inputs of `all`).
 # Rules that need the head scores read the core database results/db/core.duckdb (no cycle).
+# DERIVED: model key -> local model directory made by a rule (e.g. a finetune), scored like the config's models.
 CORE_DB = "results/db/core.duckdb"
 EXTRA_TABLES = {}
 EXTRA_TARGETS = []
+DERIVED = {}
 for _smk in sorted(Path(workflow.basedir, "rules").glob("*.smk")):
     include: _smk
+SCORED = {**MODELS, **DERIVED}
+
+
+def _derived_input(w):
+    return [DERIVED[w.model]] if w.model in DERIVED else []
 
 wildcard_constraints:
     model="[A-Za-z0-9_.-]+",
@@ -85,7 +92,8 @@ rule all:
 rule model_info:
     """Fetch, verify and convert a model once (zoo) and record its description."""
     output: "results/models/{model}.json"
-    params: name=lambda w: MODELS[w.model]
+    input: _derived_input
+    params: name=lambda w: SCORED[w.model]
     log: "results/logs/model_info/{model}.log"
     benchmark: "results/benchmarks/model_info/{model}.tsv"
     resources: mem_mb=config["resources"]["mem_mb"]
@@ -117,7 +125,7 @@ rule score:
         data="results/data/corpora/{corpus}.jsonl",
     output: "results/scores/{model}/{corpus}/shard-{shard}.parquet"
     params:
-        name=lambda w: MODELS[w.model],
+        name=lambda w: SCORED[w.model],
         i=lambda w: w.shard.split("-of-")[0],
         s=config["scoring"],
         bos=lambda w: "" if config["scoring"]["prepend_bos"] else "--no-bos",
@@ -166,8 +174,8 @@ def _tables(name):
 rule database_core:
     """Load every shard and sweep output into the core database (fresh file, renamed into place)."""
     input:
-        models=expand("results/models/{model}.json", model=MODELS),
-        shards=expand("results/scores/{model}/{corpus}/shard-{shard}.parquet", model=MODELS, corpus=CORPORA,
+        models=expand("results/models/{model}.json", model=SCORED),
+        shards=expand("results/scores/{model}/{corpus}/shard-{shard}.parquet", model=SCORED, corpus=CORPORA,
                       shard=SHARDS),
         corpora=expand("results/data/corpora/{corpus}.jsonl", corpus=CORPORA),
         sweeps=expand(f"{SWEEP_DIR}/{{model}}/{{part}}.parquet", model=SWEEP_MODELS,
