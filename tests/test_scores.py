@@ -143,3 +143,38 @@ def test_recording_left_padding_with_position_ids():
     with recording(model) as rec, torch.no_grad():
         model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False)
     np.testing.assert_allclose(rec.scores().numpy(), ref, rtol=1e-5, atol=1e-7)
+
+
+def _partitions(n):
+    """Every split of range(n) into contiguous runs (brute force for small n)."""
+    if n == 0:
+        yield []
+        return
+    for first in range(1, n + 1):
+        for rest in _partitions(n - first):
+            yield [first] + rest
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batches_minimise_padded_tokens_within_budget(seed):
+    from extract.scores import batches
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(5, 200, size=int(rng.integers(1, 9))).tolist()
+    budget, overhead = 400, 30
+    groups = batches(lengths, budget, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= budget for g in groups)
+    cost = sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+    desc = sorted(lengths, reverse=True)
+    brute = float("inf")
+    for sizes in _partitions(len(desc)):
+        start, total = 0, 0
+        for k in sizes:
+            run = desc[start:start + k]
+            if k > 1 and k * run[0] > budget:
+                break
+            total, start = total + k * run[0] + overhead, start + k
+        else:
+            brute = min(brute, total)
+    assert cost == brute
