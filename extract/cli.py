@@ -311,6 +311,18 @@ GROUPS: list[Callable] = [add_models_parser, add_score_parser, add_sweep_parser,
                           add_analysis_parsers, add_data_parser, add_eval_parser]
 
 
+def _add_mechanism_parsers(subparsers) -> None:
+    """``dormant toy ...`` and ``dormant domains ...`` (SPEC §7)."""
+    from extract.domain_cli import add_domains_parser
+    from extract.toy_cli import add_toy_parser
+
+    add_toy_parser(subparsers)
+    add_domains_parser(subparsers)
+
+
+GROUPS.append(_add_mechanism_parsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dormant", description="Find dormant attention heads in causal LMs.")
     subparsers = parser.add_subparsers(dest="group", required=True, metavar="GROUP")

@@ -1,0 +1,138 @@
+"""Dormant-by-domain heads (SPEC §7, last point): heads dormant on one domain and active on another.
+
+From the per-example scores in ``head_scores`` joined with each example's domain (``examples.domain``:
+news, howto, code), per (model, layer, head, domain) the mean of one score function. A head's *dormancy*
+is the score oriented so that higher = more dormant (the score for ``awft``/``awft_ln``, minus the score for
+the others). Its *contrast* is the largest difference of mean dormancy between two domains: dormant on the
+argmax domain, active on the argmin domain. Candidates are the heads with the largest contrast per model.
+
+The per-example check (the active-dormant scatter): zero one candidate head (``extract.domain_ablation``) and
+compare each example's loss change with that head's first-token attention (``awft``) on the example.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .database import connect, query
+from .outputs import write_figure, write_table
+from .score_functions import INACTIVE_WHEN, check_score_key
+
+PROSE = ("news", "howto")
+
+
+def domain_means(con, score_fn: str = "awft") -> pl.DataFrame:
+    """``model, layer, head, domain, mean, n_examples``: mean score per head and domain."""
+    check_score_key(score_fn)
+    return query(con, f"""SELECT s.model, s.layer, s.head, e.domain, avg(s.{score_fn}) AS mean,
+                            count(*) AS n_examples
+                          FROM head_scores s JOIN examples e USING (model, dataset, example)
+                          WHERE e.domain IS NOT NULL GROUP BY ALL ORDER BY ALL""")
+
+
+def candidates(means: pl.DataFrame, score_fn: str = "awft", top: int = 5) -> pl.DataFrame:
+    """The ``top`` heads per model by domain contrast (module doc), one row each, with the per-domain means."""
+    sign = 1.0 if INACTIVE_WHEN[score_fn] == ">" else -1.0
+    d = means.with_columns((pl.col("mean") * sign).alias("dormancy"))
+    keys = ["model", "layer", "head"]
+    best = d.sort("dormancy", descending=True).group_by(keys, maintain_order=True).agg(
+        pl.col("domain").first().alias("dormant_domain"), pl.col("dormancy").first().alias("hi"),
+        pl.col("domain").last().alias("active_domain"), pl.col("dormancy").last().alias("lo"))
+    wide = means.pivot(on="domain", index=keys, values="mean")
+    domains = sorted(set(means["domain"]))
+    out = (best.with_columns((pl.col("hi") - pl.col("lo")).alias("contrast")).drop("hi", "lo")
+           .join(wide.rename({d: f"{score_fn}_{d}" for d in domains}), on=keys)
+           .sort(["model", "contrast"], descending=[False, True])
+           .with_columns(pl.int_range(1, pl.len() + 1).over("model").alias("rank")))
+    return out.filter(pl.col("rank") <= top).select("model", "rank", "layer", "head", "dormant_domain", "active_domain",
+                                                    "contrast", *[f"{score_fn}_{d}" for d in domains])
+
+
+def heads_figure(means: pl.DataFrame, cands: pl.DataFrame, model: str, score_fn: str = "awft"):
+    """Every head of ``model``: mean score on prose (news, how-to) vs code; candidates labelled."""
+    import altair as alt
+
+    m = means.filter(pl.col("model") == model)
+    prose = m.filter(pl.col("domain").is_in(PROSE)).group_by("layer", "head").agg(pl.col("mean").mean().alias("prose"))
+    code = m.filter(pl.col("domain") == "code").select("layer", "head", pl.col("mean").alias("code"))
+    d = prose.join(code, on=["layer", "head"]).join(
+        cands.filter(pl.col("model") == model).select("layer", "head", "rank"), on=["layer", "head"], how="left")
+    d = d.with_columns(pl.format("L{}H{}", "layer", "head").alias("name"))
+    hi = float(max(d["prose"].max(), d["code"].max()))
+    lo = float(min(d["prose"].min(), d["code"].min()))
+    base = alt.Chart(d).encode(x=alt.X("prose:Q", title=f"mean {score_fn} on prose (news, how-to)"),
+                               y=alt.Y("code:Q", title=f"mean {score_fn} on code"))
+    pts = base.mark_circle(size=30, opacity=0.7).encode(color=alt.Color("layer:Q", scale=alt.Scale(scheme="viridis")),
+                                                        tooltip=["name", "prose", "code"])
+    lab = base.transform_filter("isValid(datum.rank)").mark_text(dx=12, dy=-6, fontSize=10).encode(text="name:N")
+    ring = base.transform_filter("isValid(datum.rank)").mark_point(size=120, color="red")
+    diag = alt.Chart(pl.DataFrame({"x": [lo, hi], "y": [lo, hi]})).mark_line(strokeDash=[4, 4], color="gray").encode(
+        x="x:Q", y="y:Q")
+    return (diag + pts + ring + lab).properties(width=360, height=320,
+                                                title=f"{model}: per-head {score_fn} by domain (red: top candidates)")
+
+
+def write_domain_report(db: Path, out: Path, *, score_fn: str = "awft", top: int = 5,
+                        models: list[str] | None = None) -> list[Path]:
+    """``tables/domain_heads``, ``figures/domain_heads_<model>`` and ``domains/candidates.parquet``."""
+    con = connect(db, read_only=True)
+    try:
+        means = domain_means(con, score_fn)
+    finally:
+        con.close()
+    if means.is_empty():
+        raise ValueError(f"{db}: no head_scores joined with example domains; build the core database first")
+    cands = candidates(means, score_fn, top)
+    out = Path(out)
+    paths = write_table(cands, out / "tables" / "domain_heads")
+    for model in models or sorted(set(means["model"])):
+        paths += write_figure(heads_figure(means, cands, model, score_fn), out / "figures" / f"domain_heads_{model}")
+    from .outputs import atomic_path
+
+    with atomic_path(out / "domains" / "candidates.parquet") as tmp:
+        cands.write_parquet(tmp)
+    return paths + [out / "domains" / "candidates.parquet"]
+
+
+# ------------------------------------------------------------------------------ per-example scatter
+
+def scatter_summary(abl: pl.DataFrame) -> pl.DataFrame:
+    """Per (model, layer, head): mean loss change on the examples of each side of the median awft, and the
+    Pearson and Spearman correlations of the loss change with awft over examples."""
+    rows = []
+    for (model, layer, head), g in abl.group_by(["model", "layer", "head"], maintain_order=True):
+        a, dl = g["awft"].to_numpy(), g["delta_loss"].to_numpy()
+        med = float(np.median(a))
+        ra, rd = np.argsort(np.argsort(a)), np.argsort(np.argsort(dl))
+        rows.append({"model": model, "layer": layer, "head": head, "n_examples": len(a), "awft_median": med,
+                     "delta_loss_dormant": float(dl[a > med].mean()) if (a > med).any() else float("nan"),
+                     "delta_loss_active": float(dl[a <= med].mean()),
+                     "pearson": float(np.corrcoef(a, dl)[0, 1]), "spearman": float(np.corrcoef(ra, rd)[0, 1])})
+    return pl.DataFrame(rows)
+
+
+def scatter_figure(abl: pl.DataFrame, model: str):
+    """Loss change from zeroing one head vs its first-token attention, per example, one panel per head."""
+    import altair as alt
+
+    d = abl.filter(pl.col("model") == model).with_columns(pl.format("L{}H{}", "layer", "head").alias("name"))
+    return (alt.Chart(d).mark_circle(size=40, opacity=0.75).encode(
+        x=alt.X("awft:Q", title="first-token attention of the head on the example (awft)"),
+        y=alt.Y("delta_loss:Q", title="loss change when the head is zeroed (nats/token)"),
+        color=alt.Color("domain:N"), tooltip=["example", "domain", "awft", "delta_loss"],
+    ).properties(width=250, height=210)
+        .facet(facet=alt.Facet("name:N", title=None), columns=3)
+        .resolve_scale(x="independent", y="independent")
+        .properties(title=f"{model}: active-dormant scatter (one point per example)"))
+
+
+def write_scatter_report(files: list[Path], out: Path) -> list[Path]:
+    """``tables/domain_scatter`` and ``figures/domain_scatter_<model>`` from head-ablation Parquet files."""
+    abl = pl.concat([pl.read_parquet(f) for f in files])
+    out = Path(out)
+    paths = write_table(scatter_summary(abl), out / "tables" / "domain_scatter")
+    for model in sorted(set(abl["model"])):
+        paths += write_figure(scatter_figure(abl, model), out / "figures" / f"domain_scatter_{model}")
+    return paths
