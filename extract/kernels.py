@@ -7,6 +7,8 @@ and the entropy of the attention row, without ever holding a (heads x S x S) ten
   the keys as values gives ``A·K``, and ``H_q = lse_q - scale * q·(A·K)_q`` (done in float64).
 * ``"efficient_cuda"``: the same two calls through the memory-efficient CUDA kernel (its ``lse`` is
   padded to a multiple of 32 queries and cut back here).
+  Half-precision inputs: the output comes from the half-precision call, ``lse`` and ``A·K`` from one
+  float32 call (a bf16 ``A·K`` would leave entropy errors of ~1e-2 nats).
   Cancellation: ``lse`` and ``q·(A·K)`` are both about the row's largest logit, so float32 inputs leave an
   absolute error of ~1e-6 nats per row. Heads whose mean entropy is below ``EXACT_ENTROPY_BELOW`` (the
   few, nearly one-hot heads where that error would matter relatively) get their entropy recomputed
@@ -62,11 +64,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     kernel = _flash_cpu if backend == "flash_cpu" else _efficient_cuda
     out, lse = kernel(q, k, v, mask, scale)
+    ak = None
+    if q.dtype in (torch.float16, torch.bfloat16):  # half-precision kernels round lse and A·K: redo in float32
+        q, k = q.float(), k.float()
+        mask = None if mask is None else mask.float()
+        ak, lse = kernel(q, k, k, mask, scale)
     lse = lse.double()
     p_first = _weight_on_first(q, k, mask, scale, first, lse)
     if not need_entropy:
         return out, p_first, torch.full_like(lse, float("nan"))
-    ak, _ = kernel(q, k, k, mask, scale)
+    if ak is None:
+        ak, _ = kernel(q, k, k, mask, scale)
     entropy = lse - scale * _rowdot(q, ak).double()
     _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size)
     return out, p_first, entropy

@@ -73,3 +73,22 @@ def test_low_entropy_heads_are_exact():
     m, rm = ent[0, 0, 1:].mean(), rent[0, 0, 1:].mean()
     assert 1e-7 < rm < 1e-3
     assert abs(m - rm) <= 1e-4 * rm
+
+
+@pytest.mark.parametrize("backend", ["flash_cpu", "chunked"])
+def test_half_precision_inputs_keep_float32_accurate_statistics(backend):
+    """bf16 q/k/v (the paper profile's dtype): the weight on the first key and the entropy must be those of
+    the bf16 logits to float32 accuracy (the entropy is a difference of two ~logit-sized terms, so a second
+    pass in bf16 would leave errors of ~1e-2 nats)."""
+    torch.manual_seed(3)
+    B, H, S, D = 2, 3, 48, 32
+    q, k, v = (torch.randn(B, H, S, D, dtype=torch.bfloat16) * 2 for _ in range(3))
+    allowed, add = masks(B, S, None, [0, 5])
+    first = torch.zeros(B, dtype=torch.long)
+    out, pf, ent = attend(q, k, v, add.to(torch.bfloat16), 0.3, first, backend=backend, chunk_size=16)
+    assert out.dtype == torch.bfloat16
+    ro, rpf, rent = naive(q, k, v, allowed, 0.3, first)
+    sel = (torch.arange(S)[None] < S - torch.tensor([0, 5])[:, None])[:, None, :].expand(B, H, S)
+    assert torch.allclose(pf[sel], rpf[sel], atol=1e-5)
+    assert torch.allclose(ent[sel], rent[sel], atol=1e-4)
+    assert torch.allclose(out.double()[sel], ro[sel], atol=0.05)
