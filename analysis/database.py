@@ -15,6 +15,8 @@ Tables (primary keys in brackets):
 * ``calibration_scores`` [model, task, question, layer, head]: the 13 scores on the evaluation prompts.
 * ``distribution_tests`` [comparison, score_fn, depth_bin, statistic]: SPEC §6 statistics with bootstrap CIs.
 * ``bb_metrics`` [run, step, metric]: Bigram-Backcopy toy-model training metrics (SPEC §7).
+* ``domain_head_ablation`` [model, dataset, example, layer, head]: loss change (nats/token) from zeroing one
+  dormant-by-domain candidate head, with its per-example ``awft`` and ``ahon_ln`` (SPEC §7).
 * ``maps_scores`` [model, layer, head, operation]: MAPS static and suppression scores (SPEC §8).
 
 Views: ``head_scores_long`` (one row per score function) and ``head_summary`` (per model, function,
@@ -59,6 +61,10 @@ CREATE TABLE IF NOT EXISTS distribution_tests (
   ci_high DOUBLE, p_value DOUBLE, n_examples INTEGER, PRIMARY KEY (comparison, score_fn, depth_bin, statistic));
 CREATE TABLE IF NOT EXISTS bb_metrics (
   run VARCHAR, step INTEGER, metric VARCHAR, value DOUBLE, PRIMARY KEY (run, step, metric));
+CREATE TABLE IF NOT EXISTS domain_head_ablation (
+  model VARCHAR, dataset VARCHAR, example VARCHAR, domain VARCHAR, n_tokens INTEGER, layer INTEGER, head INTEGER,
+  awft DOUBLE, ahon_ln DOUBLE, loss_base DOUBLE, loss_ablated DOUBLE, delta_loss DOUBLE,
+  PRIMARY KEY (model, dataset, example, layer, head));
 CREATE TABLE IF NOT EXISTS maps_scores (
   model VARCHAR, layer INTEGER, head INTEGER, operation VARCHAR, category VARCHAR, k INTEGER, score DOUBLE,
   suppression_score DOUBLE, n_pairs INTEGER, PRIMARY KEY (model, layer, head, operation));
@@ -189,6 +195,7 @@ def build(path: str | Path, *, base: str | Path | None = None, **parts) -> dict[
 
 TABLES = ("models", "examples", "head_scores", "thresholds", "ablation_results", "calibration_scores",
           "distribution_tests", "bb_metrics", "maps_scores")
+TABLES += ("domain_head_ablation",)
 
 
 def row_counts(con) -> dict[str, int]:

@@ -47,14 +47,16 @@ def _loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def head_loss_changes(model, tokenizer, examples: Sequence[dict], heads: Sequence[tuple[int, int]], *,
-                      prepend_bos: bool = True, progress: bool = True) -> pl.DataFrame:
+                      prepend_bos: bool = True, max_tokens: int | None = None,
+                      progress: bool = True) -> pl.DataFrame:
     """One row per (example, head): ``dataset, example, domain, n_tokens, layer, head, awft, ahon_ln,
     loss_base, loss_ablated, delta_loss`` (losses in nats/token). ``examples``: corpus JSON-lines rows
-    (``id, text, domain, corpus, max_tokens``)."""
+    (``id, text, domain, corpus, max_tokens``); ``max_tokens`` caps every example's own length."""
     device = next(model.parameters()).device
     rows = []
     for ex in tqdm(examples, desc="head ablation", disable=not progress):
-        seq = encode_texts(tokenizer, [ex["text"]], prepend_bos=prepend_bos, max_tokens=ex.get("max_tokens"))[0]
+        cap = min(n for n in (ex.get("max_tokens"), max_tokens) if n) if ex.get("max_tokens") or max_tokens else None
+        seq = encode_texts(tokenizer, [ex["text"]], prepend_bos=prepend_bos, max_tokens=cap)[0]
         if len(seq) < 2:
             continue
         ids = torch.tensor([seq], device=device)

@@ -27,7 +27,7 @@ def _ablate(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     cands = pl.read_parquet(args.candidates).sort("rank")
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     name = model_info(model)["model"]
     mine = cands.filter(pl.col("model") == name).head(args.heads)
     if mine.is_empty():
@@ -41,7 +41,7 @@ def _ablate(args: argparse.Namespace) -> int:
             by_corpus.setdefault(ex.get("corpus", ""), []).append(ex)
         examples = [ex for group in by_corpus.values() for ex in group[: args.limit]]
     t0 = time.perf_counter()
-    df = head_loss_changes(model, tok, examples, heads, prepend_bos=not args.no_bos)
+    df = head_loss_changes(model, tok, examples, heads, prepend_bos=not args.no_bos, max_tokens=args.max_tokens)
     df = df.with_columns(pl.lit(name).alias("model")).select("model", *[c for c in df.columns if c != "model"])
     write_parquet_atomic(df, args.out)
     print(f"{name}: heads {', '.join(f'L{l}H{h}' for l, h in heads)} zeroed on {len(examples)} examples "
@@ -77,6 +77,9 @@ def add_domains_parser(subparsers) -> None:
     a.add_argument("--data", nargs="+", required=True, type=Path, help="corpus JSON-lines files")
     a.add_argument("--heads", type=int, default=2, help="top candidate heads to zero, one at a time")
     a.add_argument("--limit", type=int, help="examples per corpus (default all)")
+    a.add_argument("--max-tokens", type=int, help="also truncate every example to this many tokens (cost)")
+    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    a.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     a.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token")
     a.add_argument("--threads", type=int, default=1, help="torch threads")
     a.add_argument("--out", required=True, type=Path, help="Parquet file to write (atomically)")

@@ -9,7 +9,7 @@ from pathlib import Path
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from .toy_data import corpus_task
+    from .toy_data import corpus_task, load_task, save_task
     from .toy_train import RunSpec, train
 
     torch.set_num_threads(args.threads)
@@ -17,9 +17,14 @@ def _train(args: argparse.Namespace) -> int:
                    width=args.width, length=args.length, batch=args.batch, steps=args.steps, lr=args.lr,
                    weight_decay=args.weight_decay, betas=tuple(args.betas), momentum=args.momentum,
                    checkpoints=args.checkpoints, eval_batch=args.eval_batch, seed=args.seed)
-    task = corpus_task(args.corpus, k=args.triggers, min_count=args.min_count)
+    if args.task_file and args.task_file.is_file():
+        task = load_task(args.task_file)
+    else:
+        task = corpus_task(args.corpus, k=args.triggers, min_count=args.min_count)
+        if args.task_file:
+            save_task(task, args.task_file)
     t0 = time.perf_counter()
-    df = train(spec, task, args.out_dir, progress=not args.quiet)
+    df = train(spec, task, args.out_dir, device=args.device, progress=not args.quiet)
     last = {r["metric"]: r["value"] for r in df.filter(df["step"] == spec.steps).iter_rows(named=True)}
     print(f"{spec.name}: {spec.steps} steps in {last['train_s']:.0f} s of training ({time.perf_counter() - t0:.0f} s "
           f"wall, {torch.get_num_threads()} threads); vocabulary {task.vocab_size}, triggers "
@@ -64,7 +69,9 @@ def add_toy_parser(subparsers) -> None:
     t.add_argument("--corpus", default="xsum", help="corpus whose character bigrams define the task")
     t.add_argument("--triggers", type=int, default=3, help="k most frequent characters trigger backcopy")
     t.add_argument("--min-count", type=int, default=100, help="rarer characters are left out of the vocabulary")
+    t.add_argument("--task-file", type=Path, help="task JSON: read if it exists, else built from --corpus and written")
     t.add_argument("--threads", type=int, default=1, help="torch threads")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
     r = sub.add_parser("report", help="training-dynamics figures and the claims table from metrics files")

@@ -10,8 +10,10 @@ every position is known exactly, so excess risks are exact KL divergences, not s
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -93,3 +95,20 @@ def corpus_task(corpus: str = "xsum", *, k: int = 3, min_count: int = 100) -> Bi
 
     text = "\n".join(t for _, t in corpus_documents(corpus, progress=False))
     return build_task(text, k=k, min_count=min_count)
+
+
+def save_task(task: BigramBackcopy, path: Path) -> Path:
+    """Write the task as JSON (characters, P, first, triggers), atomically."""
+    from analysis.outputs import atomic_path
+
+    data = {"chars": task.chars, "P": task.P.tolist(), "first": task.first.tolist(), "triggers": task.triggers}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data))
+    return Path(path)
+
+
+def load_task(path: Path) -> BigramBackcopy:
+    """A task written by :func:`save_task`."""
+    d = json.loads(Path(path).read_text())
+    return BigramBackcopy(d["chars"], torch.tensor(d["P"], dtype=torch.float64),
+                          torch.tensor(d["first"], dtype=torch.float64), d["triggers"])

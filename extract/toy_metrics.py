@@ -29,6 +29,7 @@ from .toy_data import BigramBackcopy
 @torch.no_grad()
 def risks(logits: torch.Tensor, x: torch.Tensor, task: BigramBackcopy) -> dict[str, float]:
     """Loss and excess risks from ``logits`` ``(B, S, V)`` on tokens ``x`` ``(B, S)``."""
+    logits, x = logits.cpu(), x.cpu()
     logp = logits[:, :-1].double().log_softmax(-1)
     probs, backcopy = task.oracle(x)
     kl = (probs * (probs.clamp_min(1e-300).log() - logp)).sum(-1)  # (B, S-1); 0 log 0 = 0
@@ -66,7 +67,7 @@ def measure(model, task: BigramBackcopy, x: torch.Tensor) -> dict[str, float]:
         out[f"attn_bos_trig_l{i}"] = float(A[..., 0][trig_q].mean())
         prev = torch.diagonal(A, offset=-1, dim1=1, dim2=2)  # (B, S-1): A[q, q-1] for q >= 1
         out[f"attn_prev_trig_l{i}"] = float(prev[trig_q[:, 1:]].mean())
-        others = torch.where(torch.isfinite(logit), logit, 0.0)[..., 1:].sum(-1) / torch.arange(S).clamp_min(1)
+        others = torch.where(torch.isfinite(logit), logit, 0.0)[..., 1:].sum(-1) / torch.arange(S, device=x.device).clamp_min(1)
         out[f"delta_logit_l{i}"] = float((logit[..., 0] - others)[plain_q].mean())
         wo_v = attn.o_proj(v.transpose(1, 2).flatten(2)).norm(dim=-1)  # (B, S)
         out[f"val_bos_l{i}"] = float(wo_v[:, 0].mean())

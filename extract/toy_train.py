@@ -64,17 +64,19 @@ def _rows(run: str, step: int, metrics: dict[str, float]) -> list[dict]:
     return [{"run": run, "step": step, "metric": k, "value": float(v)} for k, v in metrics.items()]
 
 
-def train(spec: RunSpec, task: BigramBackcopy, out_dir: Path, *, progress: bool = True) -> pl.DataFrame:
-    """Train ``spec`` on ``task``; write the files of the module doc; return the metrics frame."""
+def train(spec: RunSpec, task: BigramBackcopy, out_dir: Path, *, device: str = "cpu",
+          progress: bool = True) -> pl.DataFrame:
+    """Train ``spec`` on ``task`` (batches sampled on the CPU, the model on ``device``); write the files of
+    the module doc; return the metrics frame."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = toy_model(task.vocab_size, width=spec.width, layers=spec.layers, length=spec.length,
-                      attention=spec.attention, seed=spec.seed)
+                      attention=spec.attention, seed=spec.seed).to(device)
     model.config.to_json_file(out_dir / "config.json")
     (out_dir / "run.json").write_text(json.dumps(asdict(spec), indent=1) + "\n")
     opt = make_optimizer(spec, model.parameters())
     gen = torch.Generator().manual_seed(spec.seed)
-    x_eval = task.sample(spec.eval_batch, spec.length, torch.Generator().manual_seed(10_000 + spec.seed))
+    x_eval = task.sample(spec.eval_batch, spec.length, torch.Generator().manual_seed(10_000 + spec.seed)).to(device)
     marks = set(checkpoint_steps(spec.steps, spec.checkpoints))
     rows: list[dict] = []
     train_s = 0.0
@@ -82,7 +84,7 @@ def train(spec: RunSpec, task: BigramBackcopy, out_dir: Path, *, progress: bool 
     def checkpoint(step: int) -> None:
         model.eval()
         with atomic_path(out_dir / f"step-{step:06d}.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
         rows.extend(_rows(spec.name, step, measure(model, task, x_eval) | {"train_s": train_s}))
         model.train()
 
@@ -90,7 +92,7 @@ def train(spec: RunSpec, task: BigramBackcopy, out_dir: Path, *, progress: bool 
     bar = tqdm(range(1, spec.steps + 1), desc=spec.name, disable=not progress, mininterval=2.0)
     for step in bar:
         t0 = time.perf_counter()
-        x = task.sample(spec.batch, spec.length, gen)
+        x = task.sample(spec.batch, spec.length, gen).to(device)
         loss = model(x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
