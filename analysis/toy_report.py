@@ -119,7 +119,8 @@ def final_table(df: pl.DataFrame, specs: dict[str, dict]) -> pl.DataFrame:
                "width": spec["width"], "length": spec["length"], "batch": spec["batch"], "steps": spec["steps"],
                "train_s": final(df, run, "train_s")}
         for m in FINAL_METRICS:
-            row[m] = float(series(df, run, m)["value"][-1])
+            v = series(df, run, m)["value"]
+            row[m] = float(v[-1]) if len(v) else None
         rows.append(row)
     return pl.DataFrame(rows)
 

@@ -1,0 +1,349 @@
+"""SPEC §7: Bigram-Backcopy task, toy transformer, metrics, training, reports; dormant-by-domain heads."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from scipy import stats
+
+from analysis.domains import candidates, scatter_summary
+from analysis.toy_report import claims, early_step, interventions_table, write_toy_report
+from extract.domain_ablation import head_loss_changes, zero_head
+from extract.scores import score_heads
+from extract.toy_data import BigramBackcopy, build_task, corpus_task, load_task, save_task
+from extract.toy_metrics import measure, risks, zeroed
+from extract.toy_model import toy_model
+from extract.toy_train import RunSpec, checkpoint_steps, train
+
+torch.set_num_threads(1)
+TEXT = "the cat ate the hat. a bat sat at the mat; the rat ate a date! " * 30
+
+
+# ------------------------------------------------------------------------------------------ task
+
+def test_bigram_matrix_and_triggers_match_naive_counts():
+    task = build_task(TEXT, k=3, min_count=1)
+    counts = Counter(TEXT)
+    assert task.chars == sorted(counts)
+    top3 = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][:3]
+    assert sorted(task.chars[i - 1] for i in task.triggers) == sorted(top3)
+    pairs = Counter(zip(TEXT, TEXT[1:]))
+    for a in "tha ":
+        row = {b: n for (x, b), n in pairs.items() if x == a}
+        total = sum(row.values())
+        for b, n in row.items():
+            assert task.P[task.chars.index(a) + 1, task.chars.index(b) + 1].item() == pytest.approx(n / total)
+    uni = torch.tensor([0] + [counts[c] for c in task.chars], dtype=torch.float64)
+    assert torch.allclose(task.P[0], uni / uni.sum())
+    assert task.P[:, 0].abs().sum() == 0  # nothing transitions to <s>
+    assert task.first[task.triggers].sum() == 0 and task.first.sum().item() == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def news_task():
+    return corpus_task("xsum")  # BIG-bench news text
+
+
+def test_sample_follows_the_rules_and_is_seeded(news_task):
+    task = news_task
+    x = task.sample(300, 40, torch.Generator().manual_seed(1))
+    assert torch.equal(x, task.sample(300, 40, torch.Generator().manual_seed(1)))
+    assert (x[:, 0] == 0).all() and not task.is_trigger(x[:, 1]).any()
+    trans = Counter()
+    for row in x.tolist():
+        for n in range(1, len(row) - 1):
+            if row[n] in task.triggers:
+                assert row[n + 1] == row[n - 1]  # backcopy
+            else:
+                assert task.P[row[n], row[n + 1]] > 0
+                trans[(row[n], row[n + 1])] += 1
+    # empirical transitions from the most frequent non-trigger token match P (chi-square, small bins pooled)
+    seen = Counter()
+    for (a, _), n in trans.items():
+        seen[a] += n
+    src = max(seen, key=seen.get)
+    tot = seen[src]
+    exp = task.P[src].numpy() * tot
+    obs = np.array([trans.get((src, b), 0) for b in range(task.vocab_size)], float)
+    big = exp >= 5
+    f_obs = np.append(obs[big], obs[~big].sum())
+    f_exp = np.append(exp[big], exp[~big].sum())
+    assert big.sum() >= 5 and stats.chisquare(f_obs, f_exp).pvalue > 1e-3
+
+
+def test_real_corpus_task_and_round_trip(news_task, tmp_path):
+    task = news_task
+    assert [task.chars[i - 1] for i in task.triggers] == [" ", "e", "t"]
+    assert torch.allclose(task.P.sum(-1), torch.ones(task.vocab_size, dtype=torch.float64))
+    again = load_task(save_task(task, tmp_path / "task.json"))
+    assert again.chars == task.chars and again.triggers == task.triggers and torch.equal(again.P, task.P)
+
+
+def test_risks_are_exact_kl_divergences():
+    task = build_task(TEXT, k=3, min_count=1)
+    x = task.sample(4, 30, torch.Generator().manual_seed(0))
+    probs, backcopy = task.oracle(x)
+    oracle_logits = torch.cat([probs.clamp_min(1e-30).log(), torch.zeros(4, 1, task.vocab_size)], 1)
+    r = risks(oracle_logits, x, task)
+    assert r["backcopy_risk"] == pytest.approx(0, abs=1e-9) and r["bigram_risk"] == pytest.approx(0, abs=1e-9)
+    uniform = torch.zeros(4, 30, task.vocab_size)
+    r = risks(uniform, x, task)
+    V = task.vocab_size
+    assert r["backcopy_risk"] == pytest.approx(math.log(V))  # KL(delta || uniform) = log V
+    kl, n = 0.0, 0
+    for b in range(4):
+        for t in range(1, 29):
+            if x[b, t].item() not in task.triggers:
+                p = task.P[x[b, t]].numpy()
+                kl += sum(pi * (math.log(pi) + math.log(V)) for pi in p if pi > 0)
+                n += 1
+    assert r["bigram_risk"] == pytest.approx(kl / n)
+
+
+# ------------------------------------------------------------------------------------------ model
+
+def _naive_attention(model, x, layer=0):
+    """Explicit A (B, S, S) and block-0 quantities from the state dict, independent of the module code."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    S = x.shape[1]
+    h = sd["model.embed_tokens.weight"][x] + sd["model.embed_positions.weight"][:S]
+    p = f"model.layers.{layer}."
+    hn = torch.nn.functional.layer_norm(h, (h.shape[-1],), sd[p + "input_layernorm.weight"], eps=1e-5)
+    q, k, v = (hn @ sd[p + f"self_attn.{n}_proj.weight"].T for n in "qkv")
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    A = torch.zeros_like(s)
+    for i in range(S):
+        if model.config.attention == "softmax":
+            A[:, i, : i + 1] = torch.softmax(s[:, i, : i + 1], -1)
+        else:
+            A[:, i, : i + 1] = torch.relu(s[:, i, : i + 1]) / (i + 1)
+    return A, v, sd, h
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "dormant"])
+def test_toy_model_is_causal_and_implementations_agree(impl):
+    from extract.attention import register
+
+    model = toy_model(20, width=16, layers=2, length=12, seed=0).eval()
+    x = torch.randint(1, 20, (2, 12), generator=torch.Generator().manual_seed(0))
+    x[:, 0] = 0
+    ref = model(x).logits
+    model.set_attn_implementation(register() if impl == "dormant" else impl)
+    out = model(x).logits
+    assert torch.allclose(out, ref, atol=1e-5)
+    y = x.clone()
+    y[:, 7:] = (y[:, 7:] % 19) + 1  # change the future
+    assert torch.allclose(model(y).logits[:, :7], out[:, :7], atol=1e-5)
+
+
+def test_score_engine_runs_unchanged_on_the_toy_model():
+    model = toy_model(20, width=16, layers=1, length=16, seed=3).eval()
+    x = torch.randint(1, 20, (3, 16), generator=torch.Generator().manual_seed(2))
+    x[:, 0] = 0
+    df = score_heads(model, [r.tolist() for r in x])
+    A, v, sd, _ = _naive_attention(model, x)
+    awft = A[:, :, 0].mean(1)  # mean over all queries of A[q, 0]
+    ent = -(A * A.clamp_min(1e-300).log()).sum(-1).mean(1)
+    assert np.allclose(df.sort("example")["awft"].to_numpy(), awft.numpy(), atol=1e-5)
+    assert np.allclose(df.sort("example")["aeqd"].to_numpy(), ent.numpy(), atol=1e-4)
+    assert np.allclose(df.sort("example")["ftvvn"].to_numpy(), v[:, 0].norm(dim=-1).numpy(), atol=1e-5)
+
+
+def test_relu_attention_matches_naive_and_has_unnormalised_rows():
+    model = toy_model(20, width=16, layers=1, length=10, attention="relu", seed=1).eval()
+    x = torch.randint(1, 20, (2, 10), generator=torch.Generator().manual_seed(3))
+    x[:, 0] = 0
+    A_naive, v, sd, h = _naive_attention(model, x)
+    _, A, _ = model.model.layers[0].self_attn.weights(model.model.layers[0].input_layernorm(
+        model.model.embed_tokens(x) + model.model.embed_positions.weight[:10]))
+    assert torch.allclose(A[:, 0].double(), A_naive, atol=1e-6)
+    attn_out = (A_naive @ v) @ sd["model.layers.0.self_attn.o_proj.weight"].T
+    got = {}
+    h0 = model.model.layers[0].self_attn.register_forward_hook(lambda m, a, o: got.setdefault("o", o))
+    model(x)
+    h0.remove()
+    assert torch.allclose(got["o"].double(), attn_out, atol=1e-5)
+
+
+def test_measure_matches_naive_metrics_and_interventions():
+    task = build_task(TEXT, k=3, min_count=1)
+    model = toy_model(task.vocab_size, width=16, layers=1, length=24, seed=0).eval()
+    x = task.sample(5, 24, torch.Generator().manual_seed(4))
+    m = measure(model, task, x)
+    A, v, sd, h = _naive_attention(model, x)
+    trig = task.is_trigger(x)
+    plain = [(b, q) for b in range(5) for q in range(1, 24) if not trig[b, q]]
+    trigq = [(b, q) for b in range(5) for q in range(1, 24) if trig[b, q]]
+    assert m["attn_bos_l0"] == pytest.approx(np.mean([A[b, q, 0].item() for b, q in plain]), rel=1e-5)
+    assert m["attn_prev_trig_l0"] == pytest.approx(np.mean([A[b, q, q - 1].item() for b, q in trigq]), rel=1e-5)
+    wo_v = (v @ sd["model.layers.0.self_attn.o_proj.weight"].T).norm(dim=-1)
+    assert m["val_bos_l0"] == pytest.approx(wo_v[:, 0].mean().item(), rel=1e-5)
+    assert m["val_ratio_l0"] == pytest.approx((wo_v[:, 0].mean() / wo_v[:, 1:].mean()).item(), rel=1e-5)
+    # zeroing the attention output = a block without its attention branch
+    with zeroed(model, "attn"), torch.no_grad():
+        z = model(x).logits
+    with torch.no_grad():
+        blk = model.model.layers[0]
+        hh = h.float()
+        hh = hh + blk.mlp(blk.post_attention_layernorm(hh))
+        manual = model.lm_head(model.model.norm(hh))
+    assert torch.allclose(z, manual, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+def test_checkpoint_steps():
+    assert checkpoint_steps(100, 3) == [0, 1, 10, 100]
+    assert checkpoint_steps(7, 20) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert early_step([0, 1, 10, 100, 1000], 1000) == 100
+
+
+def test_training_is_seeded_learns_and_ingests(tmp_path):
+    from analysis.database import build, connect, query
+
+    task = build_task(TEXT, k=3, min_count=1)
+    spec = RunSpec(name="t", width=16, length=24, batch=8, steps=40, lr=3e-3, checkpoints=4, eval_batch=8)
+    a = train(spec, task, tmp_path / "a", progress=False)
+    b = train(spec, task, tmp_path / "b", progress=False)
+    keep = pl.col("metric") != "train_s"
+    assert a.filter(keep).equals(b.filter(keep))
+    steps = sorted(set(a["step"]))
+    assert steps == checkpoint_steps(40, 4)
+    assert sorted(p.name for p in (tmp_path / "a").glob("step-*.safetensors")) == [f"step-{s:06d}.safetensors" for s in steps]
+    loss = a.filter(pl.col("metric") == "loss").sort("step")["value"]
+    assert loss[-1] < loss[0] - 0.5
+    assert {"zero_attn_l0.backcopy_risk", "zero_mlp_l0.bigram_risk"} <= set(a["metric"])
+    db = tmp_path / "x.duckdb"
+    build(db, tables={"bb_metrics": [tmp_path / "a" / "metrics.parquet"]})
+    con = connect(db, read_only=True)
+    got = query(con, "SELECT value FROM bb_metrics WHERE metric = 'loss' ORDER BY step")["value"].to_list()
+    assert got == pytest.approx(loss.to_list())
+    # the saved checkpoint reproduces the final metrics
+    from safetensors.torch import load_file
+
+    model = toy_model(task.vocab_size, width=16, length=24)
+    model.load_state_dict(load_file(tmp_path / "a" / "step-000040.safetensors"))
+    x_eval = task.sample(8, 24, torch.Generator().manual_seed(10_000))
+    assert measure(model.eval(), task, x_eval)["loss"] == pytest.approx(loss[-1], rel=1e-5)
+
+
+def _fake_run(tmp_path, name, layers, attention, optimizer, series: dict, final: dict):
+    rows = [{"run": name, "step": s, "metric": m, "value": float(v)} for m, vals in series.items()
+            for s, v in vals.items()]
+    rows += [{"run": name, "step": 1000, "metric": m, "value": float(v)} for m, v in final.items()]
+    d = tmp_path / name
+    d.mkdir()
+    pl.DataFrame(rows).write_parquet(d / "metrics.parquet")
+    (d / "run.json").write_text(json.dumps({"name": name, "layers": layers, "attention": attention,
+                                            "optimizer": optimizer, "steps": 1000, "width": 8, "length": 8,
+                                            "batch": 1}))
+    return d / "metrics.parquet"
+
+
+def test_claims_on_hand_made_metrics(tmp_path):
+    steps = [0, 1, 10, 100, 1000]
+    one = {"val_ratio_l0": dict(zip(steps, [1.0, 1.4, 0.9, 0.4, 0.2])),
+           "res_peak_l0": dict(zip(steps, [1, 1, 1, 1, 1])), "train_s": dict(zip(steps, [0, 1, 2, 3, 4])),
+           "attn_bos_l0": dict(zip(steps, [0.1] * 4 + [0.9])), "attn_prev_trig_l0": dict(zip(steps, [0.6] * 5)),
+           "backcopy_risk": dict(zip(steps, [4, 3, 2, 1, 0.01])), "bigram_risk": dict(zip(steps, [2, 1, 1, 1, 0.06]))}
+    final = {"zero_attn_l0.backcopy_risk": 3.0, "zero_attn_l0.bigram_risk": 0.07, "zero_mlp_l0.bigram_risk": 1.0,
+             "zero_mlp_l0.backcopy_risk": 0.5}
+    f1 = _fake_run(tmp_path, "adam_1l", 1, "softmax", "adamw", one, final)
+    three = lambda peak: {f"res_peak_l{i}": dict(zip(steps, peak)) for i in range(3)} | {  # noqa: E731
+        f"attn_bos_l{i}": dict(zip(steps, [0.1] * 5)) for i in range(3)} | {"train_s": dict(zip(steps, [0] * 5))}
+    f2 = _fake_run(tmp_path, "relu_3l", 3, "relu", "adamw", three([1, 2, 2, 2, 2.5]), {})
+    f3 = _fake_run(tmp_path, "sgd_3l", 3, "softmax", "sgd", three([1, 2, 2, 2, 2.9]), {})
+    from analysis.toy_report import load_runs
+
+    df, specs = load_runs([f1, f2, f3])
+    c = {(r["run"], r["claim"]): (r["measured"], r["pass"]) for r in claims(df, specs).iter_rows(named=True)}
+    assert c[("adam_1l", "final bigram_risk (nats)")] == (pytest.approx(0.06), False)
+    assert c[("adam_1l", "final backcopy_risk (nats)")][1]
+    assert c[("adam_1l", "‖Val_<s>‖ ratio: peak over step-0 value")] == (pytest.approx(1.4), True)
+    assert c[("adam_1l", "‖Val_<s>‖ ratio: final / peak")] == (pytest.approx(0.2 / 1.4), True)
+    assert c[("adam_1l", "zero attention: backcopy risk increase")] == (pytest.approx(2.99), True)
+    assert c[("adam_1l", "zero attention: bigram risk increase")] == (pytest.approx(0.01), True)
+    assert c[("relu_3l", "residual peak change (final / step 100)")] == (pytest.approx(1.25), True)
+    assert c[("sgd_3l", "residual peak change (final / step 100)")] == (pytest.approx(1.45), False)
+    assert c[("relu_3l", "Attn_<s> (max over layers), ReLU attention")] == (pytest.approx(0.1), True)
+    inter = interventions_table(df.filter(pl.col("run") == "adam_1l"))
+    assert inter.filter((pl.col("zeroed") == "attn L0") & (pl.col("risk") == "backcopy_risk"))["value"][0] == 3.0
+    paths = write_toy_report([f1, f2, f3], tmp_path / "out", "toy_t")
+    assert {p.name for p in paths} >= {"toy_t_claims.csv", "toy_t_dynamics.png", "toy_t_interventions.svg"}
+
+
+# ------------------------------------------------------------------------------------------ domains
+
+def test_domain_candidates_orientation_and_contrast():
+    rows = []
+    for layer, head, news, code in [(0, 0, 0.9, 0.2), (0, 1, 0.5, 0.5), (1, 0, 0.1, 0.6)]:
+        rows += [{"model": "m", "layer": layer, "head": head, "domain": "news", "mean": news, "n_examples": 3},
+                 {"model": "m", "layer": layer, "head": head, "domain": "code", "mean": code, "n_examples": 3}]
+    means = pl.DataFrame(rows)
+    c = candidates(means, "awft", top=2)  # awft: high = dormant
+    assert c["layer"].to_list() == [0, 1] and c["head"].to_list() == [0, 0]
+    assert c["contrast"].to_list() == pytest.approx([0.7, 0.5])
+    assert c.row(0, named=True)["dormant_domain"] == "news" and c.row(1, named=True)["dormant_domain"] == "code"
+    c = candidates(means, "ahon_ln", top=1)  # ahon_ln: low = dormant
+    assert c.row(0, named=True)["dormant_domain"] == "code" and c.row(0, named=True)["active_domain"] == "news"
+
+
+def test_scatter_summary_matches_scipy():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(size=30)
+    d = 0.5 * (1 - a) + rng.normal(scale=0.05, size=30)
+    df = pl.DataFrame({"model": ["m"] * 30, "layer": [1] * 30, "head": [2] * 30, "awft": a, "delta_loss": d})
+    s = scatter_summary(df).row(0, named=True)
+    assert s["pearson"] == pytest.approx(stats.pearsonr(a, d)[0])
+    assert s["spearman"] == pytest.approx(stats.spearmanr(a, d)[0])
+    assert s["delta_loss_dormant"] == pytest.approx(d[a > np.median(a)].mean())
+
+
+def test_zero_head_equals_zeroed_output_columns():
+    from tiny import tiny_model
+    from tiny_tokenizer import tiny_tokenizer
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    ids = torch.tensor([[1] + tok("def f(x): return x", add_special_tokens=False)["input_ids"]])
+    with zero_head(model, 1, 2), torch.no_grad():
+        got = model(input_ids=ids).logits
+    ref = tiny_model("llama")
+    D = ref.config.head_dim
+    with torch.no_grad():
+        ref.model.layers[1].self_attn.o_proj.weight[:, 2 * D:3 * D] = 0
+        want = ref(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_model_head_loss_change(zoo_model):
+    """SmolLM2: the loss change of zeroing a head equals the loss with its o_proj columns removed, and the
+    per-example awft is the score engine's."""
+    model, tok = zoo_model("smollm2-135m-instruct")
+    texts = [{"id": "p", "text": "The weather in Paris was mild and sunny this spring.", "domain": "news",
+              "corpus": "xsum"},
+             {"id": "c", "text": "def add(a, b):\n    return a + b\n", "domain": "code", "corpus": "code"}]
+    df = head_loss_changes(model, tok, texts, [(3, 1)], progress=False)
+    ref = score_heads(model, [[tok.bos_token_id] + tok(t["text"], add_special_tokens=False)["input_ids"]
+                              for t in texts])
+    ref = ref.filter((pl.col("layer") == 3) & (pl.col("head") == 1)).sort("example")
+    assert df["awft"].to_list() == pytest.approx(ref["awft"].to_list(), rel=1e-4)
+    o = model.model.layers[3].self_attn.o_proj
+    D = o.in_features // model.config.num_attention_heads
+    saved = o.weight[:, D:2 * D].clone()
+    try:
+        with torch.no_grad():
+            o.weight[:, D:2 * D] = 0
+            for row, t in zip(df.iter_rows(named=True), texts):
+                ids = torch.tensor([[tok.bos_token_id] + tok(t["text"], add_special_tokens=False)["input_ids"]])
+                logits = model(input_ids=ids).logits
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
+                assert row["loss_ablated"] == pytest.approx(loss, rel=1e-4)
+    finally:
+        with torch.no_grad():
+            o.weight[:, D:2 * D] = saved
