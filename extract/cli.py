@@ -323,6 +323,16 @@ def _add_mechanism_parsers(subparsers) -> None:
 GROUPS.append(_add_mechanism_parsers)
 
 
+def _add_distribution_parsers(subparsers) -> None:
+    """``dormant finetune|perturb|distributions`` (SPEC §6)."""
+    from extract.distribution_cli import add_distribution_parsers
+
+    add_distribution_parsers(subparsers)
+
+
+GROUPS.append(_add_distribution_parsers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dormant", description="Find dormant attention heads in causal LMs.")
     subparsers = parser.add_subparsers(dest="group", required=True, metavar="GROUP")

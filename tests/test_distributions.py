@@ -1,0 +1,235 @@
+"""SPEC §6 statistics against scipy and naive reimplementations; bootstrap coverage; null vs positive control;
+the explorer in a headless browser; the perturbation and the finetune on real and tiny models."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import polars as pl
+import pytest
+from scipy import stats as sps
+
+from analysis.distributions import (Settings, TwoSample, compare, depth_bins, head_stats, inactive, resampling,
+                                    triple_stats)
+from analysis.score_matrix import ScoreMatrix, split_halves
+from analysis.thresholds import threshold
+
+
+def matrix(values, model="m", fn="ahon_ln", n_layers=None, n_heads=None, examples=None):
+    values = np.asarray(values, dtype=np.float64)
+    n_heads = n_heads or values.shape[1]
+    n_layers = n_layers or values.shape[1] // n_heads
+    examples = examples or tuple(f"ds/{i}" for i in range(values.shape[0]))
+    return ScoreMatrix(model, fn, tuple(examples), n_layers, n_heads, values)
+
+
+def clustered(rng, n_examples, n_heads, shift=0.0, between=0.5):
+    """Scores x = mu_example + mu_head + noise; the pooled marginal is N(shift + mean of mu_head, ...)."""
+    mu_e = rng.normal(0, np.sqrt(between), size=(n_examples, 1))
+    return shift + mu_e + rng.normal(0, np.sqrt(1 - between), size=(n_examples, n_heads))
+
+
+# ------------------------------------------------------------------------------------ pooled statistics
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_ks_and_wasserstein_match_scipy_unweighted_and_weighted(ties):
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0, 1, (7, 5)), rng.normal(0.4, 1.3, (9, 4))
+    if ties:
+        a, b = np.round(a, 1), np.round(b, 1)
+    two = TwoSample(a, b, tau=0.0, score_fn="ahon_ln")
+    got = two.stats(np.ones((1, 16)), two.labels()[None])
+    assert got["ks_d"][0] == pytest.approx(sps.ks_2samp(a.ravel(), b.ravel()).statistic, abs=1e-12)
+    assert got["wasserstein"][0] == pytest.approx(sps.wasserstein_distance(a.ravel(), b.ravel()), rel=1e-10)
+    assert got["wasserstein_sd"][0] == pytest.approx(got["wasserstein"][0] / a.std(), rel=1e-10)
+    # bootstrap weights = integer counts per example: every score of an example repeated that often
+    w = rng.integers(0, 4, size=(3, 16)).astype(float)
+    w[:, 0] += 1
+    w[:, 7] += 1
+    got = two.stats(w, np.repeat(two.labels()[None], 3, 0))
+    for r in range(3):
+        ua, ub = np.repeat(w[r, :7], 5), np.repeat(w[r, 7:], 4)
+        assert got["wasserstein"][r] == pytest.approx(
+            sps.wasserstein_distance(a.ravel(), b.ravel(), ua, ub), rel=1e-9)
+        xa, xb = np.repeat(a.ravel(), ua.astype(int)), np.repeat(b.ravel(), ub.astype(int))
+        assert got["ks_d"][r] == pytest.approx(sps.ks_2samp(xa, xb).statistic, abs=1e-12)
+        assert got["wasserstein_sd"][r] == pytest.approx(got["wasserstein"][r] / xa.std(), rel=1e-9)
+
+
+def test_overlap_and_inactive_fraction_naive():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0, 1, (20, 6)), rng.normal(1.0, 1, (15, 6))
+    tau = threshold(a.ravel(), 0.15, "ahon_ln")
+    two = TwoSample(a, b, tau=tau, score_fn="ahon_ln", n_bins=10)
+    got = two.stats(np.ones((1, 35)), two.labels()[None])
+    edges = np.unique(np.quantile(np.concatenate([a.ravel(), b.ravel()]), np.linspace(0, 1, 11)))
+    ha, hb = np.histogram(a.ravel(), edges)[0] / a.size, np.histogram(b.ravel(), edges)[0] / b.size
+    assert got["overlap"][0] == pytest.approx(np.minimum(ha, hb).sum(), abs=1e-12)
+    assert got["frac_inactive_b"][0] == pytest.approx(np.mean(b < tau), abs=1e-12)
+    # hand-made: identical samples overlap fully, disjoint ones not at all
+    same = TwoSample(a, a.copy(), tau=tau, score_fn="ahon_ln")
+    assert same.stats(np.ones((1, 40)), same.labels()[None])["overlap"][0] == pytest.approx(1.0)
+    far = TwoSample(a, a + 100, tau=tau, score_fn="ahon_ln")
+    r = far.stats(np.ones((1, 40)), far.labels()[None])
+    assert r["overlap"][0] == 0.0 and r["ks_d"][0] == 1.0 and r["wasserstein"][0] == pytest.approx(100.0)
+
+
+def test_inactive_direction_follows_the_score_function():
+    x = np.array([0.1, 0.5, 0.9])
+    assert inactive(x, 0.5, "awft").tolist() == [False, False, True]  # awft: inactive when > tau
+    assert inactive(x, 0.5, "ahon_ln").tolist() == [True, False, False]
+
+
+def test_head_and_triple_statistics_naive():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(12, 10))
+    b = a + rng.normal(scale=0.5, size=a.shape)
+    ia, ib = a < -0.5, b < -0.5
+    one = np.ones((1, 12))
+    h = head_stats(a, b, ia, ib, one, one)
+    assert h["spearman_heads"][0] == pytest.approx(sps.spearmanr(a.mean(0), b.mean(0)).statistic, abs=1e-12)
+    assert h["flip_fraction"][0] == pytest.approx(np.mean((ia.mean(0) > 0.5) != (ib.mean(0) > 0.5)))
+    t = triple_stats(ia, ib, one)
+    sa, sb = set(zip(*np.nonzero(ia))), set(zip(*np.nonzero(ib)))
+    assert t["iou_inactive"][0] == pytest.approx(len(sa & sb) / len(sa | sb))
+    assert t["precision_inactive"][0] == pytest.approx(len(sa & sb) / len(sb))
+    # weights = repeated examples
+    w = np.zeros((1, 12))
+    w[0, [0, 0, 3, 5]] = [2, 2, 1, 1]
+    w[0, 0] = 2
+    idx = [0, 0, 3, 5]
+    h = head_stats(a, b, ia, ib, w, w)
+    assert h["spearman_heads"][0] == pytest.approx(sps.spearmanr(a[idx].mean(0), b[idx].mean(0)).statistic, abs=1e-12)
+
+
+def test_permutation_labels_reproduce_a_naive_permutation_test():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(10, 6))
+    b = a + 0.3 + rng.normal(scale=0.3, size=a.shape)
+    s = Settings(n_boot=5, n_perm=50)
+    rs = resampling(10, 10, True, s, "x")
+    two = TwoSample(a, b, tau=0.0, score_fn="ahon_ln")
+    obs = two.stats(np.ones((1, 20)), two.labels()[None])
+    perm = two.stats(np.ones((50, 20)), rs["perm"])
+    for r in range(50):  # naive: swap the two models' rows of the examples the labels say
+        swap = rs["perm"][r, 10:]
+        pa, pb = np.where(swap[:, None], b, a), np.where(swap[:, None], a, b)
+        assert perm["wasserstein"][r] == pytest.approx(sps.wasserstein_distance(pa.ravel(), pb.ravel()), rel=1e-9)
+        assert perm["ks_d"][r] == pytest.approx(sps.ks_2samp(pa.ravel(), pb.ravel()).statistic, abs=1e-12)
+    # the frame's p-value is (1 + #{perm >= obs}) / (1 + n_perm)
+    df = compare({"ahon_ln": matrix(a)}, {"ahon_ln": matrix(b, model="n")}, comparison="x", kind="t",
+                 settings=Settings(n_boot=5, n_perm=50, depth_bins=1))
+    row = df.filter((pl.col("statistic") == "wasserstein") & (pl.col("depth_bin") == "all")).row(0, named=True)
+    assert row["p_value"] == pytest.approx((1 + np.sum(perm["wasserstein"] >= obs["wasserstein"][0] - 1e-12)) / 51)
+
+
+def test_bootstrap_ci_covers_the_true_value():
+    """Clustered scores (examples correlated) with a known pooled shift: W1 = 0.3, KS D = 2Φ(0.15) − 1."""
+    true = {"wasserstein": 0.3, "ks_d": 2 * sps.norm.cdf(0.15) - 1}
+    hits = {k: 0 for k in true}
+    n_sim = 80
+    for i in range(n_sim):
+        rng = np.random.default_rng(100 + i)
+        a, b = clustered(rng, 40, 16), clustered(rng, 40, 16, shift=0.3)
+        s = Settings(n_boot=300, n_perm=0, seed=i)
+        rs = resampling(40, 40, False, s, "sim")
+        two = TwoSample(a, b, tau=0.0, score_fn="ahon_ln")
+        boot = two.stats(rs["boot"], np.repeat(two.labels()[None], 300, 0))
+        for k in true:
+            lo, hi = np.quantile(boot[k], [0.025, 0.975])
+            hits[k] += lo <= true[k] <= hi
+    for k in true:
+        assert hits[k] / n_sim >= 0.85, (k, hits[k] / n_sim)
+
+
+def test_null_and_positive_control_calibration():
+    """A model against itself on two halves: small distance, permutation p-values roughly uniform; a
+    perturbed copy: a distance far outside the null's CI."""
+    rng = np.random.default_rng(5)
+    head_means = rng.normal(0, 1, 24)
+    e = 60
+    base = head_means + clustered(rng, e, 24, between=0.3) * 0.5
+    control = base + rng.normal(0, 0.6, 24)  # every head's level moved: a large per-head change
+    m = matrix(base, n_layers=6, n_heads=4)
+    s = Settings(n_boot=200, n_perm=99, depth_bins=3)
+    h1, h2 = split_halves(m.examples, 0)
+    assert len(set(h1) & set(h2)) == 0 and len(h1) + len(h2) == e
+    null = compare({"ahon_ln": m.rows(h1)}, {"ahon_ln": m.rows(h2)}, comparison="null", kind="null", settings=s)
+    pos = compare({"ahon_ln": m}, {"ahon_ln": matrix(control, model="c", n_layers=6, n_heads=4)},
+                  comparison="control", kind="control", settings=s)
+
+    def get(df, stat, depth="all"):
+        return df.filter((pl.col("statistic") == stat) & (pl.col("depth_bin") == depth)).row(0, named=True)
+
+    assert get(null, "wasserstein")["value"] * 3 < get(pos, "wasserstein")["ci_low"]
+    assert get(pos, "wasserstein")["p_value"] == pytest.approx(1 / 100)  # nothing in 99 swaps comes close
+    assert get(null, "spearman_heads")["value"] > 0.9 and get(null, "flip_fraction")["value"] <= 0.1
+    assert get(pos, "spearman_heads")["ci_high"] < get(null, "spearman_heads")["ci_low"]
+    assert get(null, "n_examples" if False else "ks_d")["n_examples"] == e
+    assert {"iou_inactive", "precision_inactive"} <= set(pos["statistic"]) and "iou_inactive" not in set(null["statistic"])
+    assert set(pos["depth_bin"]) == {"all", "0.00-0.33", "0.33-0.67", "0.67-1.00"}
+    # the permutation test is calibrated under the null: about 5% of null splits reject at 0.05
+    rejects = 0
+    for i in range(40):
+        r = np.random.default_rng(200 + i)
+        x = matrix(head_means + clustered(r, 30, 24, between=0.3) * 0.5, n_layers=6, n_heads=4)
+        g1, g2 = split_halves(x.examples, i)
+        df = compare({"ahon_ln": x.rows(g1)}, {"ahon_ln": x.rows(g2)}, comparison=f"n{i}", kind="null",
+                     settings=Settings(n_boot=2, n_perm=99, depth_bins=1, seed=i))
+        rejects += get(df, "wasserstein")["p_value"] <= 0.05
+    assert rejects <= 6  # binomial(40, 0.05): P(X > 6) < 0.01
+
+
+def test_depth_bins_and_columns():
+    assert [b[0] for b in depth_bins(2)] == ["all", "0.00-0.50", "0.50-1.00"]
+    m = matrix(np.zeros((2, 12)), n_layers=4, n_heads=3)
+    assert m.depth_columns(0.0, 0.5).tolist() == [0, 1, 2, 3, 4, 5]  # layers 0, 1
+    assert m.depth_columns(0.5, 1.0).tolist() == [6, 7, 8, 9, 10, 11]
+
+
+def test_compare_is_deterministic_and_pairs_shared_examples():
+    rng = np.random.default_rng(6)
+    a = matrix(rng.normal(size=(8, 4)), n_layers=2, n_heads=2)
+    b = matrix(rng.normal(size=(10, 4)), model="b", n_layers=2, n_heads=2,
+               examples=tuple(f"ds/{i}" for i in range(10)))
+    s = Settings(n_boot=20, n_perm=20)
+    one = compare({"awft": a}, {"awft": b}, comparison="a vs b", kind="t", settings=s)
+    two = compare({"awft": a}, {"awft": b}, comparison="a vs b", kind="t", settings=s)
+    assert one.equals(two)
+    assert set(one["n_examples"]) == {8}  # restricted to the 8 shared documents
+    assert "iou_inactive" in set(one["statistic"])
+
+
+# ------------------------------------------------------------------------------------ explorer (browser)
+
+def _chromium():
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def test_explorer_renders_in_a_headless_browser(tmp_path):
+    from analysis.explorer import write_explorer
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium); the explorer is not checked")
+    rng = np.random.default_rng(7)
+    scores = {"m1": {"ahon_ln": matrix(rng.normal(size=(5, 12)), model="m1", n_layers=4, n_heads=3),
+                     "awft": matrix(rng.random(size=(5, 12)), model="m1", fn="awft", n_layers=4, n_heads=3)},
+              "m2": {"ahon_ln": matrix(rng.normal(size=(5, 6)), model="m2", n_layers=2, n_heads=3),
+                     "awft": matrix(rng.random(size=(5, 6)), model="m2", fn="awft", n_layers=2, n_heads=3)}}
+    page = write_explorer(scores, tmp_path / "explorer.html")
+    html = page.read_text()
+    assert "cdn.jsdelivr" not in html and "https://" not in html.split("const spec")[0].split("vega-embed")[0]
+    res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = res.stdout
+    assert "<svg" in dom, res.stderr[-2000:]
+    # the heatmap of the default model (m1: 4 layers x 3 heads) is drawn: one path per head in the rect mark
+    rects = re.search(r'<g class="mark-rect role-mark[^"]*"[^>]*>(.*?)</g>', dom, re.S)
+    assert rects is not None and rects.group(1).count("<path") == 12
+    # the ECDF of the selected head (layer 0, head 0): 21 quantile points
+    assert len(re.findall(r'<g class="mark-symbol role-mark[^"]*"[^>]*>(.*?)</g>', dom, re.S)) == 1
+    assert re.search(r'<g class="mark-symbol role-mark[^"]*"[^>]*>(.*?)</g>', dom, re.S).group(1).count("<path") == 21
+    assert "<select" in dom and ">m2<" in dom  # the model drop-down lists both models
