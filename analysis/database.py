@@ -14,6 +14,7 @@ Tables (primary keys in brackets):
 * ``ablation_results`` [model, task, score_fn, target_fraction]: realized %, accuracy (SPEC §4–5).
 * ``calibration_scores`` [model, task, question, layer, head]: the 13 scores on the evaluation prompts.
 * ``distribution_tests`` [comparison, score_fn, depth_bin, statistic]: SPEC §6 statistics with bootstrap CIs.
+* ``finetune_log`` [model, step, split]: training / held-out loss of the SPEC §6 finetune (nats per token).
 * ``bb_metrics`` [run, step, metric]: Bigram-Backcopy toy-model training metrics (SPEC §7).
 * ``domain_head_ablation`` [model, dataset, example, layer, head]: loss change (nats/token) from zeroing one
   dormant-by-domain candidate head, with its per-example ``awft`` and ``ahon_ln`` (SPEC §7).
@@ -58,7 +59,11 @@ CREATE TABLE IF NOT EXISTS calibration_scores (
   PRIMARY KEY (model, task, question, layer, head));
 CREATE TABLE IF NOT EXISTS distribution_tests (
   comparison VARCHAR, score_fn VARCHAR, depth_bin VARCHAR, statistic VARCHAR, value DOUBLE, ci_low DOUBLE,
-  ci_high DOUBLE, p_value DOUBLE, n_examples INTEGER, PRIMARY KEY (comparison, score_fn, depth_bin, statistic));
+  ci_high DOUBLE, p_value DOUBLE, n_examples INTEGER, kind VARCHAR, model_a VARCHAR, model_b VARCHAR,
+  PRIMARY KEY (comparison, score_fn, depth_bin, statistic));
+CREATE TABLE IF NOT EXISTS finetune_log (
+  model VARCHAR, step INTEGER, split VARCHAR, loss DOUBLE, tokens INTEGER, lr DOUBLE, seconds DOUBLE,
+  PRIMARY KEY (model, step, split));
 CREATE TABLE IF NOT EXISTS bb_metrics (
   run VARCHAR, step INTEGER, metric VARCHAR, value DOUBLE, PRIMARY KEY (run, step, metric));
 CREATE TABLE IF NOT EXISTS domain_head_ablation (
@@ -196,6 +201,7 @@ def build(path: str | Path, *, base: str | Path | None = None, **parts) -> dict[
 TABLES = ("models", "examples", "head_scores", "thresholds", "ablation_results", "calibration_scores",
           "distribution_tests", "bb_metrics", "maps_scores")
 TABLES += ("domain_head_ablation",)
+TABLES += ("finetune_log",)
 
 
 def row_counts(con) -> dict[str, int]:
