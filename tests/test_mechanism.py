@@ -200,7 +200,11 @@ def test_measure_matches_naive_metrics_and_interventions():
 def test_checkpoint_steps():
     assert checkpoint_steps(100, 3) == [0, 1, 10, 100]
     assert checkpoint_steps(7, 20) == [0, 1, 2, 3, 4, 5, 6, 7]
-    assert early_step([0, 1, 10, 100, 1000], 1000) == 100
+    steps = [0, 1, 10, 100, 1000]
+    risk = lambda vals: [{"run": "r", "step": s, "metric": m, "value": v}  # noqa: E731
+                         for s, v in zip(steps, vals) for m in ("backcopy_risk", "bigram_risk")]
+    assert early_step(pl.DataFrame(risk([0.01, 1, 1, 1, 1])), "r", 1000) == 100  # never learned: ~10% of steps
+    assert early_step(pl.DataFrame(risk([0.01, 1, 0.05, 0.01, 0.01])), "r", 1000) == 10  # first learned
 
 
 def test_training_is_seeded_learns_and_ingests(tmp_path):
