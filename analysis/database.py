@@ -19,6 +19,10 @@ Tables (primary keys in brackets):
 * ``domain_head_ablation`` [model, dataset, example, layer, head]: loss change (nats/token) from zeroing one
   dormant-by-domain candidate head, with its per-example ``awft`` and ``ahon_ln`` (SPEC §7).
 * ``maps_scores`` [model, layer, head, operation]: MAPS static and suppression scores (SPEC §8).
+* ``maps_salient`` [model, layer, head, rank]: each head's most salient tokens and their top targets (SPEC §8).
+* ``maps_dynamic`` [model, layer, head, operation, template, context]: MAPS dynamic scores from prompts.
+* ``maps_correlations`` [model, operation, context]: Pearson r of static vs dynamic scores.
+* ``maps_causal`` [model, operation, selection, n_heads, draw]: accuracy with heads ablated at the last position.
 
 Views: ``head_scores_long`` (one row per score function) and ``head_summary`` (per model, function,
 layer, head: mean, median, quantiles, fraction of examples on the inactive side of each threshold).
@@ -73,6 +77,18 @@ CREATE TABLE IF NOT EXISTS domain_head_ablation (
 CREATE TABLE IF NOT EXISTS maps_scores (
   model VARCHAR, layer INTEGER, head INTEGER, operation VARCHAR, category VARCHAR, k INTEGER, score DOUBLE,
   suppression_score DOUBLE, n_pairs INTEGER, PRIMARY KEY (model, layer, head, operation));
+CREATE TABLE IF NOT EXISTS maps_salient (
+  model VARCHAR, layer INTEGER, head INTEGER, rank INTEGER, token_id BIGINT, token VARCHAR, saliency DOUBLE,
+  top_targets VARCHAR, PRIMARY KEY (model, layer, head, rank));
+CREATE TABLE IF NOT EXISTS maps_dynamic (
+  model VARCHAR, layer INTEGER, head INTEGER, operation VARCHAR, template INTEGER, context VARCHAR, score DOUBLE,
+  n_prompts INTEGER, PRIMARY KEY (model, layer, head, operation, template, context));
+CREATE TABLE IF NOT EXISTS maps_correlations (
+  model VARCHAR, operation VARCHAR, context VARCHAR, pearson DOUBLE, n INTEGER, max_static DOUBLE,
+  max_dynamic DOUBLE, PRIMARY KEY (model, operation, context));
+CREATE TABLE IF NOT EXISTS maps_causal (
+  model VARCHAR, operation VARCHAR, selection VARCHAR, n_heads INTEGER, draw INTEGER, accuracy DOUBLE,
+  base_accuracy DOUBLE, n_prompts INTEGER, PRIMARY KEY (model, operation, selection, n_heads, draw));
 CREATE TABLE IF NOT EXISTS score_functions (
   score_fn VARCHAR PRIMARY KEY, inactive_when VARCHAR);
 """
@@ -202,6 +218,7 @@ TABLES = ("models", "examples", "head_scores", "thresholds", "ablation_results",
           "distribution_tests", "bb_metrics", "maps_scores")
 TABLES += ("domain_head_ablation",)
 TABLES += ("finetune_log",)
+TABLES += ("maps_salient", "maps_dynamic", "maps_correlations", "maps_causal")
 
 
 def row_counts(con) -> dict[str, int]:

@@ -311,6 +311,16 @@ GROUPS: list[Callable] = [add_models_parser, add_score_parser, add_sweep_parser,
                           add_analysis_parsers, add_data_parser, add_eval_parser]
 
 
+def add_maps_group(subparsers) -> None:
+    """``dormant maps run|report`` (MAPS, SPEC §8)."""
+    from extract.maps_cli import add_maps_parser
+
+    add_maps_parser(subparsers)
+
+
+GROUPS.append(add_maps_group)
+
+
 def _add_mechanism_parsers(subparsers) -> None:
     """``dormant toy ...`` and ``dormant domains ...`` (SPEC §7)."""
     from extract.domain_cli import add_domains_parser
