@@ -194,7 +194,7 @@ def static_scores(model, tok, ops: list[Operation], *, model_name: str, salient_
         cz = torch.matmul(cx, wv)  # (H, C, hd)
         gram = torch.bmm(wo, wo.transpose(1, 2))
         sal = (torch.matmul(cz, gram) * cz).sum(-1).clamp_min(0).sqrt() / cx.norm(dim=-1).clamp_min(1e-30)
-        sv, si = sal.topk(min(salient_tokens, sal.shape[1]), dim=-1)  # (H, n)
+        sv, si = sal.topk(min(salient_tokens, sal.shape[1]), dim=-1)  # (H, n); n = 0 without candidates
         zs = torch.gather(cz, 1, si[..., None].expand(-1, -1, cz.shape[-1]))
         zx = extra[0][layer] if extra is not None else z[:, :0]
         zall = torch.cat([z, zx, zs], 1)
