@@ -9,7 +9,7 @@ Tables (results/tables/, CSV + Markdown + LaTeX):
   with ``ahon_ln`` inactivity (median over examples < ``inactive_below``), and the Spearman correlation of
   the two per-head numbers.
 Figures (results/figures/, PNG + SVG): ``maps_heatmap_<model>`` (layer × head, best static score per
-operation category), ``maps_join`` (best static score vs median ahon_ln, one panel per model),
+operation category), ``maps_static_vs_inactive`` (best static score vs median ahon_ln, one panel per model),
 ``maps_causal`` (accuracy vs ablated heads, top vs random).
 """
 from __future__ import annotations
@@ -155,7 +155,7 @@ def write_maps_reports(dirs: list[Path], core_db: Path | None, out: Path, *, ina
     for model in d["scores"]["model"].unique().sort():
         paths += write_figure(heatmap(d["scores"], model), out / "figures" / f"maps_heatmap_{_safe(model)}")
     if heads["median_ahon_ln"].drop_nulls().len():
-        paths += write_figure(join_chart(heads, inactive_below), out / "figures" / "maps_join")
+        paths += write_figure(join_chart(heads, inactive_below), out / "figures" / "maps_static_vs_inactive")
     if d["causal"].height:
         paths += write_figure(causal_chart(d["causal"]), out / "figures" / "maps_causal")
     return paths
