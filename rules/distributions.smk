@@ -1,0 +1,100 @@
+# Score distributions (SPEC §6): base vs finetuned, across scales, null and positive-control calibration.
+#   default target: the finetune and perturbed copy (DERIVED: scored like the config's models), then the
+#   `distributions` rule: distribution_tests (-> results/scores.duckdb), tables, figures, HTML explorer.
+# Config: the `distributions` section (config/schema.yaml); left out = no such rules.
+DIST = config.get("distributions")
+if DIST:
+    _FT = DIST.get("finetune")
+    _PT = DIST.get("perturb")
+    _DERIVED_NAMES = [d["name"] for d in (_FT, _PT) if d]
+    for _d in (_FT, _PT):
+        if _d and _d["base"] not in config["models"]:
+            raise ValueError(f"config key distributions.*.base = {_d['base']!r} is not in `models`; add it there")
+        if _d and (_d["name"] in MODELS or _d["name"] in DERIVED):
+            raise ValueError(f"config key distributions.*.name = {_d['name']!r} is already a model key; rename it")
+    _KNOWN = list(config["models"]) + _DERIVED_NAMES
+    for _i, _s in enumerate(DIST["series"]):
+        for _m in _s["models"]:
+            if _m not in _KNOWN:
+                raise ValueError(f"config key distributions.series[{_i}].models: {_m!r} is neither in `models` nor "
+                                 f"a derived model ({', '.join(_DERIVED_NAMES) or 'none'}); add it or fix the name")
+    for _m in DIST.get("null_models") or []:
+        if _m not in _KNOWN:
+            raise ValueError(f"config key distributions.null_models: {_m!r} is not a configured or derived model")
+    FINETUNE_LOG = f"results/distributions/finetune_{_FT['name']}.parquet" if _FT else None
+
+    if _FT:
+        DERIVED[_FT["name"]] = f"results/derived/{_FT['name']}"
+
+        rule finetune:
+            """Supervised finetune of the base model on BIG-bench natural_instructions (a base/finetuned pair)."""
+            input: "results/data/sources.txt"
+            output:
+                model=directory(DERIVED[_FT["name"]]),
+                log=FINETUNE_LOG,
+            params:
+                f=_FT,
+                subtasks=" ".join(_FT.get("subtasks") or []),
+            threads: _FT["threads"]
+            resources: mem_mb=config["resources"]["mem_mb"]
+            log: f"results/logs/finetune/{_FT['name']}.log"
+            benchmark: f"results/benchmarks/finetune/{_FT['name']}.tsv"
+            shell:
+                "OMP_NUM_THREADS={threads} {DORMANT} finetune --base {params.f[base]:q} --name {params.f[name]} "
+                "--out {output.model:q} --log {output.log:q} --n-train {params.f[n_train]} "
+                "--n-heldout {params.f[n_heldout]} --max-tokens {params.f[max_tokens]} "
+                "--batch-size {params.f[batch_size]} --lr {params.f[lr]} --seed {params.f[seed]} --threads {threads} "
+                + ("--subtasks {params.subtasks} " if _FT.get("subtasks") else "") + "2> {log:q}"
+
+    if _PT:
+        DERIVED[_PT["name"]] = f"results/derived/{_PT['name']}"
+
+        rule perturb:
+            """The positive control: a copy of the base model with seeded noise on its q/k projections."""
+            output: directory(DERIVED[_PT["name"]])
+            params: p=_PT
+            threads: 1
+            resources: mem_mb=config["resources"]["mem_mb"]
+            log: f"results/logs/perturb/{_PT['name']}.log"
+            benchmark: f"results/benchmarks/perturb/{_PT['name']}.tsv"
+            shell:
+                "OMP_NUM_THREADS={threads} {DORMANT} perturb --base {params.p[base]:q} --name {params.p[name]} "
+                "--scale {params.p[scale]} --seed {params.p[seed]} --threads {threads} --out {output:q} 2> {log:q}"
+
+    _DIST_FIGS = ["dist_effects", "dist_wasserstein_matrix"] + (["finetune_loss"] if _FT else [])
+
+    rule distributions:
+        """KS / Wasserstein / overlap comparisons with bootstrap CIs, figures and the interactive explorer."""
+        input:
+            db=CORE_DB,
+            logs=[FINETUNE_LOG] if _FT else [],
+        output:
+            tests="results/distributions/distribution_tests.parquet",
+            tables=[report(f, category="Finetuning and scale") if f.endswith("distribution_tests.csv") else f
+                    for f in expand("results/tables/{t}.{ext}", t=["distribution_tests", "distribution_tests_full"],
+                                    ext=["csv", "md", "tex"])],
+            figures=[report(f, category="Finetuning and scale") if f.endswith(".png") else f
+                     for f in expand("results/figures/{f}.{ext}", f=_DIST_FIGS, ext=["png", "svg"])],
+            per_model=directory("results/figures/distributions"),
+            explorer=report("results/distribution_explorer.html", category="Finetuning and scale"),
+        params:
+            series=" ".join("--series " + " ".join([s["kind"]] + [repr(m) for m in s["models"]])
+                            for s in DIST["series"]),
+            null=("--null " + " ".join(repr(m) for m in DIST["null_models"])) if DIST.get("null_models") is not None
+                 else "",
+            d=DIST,
+            logs=f"--finetune-log {FINETUNE_LOG!r}" if _FT else "",
+        threads: 1
+        resources: mem_mb=config["resources"]["mem_mb"]
+        log: "results/logs/distributions.log"
+        benchmark: "results/benchmarks/distributions.tsv"
+        shell:
+            "OMP_NUM_THREADS={threads} {DORMANT} distributions --db {input.db:q} --out results {params.series} "
+            "{params.null} --n-boot {params.d[n_boot]} --n-perm {params.d[n_perm]} --depth-bins {params.d[depth_bins]} "
+            "--target-fraction {params.d[target_fraction]} --seed {params.d[seed]} {params.logs} "
+            "--tests-out {output.tests:q} --explorer {output.explorer:q} > {log:q} 2>&1"
+
+    EXTRA_TABLES.setdefault("distribution_tests", []).append(rules.distributions.output.tests)
+    if _FT:
+        EXTRA_TABLES.setdefault("finetune_log", []).append(FINETUNE_LOG)
+    EXTRA_TARGETS.extend(rules.distributions.output)
