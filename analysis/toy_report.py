@@ -198,11 +198,12 @@ def interventions_table(df: pl.DataFrame) -> pl.DataFrame:
 def interventions_figure(table: pl.DataFrame):
     import altair as alt
 
+    order = ["none"] + sorted(z for z in set(table["zeroed"]) if z != "none")
     return (alt.Chart(table).mark_bar().encode(
-        x=alt.X("risk:N", title=None, axis=alt.Axis(labelAngle=0)), xOffset="risk:N",
-        y=alt.Y("value:Q", title="excess risk (nats)"), color=alt.Color("risk:N"),
-        column=alt.Column("zeroed:N", title="zeroed part"), row=alt.Row("run:N", title=None),
-    ).properties(width=70, height=120, title="Interventions on the trained models"))
+        x=alt.X("risk:N", title=None, axis=None), y=alt.Y("value:Q", title="excess risk (nats)"),
+        color=alt.Color("risk:N", title="excess risk"),
+        column=alt.Column("zeroed:N", title="zeroed part", sort=order), row=alt.Row("run:N", title=None),
+    ).properties(width=50, height=110, title="Interventions on the trained models"))
 
 
 def write_toy_report(metrics: list[Path], out: Path, name: str = "toy") -> list[Path]:
