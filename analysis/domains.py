@@ -11,6 +11,7 @@ compare each example's loss change with that head's first-token attention (``awf
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ from .database import connect, query
 from .outputs import write_figure, write_table
 from .score_functions import INACTIVE_WHEN, check_score_key
 
-PROSE = ("news", "howto")
 
 
 def domain_means(con, score_fn: str = "awft") -> pl.DataFrame:
@@ -51,27 +51,41 @@ def candidates(means: pl.DataFrame, score_fn: str = "awft", top: int = 5) -> pl.
 
 
 def heads_figure(means: pl.DataFrame, cands: pl.DataFrame, model: str, score_fn: str = "awft"):
-    """Every head of ``model``: mean score on prose (news, how-to) vs code; candidates labelled."""
+    """Every head of ``model``: mean score on prose (the non-code domains) vs code; candidates labelled.
+    Without code (or without prose) the axes are the first two domains; with one domain, a note."""
     import altair as alt
 
     m = means.filter(pl.col("model") == model)
-    prose = m.filter(pl.col("domain").is_in(PROSE)).group_by("layer", "head").agg(pl.col("mean").mean().alias("prose"))
-    code = m.filter(pl.col("domain") == "code").select("layer", "head", pl.col("mean").alias("code"))
-    d = prose.join(code, on=["layer", "head"]).join(
+    domains = sorted(set(m["domain"]))
+    if "code" in domains and len(domains) > 1:
+        xs, ys, xt, yt = [d for d in domains if d != "code"], ["code"], "prose (" + ", ".join(
+            d for d in domains if d != "code") + ")", "code"
+    elif len(domains) >= 2:
+        xs, ys, xt, yt = [domains[0]], [domains[1]], domains[0], domains[1]
+    else:
+        return alt.Chart(pl.DataFrame({"t": [f"{model}: scores of one domain only ({', '.join(domains)})"]})
+                         ).mark_text().encode(text="t:N")
+    x = m.filter(pl.col("domain").is_in(xs)).group_by("layer", "head").agg(pl.col("mean").mean().alias("x"))
+    y = m.filter(pl.col("domain").is_in(ys)).group_by("layer", "head").agg(pl.col("mean").mean().alias("y"))
+    d = x.join(y, on=["layer", "head"]).join(
         cands.filter(pl.col("model") == model).select("layer", "head", "rank"), on=["layer", "head"], how="left")
     d = d.with_columns(pl.format("L{}H{}", "layer", "head").alias("name"))
-    hi = float(max(d["prose"].max(), d["code"].max()))
-    lo = float(min(d["prose"].min(), d["code"].min()))
-    base = alt.Chart(d).encode(x=alt.X("prose:Q", title=f"mean {score_fn} on prose (news, how-to)"),
-                               y=alt.Y("code:Q", title=f"mean {score_fn} on code"))
+    lo, hi = float(min(d["x"].min(), d["y"].min())), float(max(d["x"].max(), d["y"].max()))
+    base = alt.Chart(d).encode(x=alt.X("x:Q", title=f"mean {score_fn} on {xt}"),
+                               y=alt.Y("y:Q", title=f"mean {score_fn} on {yt}"))
     pts = base.mark_circle(size=30, opacity=0.7).encode(color=alt.Color("layer:Q", scale=alt.Scale(scheme="viridis")),
-                                                        tooltip=["name", "prose", "code"])
+                                                        tooltip=["name", "x", "y"])
     lab = base.transform_filter("isValid(datum.rank)").mark_text(dx=12, dy=-6, fontSize=10).encode(text="name:N")
     ring = base.transform_filter("isValid(datum.rank)").mark_point(size=120, color="red")
     diag = alt.Chart(pl.DataFrame({"x": [lo, hi], "y": [lo, hi]})).mark_line(strokeDash=[4, 4], color="gray").encode(
         x="x:Q", y="y:Q")
     return (diag + pts + ring + lab).properties(width=360, height=320,
                                                 title=f"{model}: per-head {score_fn} by domain (red: top candidates)")
+
+
+def file_key(model: str) -> str:
+    """A file-name-safe form of a model name (as the workflow's ``key()`` for hub ids)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "__", model)
 
 
 def write_domain_report(db: Path, out: Path, *, score_fn: str = "awft", top: int = 5,
@@ -88,7 +102,7 @@ def write_domain_report(db: Path, out: Path, *, score_fn: str = "awft", top: int
     out = Path(out)
     paths = write_table(cands, out / "tables" / "domain_heads")
     for model in models or sorted(set(means["model"])):
-        paths += write_figure(heads_figure(means, cands, model, score_fn), out / "figures" / f"domain_heads_{model}")
+        paths += write_figure(heads_figure(means, cands, model, score_fn), out / "figures" / f"domain_heads_{file_key(model)}")
     from .outputs import atomic_path
 
     with atomic_path(out / "domains" / "candidates.parquet") as tmp:
@@ -134,5 +148,5 @@ def write_scatter_report(files: list[Path], out: Path) -> list[Path]:
     out = Path(out)
     paths = write_table(scatter_summary(abl), out / "tables" / "domain_scatter")
     for model in sorted(set(abl["model"])):
-        paths += write_figure(scatter_figure(abl, model), out / "figures" / f"domain_scatter_{model}")
+        paths += write_figure(scatter_figure(abl, model), out / "figures" / f"domain_scatter_{file_key(model)}")
     return paths
