@@ -10,6 +10,12 @@ from .score_matrix import ScoreMatrix
 FACETS = 5  # facet columns for the 13 score functions
 
 
+def finite(df: pl.DataFrame) -> pl.DataFrame:
+    """NaN and ±inf in float columns -> null (Vega-Lite specs are JSON, which has no NaN)."""
+    return df.with_columns([pl.when(pl.col(c).is_finite()).then(pl.col(c)).otherwise(None).alias(c)
+                            for c, t in df.schema.items() if t.is_float()])
+
+
 def ecdf_frame(models: dict[str, dict[str, ScoreMatrix]], points: int = 101) -> pl.DataFrame:
     """Quantile function of every score function per model label on ``points`` probabilities (pooled scores)."""
     grid = np.linspace(0, 1, points)
@@ -25,7 +31,7 @@ def ecdf_frame(models: dict[str, dict[str, ScoreMatrix]], points: int = 101) -> 
 def ecdf_chart(df: pl.DataFrame, title: str):
     import altair as alt
 
-    base = alt.Chart(df).mark_line().encode(
+    base = alt.Chart(finite(df)).mark_line().encode(
         x=alt.X("score:Q", title=None), y=alt.Y("cdf:Q", title="ECDF"),
         color=alt.Color("model:N", legend=alt.Legend(orient="top", title=None)),
         strokeDash=alt.StrokeDash("model:N", legend=None))
@@ -44,7 +50,7 @@ def effects_chart(tests: pl.DataFrame, statistic: str = "wasserstein_sd"):
     y = alt.Y("comparison:N", title=None, sort=alt.EncodingSortField("kind"))
     points = alt.Chart().mark_point(filled=True).encode(x=x, y=y, color=alt.Color("kind:N"))
     bars = alt.Chart().mark_rule().encode(x="ci_low:Q", x2="ci_high:Q", y=y, color="kind:N")
-    return alt.layer(bars, points, data=df).properties(width=180, height=alt.Step(14)).facet(
+    return alt.layer(bars, points, data=finite(df)).properties(width=180, height=alt.Step(14)).facet(
         facet=alt.Facet("score_fn:N", title=None), columns=4
     ).properties(title="Distance between score distributions (Wasserstein-1 / sd of the first model)")
 
@@ -75,7 +81,7 @@ def wasserstein_matrix_chart(df: pl.DataFrame):
                                    tooltip=["model_a", "model_b", "score_fn", "w", "w_sd"])
     text = base.mark_text(fontSize=7).encode(text=alt.Text("w_sd:Q", format=".2f"),
                                              color=alt.value("white"))
-    return alt.layer(rect, text, data=df).properties(width=alt.Step(22), height=alt.Step(22)).facet(
+    return alt.layer(rect, text, data=finite(df)).properties(width=alt.Step(22), height=alt.Step(22)).facet(
         facet=alt.Facet("score_fn:N", title=None), columns=FACETS
     ).properties(title="Wasserstein-1 between models' pooled scores (divided by the pooled sd)")
 
@@ -97,7 +103,7 @@ def head_heatmap_chart(df: pl.DataFrame, model: str):
     import altair as alt
 
     with alt.data_transformers.disable_max_rows():  # one row per head and function: already aggregated
-        return alt.Chart(df).mark_rect().encode(
+        return alt.Chart(finite(df)).mark_rect().encode(
             x=alt.X("head:O"), y=alt.Y("layer:O", sort="descending"),
             color=alt.Color("median:Q", title=None, scale=alt.Scale(scheme="viridis")),
             tooltip=["score_fn", "layer", "head", "median", "q05", "q95"],
@@ -123,7 +129,7 @@ def paired_diff_chart(df: pl.DataFrame, title: str):
     import altair as alt
 
     with alt.data_transformers.disable_max_rows():
-        return alt.Chart(df).mark_rect().encode(
+        return alt.Chart(finite(df)).mark_rect().encode(
             x=alt.X("head:O"), y=alt.Y("layer:O", sort="descending"),
             color=alt.Color("diff:Q", title=None, scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True)),
             tooltip=["score_fn", "layer", "head", "mean_a", "mean_b", "diff"],
@@ -136,7 +142,7 @@ def finetune_chart(log: pl.DataFrame):
     """Training loss per step (line) and held-out loss (points), nats per response token."""
     import altair as alt
 
-    base = alt.Chart(log).encode(x=alt.X("step:Q"), y=alt.Y("loss:Q", title="cross-entropy (nats / response token)"),
+    base = alt.Chart(finite(log)).encode(x=alt.X("step:Q"), y=alt.Y("loss:Q", title="cross-entropy (nats / response token)"),
                                  color=alt.Color("split:N"), detail="model:N")
     return (base.transform_filter("datum.split == 'train'").mark_line()
             + base.transform_filter("datum.split == 'heldout'").mark_line(point=True)).properties(

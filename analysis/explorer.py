@@ -69,7 +69,9 @@ def explorer_chart(df: pl.DataFrame, default_fn: str = "ahon_ln"):
 
 def write_explorer(scores: dict[str, dict[str, ScoreMatrix]], out: str | Path) -> Path:
     """Write the explorer for every model of ``scores`` to ``out`` (self-contained HTML, atomically)."""
-    chart = explorer_chart(explorer_frame(scores))
+    from .distribution_figures import finite
+
+    chart = explorer_chart(finite(explorer_frame(scores)))
     out = Path(out)
     with atomic_path(out) as tmp:
         chart.save(str(tmp), format="html", inline=True, embed_options={"renderer": "svg", "actions": False})

@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 from scipy import stats as sps
 
-from analysis.distributions import (Settings, TwoSample, compare, depth_bins, head_stats, inactive, resampling,
-                                    triple_stats)
+from analysis.distributions import (Settings, TwoSample, compare, depth_bins, head_stats, inactive, interval,
+                                    resampling, triple_stats)
 from analysis.score_matrix import ScoreMatrix, split_halves
 from analysis.thresholds import threshold
 
@@ -137,8 +137,9 @@ def test_bootstrap_ci_covers_the_true_value():
         rs = resampling(40, 40, False, s, "sim")
         two = TwoSample(a, b, tau=0.0, score_fn="ahon_ln")
         boot = two.stats(rs["boot"], np.repeat(two.labels()[None], 300, 0))
+        obs = two.stats(np.ones((1, 80)), two.labels()[None])
         for k in true:
-            lo, hi = np.quantile(boot[k], [0.025, 0.975])
+            lo, hi = interval(obs[k][0], boot[k], 0.95, (0, np.inf))
             hits[k] += lo <= true[k] <= hi
     for k in true:
         assert hits[k] / n_sim >= 0.85, (k, hits[k] / n_sim)
@@ -180,6 +181,14 @@ def test_null_and_positive_control_calibration():
                      settings=Settings(n_boot=2, n_perm=99, depth_bins=1, seed=i))
         rejects += get(df, "wasserstein")["p_value"] <= 0.05
     assert rejects <= 6  # binomial(40, 0.05): P(X > 6) < 0.01
+
+
+def test_interval_is_recentred_and_clipped():
+    reps = np.array([0.2, 0.3, 0.4, 0.5, 0.6])
+    lo, hi = interval(0.1, reps, level=0.5, bounds=(0, 1))  # quartiles 0.3, 0.5; median 0.4
+    assert (lo, hi) == pytest.approx((0.0, 0.2))
+    assert interval(0.9, reps, level=0.5, bounds=(0, 1)) == pytest.approx((0.8, 1.0))
+    assert np.isnan(interval(0.5, np.array([np.nan]))[0])
 
 
 def test_depth_bins_and_columns():
@@ -233,3 +242,95 @@ def test_explorer_renders_in_a_headless_browser(tmp_path):
     assert len(re.findall(r'<g class="mark-symbol role-mark[^"]*"[^>]*>(.*?)</g>', dom, re.S)) == 1
     assert re.search(r'<g class="mark-symbol role-mark[^"]*"[^>]*>(.*?)</g>', dom, re.S).group(1).count("<path") == 21
     assert "<select" in dom and ">m2<" in dom  # the model drop-down lists both models
+
+
+# ------------------------------------------------------------------------------------ derived models
+
+def test_perturbation_of_real_gemma_changes_only_attention_patterns():
+    """q/k noise of relative norm `scale`; every other weight bit-identical; layer 0's value vectors (ftvvn,
+    avvn) unchanged, its attention (awft) changed."""
+    import torch
+
+    from extract.models import load_model
+    from extract.perturb import perturb_attention
+    from extract.scores import score_texts
+
+    torch.manual_seed(0)
+    model, tok = load_model("gemma-3-270m")
+    texts = ["The committee met on Tuesday to discuss the budget for next year.", "def add(a, b):\n    return a + b\n"]
+    before = score_texts(model, tok, texts)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith(("q_proj.weight", "k_proj.weight"))}
+    rel = perturb_attention(model, 0.5, seed=1)
+    assert len(rel) == 2 * model.config.num_hidden_layers
+    assert all(abs(r - 0.5) < 0.02 for r in rel.values())
+    assert all(torch.equal(p, ref[n]) for n, p in model.named_parameters() if n in ref)
+    after = score_texts(model, tok, texts)
+    l0b, l0a = before.filter(pl.col("layer") == 0), after.filter(pl.col("layer") == 0)
+    np.testing.assert_array_equal(l0a["ftvvn"].to_numpy(), l0b["ftvvn"].to_numpy())
+    np.testing.assert_allclose(l0a["avvn"].to_numpy(), l0b["avvn"].to_numpy(), rtol=1e-6)
+    assert np.abs(l0a["awft"].to_numpy() - l0b["awft"].to_numpy()).max() > 0.01
+
+
+def _tasks():
+    return {"subtask_a": {"task_prefix": "Definition: long text. Prompt: Say yes.",
+                          "examples": [{"input": f"Item {i}", "target": ["yes"]} for i in range(30)]},
+            "subtask_b": {"description": "Definition: Answer no.",
+                          "examples": [{"input": f"Thing {i}?", "target": ["no."]} for i in range(30)]}}
+
+
+def test_sft_examples_split_and_mask():
+    from tiny_tokenizer import tiny_tokenizer
+
+    from extract.finetune import SFTConfig, _batch, instruction, sft_examples
+
+    tok = tiny_tokenizer(letter_tokens=False)
+    assert instruction(_tasks()["subtask_a"]) == "Say yes." and instruction(_tasks()["subtask_b"]) == "Answer no."
+    cfg = SFTConfig(subtasks=("subtask_a", "subtask_b"), n_train=20, n_heldout=10, max_tokens=40)
+    train, held = sft_examples(tok, cfg, _tasks())
+    assert len(train) == 20 and len(held) == 10
+    assert not {tuple(e.ids) for e in train} & {tuple(e.ids) for e in held}  # disjoint examples
+    e = train[0]
+    text = "".join(tok.convert_ids_to_tokens(e.ids))
+    prompt = "".join(tok.convert_ids_to_tokens(e.ids[:e.n_prompt]))
+    assert re.fullmatch(r"<s>(Say yes\.\n\nItem|Answer no\.\n\nThing) \d+\??\nAnswer:", prompt), prompt
+    assert text[len(prompt):] in (" yes</s>", " no.</s>")
+    ids, mask, tgt = _batch(train[:3], tok.pad_token_id)
+    for i, ex in enumerate(train[:3]):  # targets: the response tokens, at the positions that predict them
+        want = [-100] * (ex.n_prompt - 1) + ex.ids[ex.n_prompt:] + [-100] * (ids.shape[1] - len(ex.ids) + 1)
+        assert tgt[i].tolist() == want and mask[i].sum() == len(ex.ids)
+    assert sft_examples(tok, cfg, _tasks())[0][0].ids == train[0].ids  # seeded
+
+
+def test_response_loss_matches_naive_and_finetune_learns(tmp_path):
+    import torch
+    from tiny import tiny_model
+    from tiny_tokenizer import tiny_tokenizer
+
+    from extract.finetune import SFTConfig, derived_source, finetune, response_loss, save_derived, sft_examples
+    from extract.models import load_model, model_info
+
+    tok = tiny_tokenizer(letter_tokens=False)
+    model = tiny_model("llama", seed=0)
+    cfg = SFTConfig(subtasks=("subtask_a", "subtask_b"), n_train=40, n_heldout=10, max_tokens=40, batch_size=4,
+                    lr=3e-3, warmup=1, eval_every=5)
+    train, held = sft_examples(tok, cfg, _tasks())
+    with torch.no_grad():
+        s, n = response_loss(model, held[:4], tok.pad_token_id)
+        naive, count = 0.0, 0
+        for e in held[:4]:  # one sequence at a time, full logits, no padding
+            logits = model(torch.tensor([e.ids])).logits[0]
+            resp = torch.tensor(e.ids[e.n_prompt:])
+            naive += torch.nn.functional.cross_entropy(logits[e.n_prompt - 1:len(e.ids) - 1], resp, reduction="sum")
+            count += len(resp)
+    assert n == count and float(s) == pytest.approx(float(naive), rel=1e-5)
+    frozen = model.model.embed_tokens.weight.detach().clone()
+    res = finetune(model, tok, train, held, cfg, progress=False)
+    assert res.heldout_after < 0.85 * res.heldout_before
+    assert torch.equal(model.model.embed_tokens.weight, frozen)  # embeddings frozen
+    assert res.log.filter(pl.col("split") == "train").height == 10
+    out = save_derived(model, tok, tmp_path / "derived", derived_source({"model": "tiny"}, "tiny-sft", "instruct", {}))
+    loaded, _ = load_model(out)
+    assert model_info(loaded)["model"] == "tiny-sft" and model_info(loaded)["variant"] == "instruct"
+    ids = torch.tensor([train[0].ids])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
