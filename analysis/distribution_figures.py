@@ -46,8 +46,9 @@ def effects_chart(tests: pl.DataFrame, statistic: str = "wasserstein_sd"):
 
     df = tests.filter((pl.col("depth_bin") == "all") & (pl.col("statistic") == statistic)).select(
         "comparison", "kind", "score_fn", "value", "ci_low", "ci_high")
-    x = alt.X("value:Q", title=f"{statistic} (95% bootstrap CI)", scale=alt.Scale(type="symlog", constant=0.01))
-    y = alt.Y("comparison:N", title=None, sort=alt.EncodingSortField("kind"))
+    x = alt.X("value:Q", title=f"{statistic} (95% bootstrap CI)", scale=alt.Scale(type="symlog", constant=0.003),
+              axis=alt.Axis(values=[0, 0.01, 0.03, 0.1, 0.3, 1, 3], format="~g"))
+    y = alt.Y("comparison:N", title=None, sort=alt.EncodingSortField("kind"), axis=alt.Axis(labelLimit=320))
     points = alt.Chart().mark_point(filled=True).encode(x=x, y=y, color=alt.Color("kind:N"))
     bars = alt.Chart().mark_rule().encode(x="ci_low:Q", x2="ci_high:Q", y=y, color="kind:N")
     return alt.layer(bars, points, data=finite(df)).properties(width=180, height=alt.Step(14)).facet(

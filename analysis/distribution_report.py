@@ -31,7 +31,7 @@ KEY_FUNCTIONS = ("awft", "aeqd", "ahon", "ahon_ln")
 
 def slug(text: str) -> str:
     """A file-name-safe version of a comparison or model name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")  # no dots: the figure writer appends suffixes
 
 
 def pairs(series: list[tuple[str, list[str]]]) -> list[tuple[str, str, str]]:

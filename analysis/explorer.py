@@ -71,7 +71,9 @@ def write_explorer(scores: dict[str, dict[str, ScoreMatrix]], out: str | Path) -
     """Write the explorer for every model of ``scores`` to ``out`` (self-contained HTML, atomically)."""
     from .distribution_figures import finite
 
-    chart = explorer_chart(finite(explorer_frame(scores)))
+    df = explorer_frame(scores)
+    df = finite(df.with_columns([pl.col(c).round_sig_figs(5) for c, t in df.schema.items() if t.is_float()]))
+    chart = explorer_chart(df)
     out = Path(out)
     with atomic_path(out) as tmp:
         chart.save(str(tmp), format="html", inline=True, embed_options={"renderer": "svg", "actions": False})
