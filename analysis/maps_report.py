@@ -41,7 +41,7 @@ def correlation_table(corr: pl.DataFrame) -> pl.DataFrame:
     """Median / min / max over operations of Pearson r, per (model, context)."""
     if not corr.height:
         return pl.DataFrame({"model": [], "context": []})
-    return (corr.drop_nulls("pearson").group_by("model", "context")
+    return (corr.drop_nulls("pearson").filter(pl.col("pearson").is_not_nan()).group_by("model", "context")
             .agg(pl.col("pearson").median().alias("median_r"), pl.col("pearson").min().alias("min_r"),
                  pl.col("pearson").max().alias("max_r"), pl.len().alias("operations"))
             .sort("model", "context"))
@@ -91,7 +91,7 @@ def join_table(heads: pl.DataFrame, inactive_below: float, salient_min: float) -
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name)  # no dots: LaTeX file names
 
 
 def heatmap(scores: pl.DataFrame, model: str):
