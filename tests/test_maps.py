@@ -147,3 +147,55 @@ def test_tokenisation_filter(tmp_path):
     capped = prepare(tok, ["name_copying"], root=tmp_path, max_pairs=10, seed=4)[0]
     assert len(capped.src) == 10 and capped == prepare(tok, ["name_copying"], root=tmp_path, max_pairs=10, seed=4)[0]
     assert set(capped.src) <= set(ops[0].src)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_head_io_matches_values_and_output_projection(family):
+    """Without-context rows are the source's value vectors (GQA-expanded); with-context rows re-assemble the
+    o_proj output at the last position."""
+    from extract.maps_dynamic import head_io
+
+    model = tiny_model(family, seed=2)
+    cfg = model.config
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    ids = torch.randint(4, 100, (3, 7), generator=torch.Generator().manual_seed(1))
+    o, v = head_io(model, ids, src_pos=4)
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        outs = {}
+        hooks = [layer.self_attn.o_proj.register_forward_hook(
+            lambda m, a, out, i=i: outs.__setitem__(i, out[:, -1])) for i, layer in enumerate(model.model.layers)]
+        model(input_ids=ids)
+        for h in hooks:
+            h.remove()
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            hd = attn.o_proj.in_features // H
+            vv = attn.v_proj(layer.input_layernorm(hs[i][:, 4])).view(3, KV, hd)
+            for h in range(H):
+                torch.testing.assert_close(v[:, i, h], vv[:, h // (H // KV)])
+            wo = attn.o_proj.weight.view(-1, H, hd)
+            torch.testing.assert_close(torch.einsum("bhk,dhk->bd", o[:, i], wo), outs[i], atol=1e-5, rtol=1e-5)
+
+
+def test_report_tables_against_hand_computation():
+    import polars as pl
+    from scipy.stats import spearmanr
+
+    from analysis.maps_report import causal_table, correlation_table, join_table
+
+    corr = pl.DataFrame({"model": ["m"] * 4, "operation": ["a", "b", "c", "d"], "context": ["with"] * 4,
+                         "pearson": [0.1, 0.5, float("nan"), 0.9]})
+    t = correlation_table(corr).row(0, named=True)
+    assert (t["median_r"], t["min_r"], t["max_r"], t["operations"]) == (0.5, 0.1, 0.9, 3)
+    causal = pl.DataFrame({"model": ["m"] * 4, "operation": ["a"] * 4, "selection": ["none", "top", "random", "random"],
+                           "n_heads": [0, 2, 2, 2], "draw": [0, 0, 0, 1], "accuracy": [0.8, 0.2, 0.6, 0.8],
+                           "base_accuracy": [0.8] * 4, "n_prompts": [10] * 4})
+    c = causal_table(causal).row(0, named=True)
+    assert c["drop_top"] == pytest.approx(0.6) and c["drop_random"] == pytest.approx(0.1)
+    heads = pl.DataFrame({"model": ["m"] * 5, "layer": [0, 0, 1, 1, 2], "head": [0, 1, 0, 1, 0],
+                          "max_static": [0.0, 0.1, 0.5, 0.9, 0.05], "median_ahon_ln": [0.2, 0.4, 1.1, 1.3, 0.9]})
+    j = join_table(heads, inactive_below=0.5, salient_min=0.2).row(0, named=True)
+    assert (j["heads"], j["inactive"], j["no_salient"], j["both"]) == (5, 2, 3, 2)
+    assert j["p_no_salient_if_inactive"] == 1.0 and j["p_no_salient_if_active"] == pytest.approx(1 / 3)
+    assert j["spearman"] == pytest.approx(spearmanr(heads["max_static"], heads["median_ahon_ln"]).statistic)
