@@ -111,14 +111,14 @@ def join_chart(heads: pl.DataFrame, inactive_below: float):
 
     df = heads.drop_nulls("median_ahon_ln").select("model", "layer", "head", "max_static", "median_ahon_ln",
                                                    "best_operation")
-    points = alt.Chart(df).mark_circle(size=18, opacity=0.6).encode(
+    points = alt.Chart().mark_circle(size=18, opacity=0.6).encode(
         x=alt.X("median_ahon_ln:Q", title="median ahon_ln over examples"),
         y=alt.Y("max_static:Q", title="best MAPS static score"),
         color=alt.Color("layer:Q", scale=alt.Scale(scheme="plasma")),
         tooltip=["layer", "head", "best_operation", "max_static", "median_ahon_ln"])
-    rule = alt.Chart(pl.DataFrame({"x": [inactive_below]})).mark_rule(strokeDash=[4, 4]).encode(x="x:Q")
+    rule = alt.Chart().mark_rule(strokeDash=[4, 4]).encode(x=alt.datum(inactive_below))
     return alt.layer(points, rule, data=df).properties(width=220, height=200).facet(
-        facet=alt.Facet("model:N", title=None), columns=2, data=df)
+        facet=alt.Facet("model:N", title=None), columns=2)
 
 
 def causal_chart(causal: pl.DataFrame):
