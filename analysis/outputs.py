@@ -60,7 +60,7 @@ def latex(df: pl.DataFrame, digits: int = 4, caption: str | None = None) -> str:
 def write_table(df: pl.DataFrame, stem: str | Path, digits: int = 4) -> list[Path]:
     """Write ``stem``.csv, .md and .tex; returns the paths."""
     stem = Path(stem)
-    out = [stem.with_suffix(".csv"), stem.with_suffix(".md"), stem.with_suffix(".tex")]
+    out = [stem.with_name(stem.name + ext) for ext in (".csv", ".md", ".tex")]  # stems may hold dots (qwen2.5)
     _atomic_write(out[0], df.write_csv())
     _atomic_write(out[1], markdown(df, digits))
     _atomic_write(out[2], latex(df, digits))
@@ -73,7 +73,7 @@ def write_figure(chart, stem: str | Path, scale: float = 2.0) -> list[Path]:
 
     stem = Path(stem)
     spec = chart.to_json()
-    png, svg = stem.with_suffix(".png"), stem.with_suffix(".svg")
+    png, svg = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")
     _atomic_write(png, vlc.vegalite_to_png(spec, scale=scale))
     _atomic_write(svg, vlc.vegalite_to_svg(spec))
     return [png, svg]
