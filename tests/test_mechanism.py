@@ -377,3 +377,11 @@ def test_smoke_toy_target_through_snakemake(tmp_path):
     last = metrics.filter((pl.col("step") == 100) & (pl.col("metric") == "bigram_risk"))["value"][0]
     assert final["bigram_risk"][0] == pytest.approx(last)
     assert (tmp_path / "results" / "figures" / "toy_core_dynamics.png").stat().st_size > 1000
+
+
+def test_outputs_keep_dotted_model_names(tmp_path):
+    from analysis.outputs import write_table
+
+    paths = write_table(pl.DataFrame({"a": [1]}), tmp_path / "domain_heads_qwen2.5-coder-0.5b-instruct")
+    assert [p.name for p in paths] == [f"domain_heads_qwen2.5-coder-0.5b-instruct.{e}" for e in ("csv", "md", "tex")]
+    assert pl.read_csv(paths[0])["a"].to_list() == [1]
