@@ -89,9 +89,8 @@ def scan_vocab(z: torch.Tensor, wo: torch.Tensor, U: torch.Tensor, n: int, *, lo
     low_rank = use_low_rank(H, R, hd, d) if low_rank is None else low_rank
     y = None if low_rank else torch.bmm(z, wo)  # (H, R, d)
     n = min(n, V)
-    top_v = torch.full((H, R, 0), 0.0)
-    top_i = bot_v = bot_i = top_v.long()
-    bot_v = top_v
+    top_v = bot_v = torch.empty(H, R, 0, device=z.device)
+    top_i = bot_i = torch.empty(H, R, 0, dtype=torch.long, device=z.device)
     chunk = max(256, CHUNK_ELEMENTS // max(1, H * R))
     for c0 in tqdm(range(0, V, chunk), desc="vocabulary", leave=False, disable=not progress):
         Uc = U[:, c0:c0 + chunk]
@@ -177,8 +176,10 @@ def static_scores(model, tok, ops: list[Operation], *, model_name: str, salient_
     cfg = text_config(model)
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     U = unembedding(model)
+    dev = U.device
     src, rows, tgts, offsets = _pairs_index(ops)
-    kvec = torch.tensor([o.k for o in ops for _ in o.src])
+    rows, tgts = rows.to(dev), tgts.to(dev)
+    kvec = torch.tensor([o.k for o in ops for _ in o.src], device=dev)
     raw, mlp = embedding_inputs(model, src)
     cand = word_like(tok, salient_vocab)
     c_raw, c_mlp = embedding_inputs(model, cand)
@@ -196,7 +197,7 @@ def static_scores(model, tok, ops: list[Operation], *, model_name: str, salient_
         sal = (torch.matmul(cz, gram) * cz).sum(-1).clamp_min(0).sqrt() / cx.norm(dim=-1).clamp_min(1e-30)
         sv, si = sal.topk(min(salient_tokens, sal.shape[1]), dim=-1)  # (H, n); n = 0 without candidates
         zs = torch.gather(cz, 1, si[..., None].expand(-1, -1, cz.shape[-1]))
-        zx = extra[0][layer] if extra is not None else z[:, :0]
+        zx = extra[0][layer].to(dev) if extra is not None else z[:, :0]
         zall = torch.cat([z, zx, zs], 1)
         n = max(kmax + 1, salient_targets)
         tv, ti, bv, bi = scan_vocab(zall, wo, U, n)
@@ -204,21 +205,21 @@ def static_scores(model, tok, ops: list[Operation], *, model_name: str, salient_
         r = rows.expand(H, -1)
         pick = lambda x: x.gather(1, r[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
         t, k = tgts.expand(H, -1), kvec.expand(H, -1)
-        hit = in_top_k(pick(tv), pick(ti), t, st, k).double()
-        supp = in_top_k(pick(bv), pick(bi), t, st, k, largest=False).double()
+        hit = in_top_k(pick(tv), pick(ti), t, st, k).double().cpu()
+        supp = in_top_k(pick(bv), pick(bi), t, st, k, largest=False).double().cpu()
         if extra is not None:
             R0, Rx = z.shape[1], zx.shape[1]
-            xr = torch.arange(Rx)
-            xt = target_logits(zx, wo, U, xr, extra[1]).float()
-            extra_hit[layer] = in_top_k(tv[:, R0:R0 + Rx], ti[:, R0:R0 + Rx], extra[1].expand(H, -1), xt,
-                                        extra[2].expand(H, -1))
+            xtg, xk = extra[1].to(dev), extra[2].to(dev)
+            xt = target_logits(zx, wo, U, torch.arange(Rx, device=dev), xtg).float()
+            extra_hit[layer] = in_top_k(tv[:, R0:R0 + Rx], ti[:, R0:R0 + Rx], xtg.expand(H, -1), xt,
+                                        xk.expand(H, -1)).cpu()
         for h in range(H):
             for o, a, b in zip(ops, offsets[:-1], offsets[1:]):
                 score_rows.append((model_name, layer, h, o.name, o.category, o.k, float(hit[h, a:b].mean()),
                                    float(supp[h, a:b].mean()), b - a))
-            tops = ti[h, zall.shape[1] - zs.shape[1]:, :salient_targets]
+            tops = ti[h, zall.shape[1] - zs.shape[1]:, :salient_targets].cpu()
             for r in range(si.shape[1]):
-                tid = int(cand[si[h, r]])
+                tid = int(cand[int(si[h, r])])
                 sal_rows.append((model_name, layer, h, r + 1, tid, tok.decode([tid]), float(sv[h, r]),
                                  "|".join(tok.decode([int(t)]) for t in tops[r])))
     scores = pl.DataFrame(score_rows, orient="row", schema={
