@@ -154,6 +154,12 @@ def test_score_engine_runs_unchanged_on_the_toy_model():
     assert np.allclose(df.sort("example")["ftvvn"].to_numpy(), v[:, 0].norm(dim=-1).numpy(), atol=1e-5)
 
 
+def test_score_engine_refuses_relu_attention():
+    model = toy_model(20, width=16, layers=1, length=8, attention="relu").eval()
+    with pytest.raises(RuntimeError, match="registered function"):
+        score_heads(model, [[0, 3, 4, 5]])
+
+
 def test_relu_attention_matches_naive_and_has_unnormalised_rows():
     model = toy_model(20, width=16, layers=1, length=10, attention="relu", seed=1).eval()
     x = torch.randint(1, 20, (2, 10), generator=torch.Generator().manual_seed(3))
