@@ -57,7 +57,8 @@ SCORE_FIGURES = expand("results/figures/score_ecdf_{fn}.{ext}", fn=["ahon_ln", "
 
 # Analysis modules live in rules/*.smk. Each may append to EXTRA_TABLES (database table -> Parquet files that
 # the final `database` rule upserts into results/scores.duckdb) and to EXTRA_TARGETS (inputs of `all`).
-# Rules that need the head scores read the core database results/db/core.duckdb (no cycle).
+# Rules that need the head scores read the core database results/db/core.duckdb (models, examples,
+# head_scores; no cycle, and no wait for the ablation sweep).
 # DERIVED: model key -> local model directory made by a rule (e.g. a finetune), scored like the config's models.
 CORE_DB = "results/db/core.duckdb"
 EXTRA_TABLES = {}
@@ -167,28 +168,25 @@ rule sweep:
         "--dtype {config[scoring][dtype]} --device {config[scoring][device]} --out-dir {params.dir:q} 2> {log:q}"
 
 
-def _tables(name):
-    return [f"--table {name}={f}" for f in expand(f"{SWEEP_DIR}/{{model}}/{name}.parquet", model=SWEEP_MODELS)]
-
-
 rule database_core:
-    """Load every shard and sweep output into the core database (fresh file, renamed into place)."""
+    """Model infos, corpora and every score shard in the core database (fresh file, renamed into place)."""
     input:
         models=expand("results/models/{model}.json", model=SCORED),
         shards=expand("results/scores/{model}/{corpus}/shard-{shard}.parquet", model=SCORED, corpus=CORPORA,
                       shard=SHARDS),
         corpora=expand("results/data/corpora/{corpus}.jsonl", corpus=CORPORA),
-        sweeps=expand(f"{SWEEP_DIR}/{{model}}/{{part}}.parquet", model=SWEEP_MODELS,
-                      part=["ablation_results", "thresholds", "calibration"]),
     output: CORE_DB
-    params:
-        corpora=" ".join(f"{c}=results/data/corpora/{c}.jsonl" for c in CORPORA),
-        tables=" ".join(_tables("ablation_results") + _tables("thresholds")
-                        + [t.replace("calibration=", "calibration_scores=") for t in _tables("calibration")]),
+    params: corpora=" ".join(f"{c}=results/data/corpora/{c}.jsonl" for c in CORPORA)
     log: "results/logs/database_core.log"
     shell:
         "{DORMANT} db build --db {output:q} --models {input.models:q} --shards {input.shards:q} "
-        "--corpus {params.corpora} {params.tables} > {log:q} 2>&1"
+        "--corpus {params.corpora} > {log:q} 2>&1"
+
+
+# the sweep's outputs join the analysis tables of the final database
+for _part, _table in [("ablation_results", "ablation_results"), ("thresholds", "thresholds"),
+                      ("calibration", "calibration_scores")]:
+    EXTRA_TABLES.setdefault(_table, []).extend(expand(f"{SWEEP_DIR}/{{model}}/{_part}.parquet", model=SWEEP_MODELS))
 
 
 rule database:
