@@ -5,7 +5,8 @@ Softmax attention goes through transformers' attention registry (``config._attn_
 eager, or the score engine's ``"dormant"``) with a mask from ``create_causal_mask``, so
 ``extract.scores.score_heads`` and ``extract.ablation.ablate`` work on it unchanged. ReLU attention
 (``attention="relu"``) is its own path: ``A = ReLU(QKᵀ·scale) / i`` with ``i`` the number of visible keys;
-the 13 head scores are defined for softmax attention only and the score engine refuses ReLU models.
+the 13 head scores are defined for softmax attention only, and a capture session (scores, ablation)
+refuses ReLU models with a ``DormantError``.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from . import capture
+from .errors import DormantError
 
 
 class ToyConfig(PretrainedConfig):
@@ -80,6 +84,9 @@ class ToyAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
         if self.config.attention == "relu":
+            if capture.current() is not None:
+                raise DormantError("the head scores and ablations are defined for softmax attention only; "
+                                   "this toy model uses ReLU attention")
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise NotImplementedError("ReLU attention supports unpadded batches only")
             _, A, v = self.weights(x)

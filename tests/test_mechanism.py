@@ -156,7 +156,9 @@ def test_score_engine_runs_unchanged_on_the_toy_model():
 
 def test_score_engine_refuses_relu_attention():
     model = toy_model(20, width=16, layers=1, length=8, attention="relu").eval()
-    with pytest.raises(RuntimeError, match="registered function"):
+    from extract.errors import DormantError
+
+    with pytest.raises(DormantError, match="softmax attention only"):
         score_heads(model, [[0, 3, 4, 5]])
 
 
