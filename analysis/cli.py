@@ -119,3 +119,26 @@ def add_ablation_report_parser(subparsers) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def add_timings_parser(subparsers) -> None:
+    """``dormant timings``: per-rule wall/CPU seconds and memory of a run (Snakemake benchmark files)."""
+    p = subparsers.add_parser("timings", help="per-rule time and memory of a workflow run")
+    p.add_argument("--benchmarks", type=Path, default=Path("results/benchmarks"))
+    p.add_argument("--out", type=Path, default=Path("results/tables/run_timings"), help="table stem")
+
+    def run(args):
+        from .outputs import markdown, write_table
+        from .timings import read_benchmarks, rule_timings
+
+        jobs = read_benchmarks(args.benchmarks)
+        if jobs.is_empty():
+            print(f"no benchmark files under {args.benchmarks}")
+            return 0
+        table = rule_timings(jobs)
+        write_table(table, args.out, digits=1)
+        print(markdown(table, 1))
+        return 0
+
+    p.set_defaults(func=run)
+

@@ -162,12 +162,14 @@ def add_sweep_parser(subparsers) -> None:
 
 def add_analysis_parsers(subparsers) -> None:
     """``dormant db|sql|report|paper`` (the analysis side, no torch)."""
-    from analysis.cli import add_ablation_report_parser, add_db_parser, add_paper_parser, add_report_parser
+    from analysis.cli import (add_ablation_report_parser, add_db_parser, add_paper_parser, add_report_parser,
+                              add_timings_parser)
 
     add_db_parser(subparsers)
     add_report_parser(subparsers)
     add_ablation_report_parser(subparsers)
     add_paper_parser(subparsers)
+    add_timings_parser(subparsers)
 
 
 def _data_fetch(args: argparse.Namespace) -> int:

@@ -17,4 +17,12 @@ if [ -n "$(ls -A .snakemake/locks 2>/dev/null)" ]; then
   echo "[run] clearing the lock of an earlier run that was killed"
   .venv/bin/snakemake --unlock "$@" > /dev/null
 fi
+start=$(date +%s)
 .venv/bin/snakemake --cores all --rerun-incomplete --show-failed-logs "$@"
+case " $* " in
+  *" -n "*|*" --dry-run "*|*" --dryrun "*|*" --report"*|*" --unlock "*|*" --lint"*) ;;
+  *)
+    echo "[run] workflow finished in $(( $(date +%s) - start )) s; per-rule time of the jobs run so far:"
+    .venv/bin/python -m extract.cli timings || true
+    ;;
+esac
