@@ -212,7 +212,8 @@ def test_checkpoint_steps():
     risk = lambda vals: [{"run": "r", "step": s, "metric": m, "value": v}  # noqa: E731
                          for s, v in zip(steps, vals) for m in ("backcopy_risk", "bigram_risk")]
     assert early_step(pl.DataFrame(risk([0.01, 1, 1, 1, 1])), "r", 1000) == 100  # never learned: ~10% of steps
-    assert early_step(pl.DataFrame(risk([0.01, 1, 0.05, 0.01, 0.01])), "r", 1000) == 10  # first learned
+    assert early_step(pl.DataFrame(risk([0.01, 1, 0.1, 0.01, 0.01])), "r", 1000) == 10  # first learned
+    assert early_step(pl.DataFrame(risk([0.01, 1, 1, 1, 0.01])), "r", 1000) == 100  # learned only at the end
 
 
 def test_training_is_seeded_learns_and_ingests(tmp_path):
