@@ -165,14 +165,18 @@ def word_like(tok, limit: int | None) -> torch.Tensor:
 def static_scores(model, tok, ops: list[Operation], *, model_name: str, salient_vocab: int | None = 4096,
                   salient_tokens: int = 5, salient_targets: int = 5, layers: list[int] | None = None,
                   extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  progress: bool = True) -> StaticResult:
+                  inputs: str = "mlp", progress: bool = True) -> StaticResult:
     """Static and suppression scores of every head for every operation, and each head's salient tokens.
 
     Saliency of token t for head h: ``‖e'_t W_V^h W_O^h‖ / ‖e'_t‖`` over the word-like candidates
     (:func:`word_like`); the ``salient_tokens`` most salient ones are stored with their
     ``salient_targets`` top tokens through U. ``extra = (z (L, H, Rx, head_dim), targets (Rx,), k (Rx,))``:
     more rows in value space (the dynamic check's head outputs) scanned in the same vocabulary pass.
+    ``inputs``: "mlp" (SPEC: ``E' = MLP_0(E)`` for layers ≥ 1) or "raw" (a named deviation: ``E`` for
+    every layer).
     """
+    if inputs not in ("mlp", "raw"):
+        raise ValueError(f"inputs must be 'mlp' (SPEC) or 'raw', got {inputs!r}")
     cfg = text_config(model)
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     U = unembedding(model)
@@ -189,7 +193,7 @@ def static_scores(model, tok, ops: list[Operation], *, model_name: str, salient_
     for layer in tqdm(layers if layers is not None else range(L), desc=f"MAPS static {model_name}",
                       disable=not progress):
         wv, wo = head_weights(model, layer)
-        x, cx = (raw, c_raw) if layer == 0 else (mlp, c_mlp)
+        x, cx = (raw, c_raw) if layer == 0 or inputs == "raw" else (mlp, c_mlp)
         z = torch.matmul(x, wv)  # (H, R, hd)
         # saliency ‖x W_V W_O‖ / ‖x‖ of the candidates via the (hd × hd) Gram matrix of W_O^h
         cz = torch.matmul(cx, wv)  # (H, C, hd)

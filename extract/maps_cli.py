@@ -64,7 +64,8 @@ def _run(args: argparse.Namespace) -> int:
     timing["dynamic_forward_s"] = time.perf_counter() - t
     t = time.perf_counter()
     res = static_scores(model, tok, ops, model_name=args.model, salient_vocab=args.salient_vocab,
-                        salient_tokens=args.salient_tokens, salient_targets=args.salient_targets, extra=extra)
+                        salient_tokens=args.salient_tokens, salient_targets=args.salient_targets, extra=extra,
+                        inputs=args.inputs)
     timing["vocabulary_scan_s"] = time.perf_counter() - t
     out = args.out_dir
     write_parquet_atomic(res.scores, out / "scores.parquet")
@@ -128,6 +129,8 @@ def add_maps_parser(subparsers) -> None:
     r.add_argument("--operations", nargs="+", choices=list(CATEGORIES), help="default: all 20")
     r.add_argument("--k-copy", type=int, default=1, help="top-k for the copying operations (SPEC: 1)")
     r.add_argument("--k-other", type=int, default=10, help="top-k for the other operations (SPEC: 10)")
+    r.add_argument("--inputs", choices=["mlp", "raw"], default="mlp",
+                   help="rows of E' for layers ≥ 1: the first layer's MLP output (SPEC) or raw embeddings")
     r.add_argument("--max-pairs", type=int, help="seeded cap on pairs per operation (default: all pairs)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--salient-vocab", type=int, default=4096,

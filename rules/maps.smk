@@ -16,7 +16,7 @@ if MAPS_CFG:
         dyn = c["dynamic"]
         dyn_ops = f"--dynamic-operations {' '.join(dyn['operations'])} " if dyn["operations"] else ""
         cau = c["causal"]
-        return (f"{ops}--seed {c['seed']} --k-copy {c['k_copy']} --k-other {c['k_other']} "
+        return (f"{ops}--seed {c['seed']} --inputs {c.get('inputs', 'mlp')} --k-copy {c['k_copy']} --k-other {c['k_other']} "
                 + (f"--max-pairs {c['max_pairs']} " if c["max_pairs"] is not None else "")
                 + f"--salient-vocab {c['salient']['vocab'] or 0} --salient-tokens {c['salient']['tokens']} "
                 f"--salient-targets {c['salient']['targets']} {dyn_ops}"

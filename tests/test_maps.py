@@ -56,7 +56,7 @@ def test_static_score_on_a_known_permutation():
     torch.testing.assert_close(top_v[0, :, 0], torch.ones(16), atol=1e-5, rtol=0)
 
 
-def _naive_scores(model, ops, layer):
+def _naive_scores(model, ops, layer, inputs="mlp"):
     """Full vocabulary x vocabulary M per head in float64, with explicit GQA indexing; top-k by counting."""
     cfg = model.config
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -64,7 +64,7 @@ def _naive_scores(model, ops, layer):
     hd = attn.o_proj.in_features // H
     with torch.no_grad():
         E = model.model.embed_tokens(torch.arange(cfg.vocab_size)).double()
-        if layer > 0:
+        if layer > 0 and inputs == "mlp":
             E = model.model.layers[0].mlp(E.float()).double()
         U = model.lm_head.weight.double().T
         out = {}
@@ -84,17 +84,17 @@ def _naive_scores(model, ops, layer):
     return out
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
-def test_row_wise_scan_equals_the_full_matrix(family):
+@pytest.mark.parametrize("family,inputs", [("gemma3", "mlp"), ("qwen2", "mlp"), ("llama", "raw")])
+def test_row_wise_scan_equals_the_full_matrix(family, inputs):
     model = tiny_model(family, seed=1)
     g = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
     ops = [_op(f"op{k}", torch.randint(0, V, (25,), generator=g).tolist(),
                torch.randint(0, V, (25,), generator=g).tolist(), k) for k in (1, 3, 10)]
-    res = static_scores(model, tiny_tokenizer(), ops, model_name=family, progress=False)
+    res = static_scores(model, tiny_tokenizer(), ops, model_name=family, inputs=inputs, progress=False)
     n_checked = 0
     for layer in range(model.config.num_hidden_layers):
-        naive = _naive_scores(model, ops, layer)
+        naive = _naive_scores(model, ops, layer, inputs)
         for r in res.scores.filter(res.scores["layer"] == layer).iter_rows(named=True):
             assert (r["score"], r["suppression_score"]) == pytest.approx(naive[(r["head"], r["operation"])])
             n_checked += 1
