@@ -127,7 +127,7 @@ def causal_chart(causal: pl.DataFrame):
     df = (causal.filter(pl.col("selection") != "none").group_by("model", "operation", "selection", "n_heads")
           .agg(pl.col("accuracy").mean()))
     return alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("n_heads:Q", title="heads ablated at the last position", scale=alt.Scale(type="log", base=2)),
+        x=alt.X("n_heads:Q", title="heads ablated", scale=alt.Scale(type="log", base=2)),
         y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color=alt.Color("selection:N"),
         column=alt.Column("operation:N", title=None), row=alt.Row("model:N", title=None),
     ).properties(width=140, height=110)
