@@ -377,8 +377,8 @@ def test_smoke_toy_target_through_snakemake(tmp_path):
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / item)
     (tmp_path / "results" / "data").mkdir(parents=True)
     (tmp_path / "results" / "data" / "sources.txt").write_text("cached\n")  # BIG-bench is in the cache
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", "config/smoke.yaml",
-           "results/tables/toy_core_claims.csv", "results/figures/toy_core_dynamics.png"]
+    cmd = [sys.executable, "-m", "snakemake", "results/tables/toy_core_claims.csv",
+           "results/figures/toy_core_dynamics.png", "--cores", "1", "--configfile", "config/smoke.yaml"]
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = pl.read_parquet(tmp_path / "results" / "toy" / "adam_1l" / "metrics.parquet")
