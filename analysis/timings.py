@@ -30,7 +30,8 @@ def read_benchmarks(root: str | Path) -> pl.DataFrame:
                 return float("nan")
 
         rel = f.relative_to(root)
-        rows.append((rel.parts[0], str(rel.with_suffix("")), num("s"), num("cpu_time"), num("max_rss")))
+        rule = rel.parts[0] if len(rel.parts) > 1 else rel.stem  # <rule>/<wildcards>.tsv or <rule>.tsv
+        rows.append((rule, str(rel.with_suffix("")), num("s"), num("cpu_time"), num("max_rss")))
     return pl.DataFrame(rows, schema=["rule", "job", "wall_s", "cpu_s", "max_rss_mib"], orient="row")
 
 

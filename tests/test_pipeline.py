@@ -19,20 +19,21 @@ pytestmark = pytest.mark.slow
 def workdir(tmp_path: Path) -> Path:
     d = tmp_path / "wf"
     d.mkdir()
-    for item in ("Snakefile", "config", "paper"):
+    for item in ("Snakefile", "rules", "config", "paper"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, d / item)
     return d
 
 
 def snakemake(d: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/smoke.yaml",
-           "--rerun-incomplete", *extra]
+    # targets and options first: --configfile takes every following word as another config file
+    cmd = [sys.executable, "-m", "snakemake", *extra, "--cores", "2", "--rerun-incomplete",
+           "--configfile", "config/smoke.yaml"]
     return subprocess.run(cmd, cwd=d, capture_output=True, text=True, **kw)
 
 
-def db_state(d: Path):
-    con = connect(d / "results" / "scores.duckdb", read_only=True)
+def db_state(d: Path, db: str = "results/scores.duckdb"):
+    con = connect(d / db, read_only=True)
     try:
         return row_counts(con), checksum(con)
     finally:
@@ -50,11 +51,14 @@ def first_run(tmp_path_factory):
 def test_smoke_outputs(first_run):
     d = first_run
     counts, _ = db_state(d)
-    # smoke: 1 model (30 layers x 9 heads), 2 corpora x 4 documents
-    assert counts["models"] == 1 and counts["examples"] == 8
-    assert counts["head_scores"] == 8 * 30 * 9
+    # smoke: 1 model (30 layers x 9 heads) plus its finetuned and perturbed copies, 2 corpora x 4 documents
+    assert counts["models"] == 3 and counts["examples"] == 3 * 8
+    assert counts["head_scores"] == 3 * 8 * 30 * 9
     assert counts["ablation_results"] == 1 + 3 * 3 + 2  # random@0, 3 fns x 3 fractions, random x 2 more
     assert counts["calibration_scores"] == 6 * 30 * 9  # 2 tasks x 3 questions
+    # the analysis modules (rules/*.smk) ran and their tables reached the final database
+    for table in ("bb_metrics", "maps_scores", "distribution_tests"):
+        assert counts[table] > 0, table
     for f in ("results/summary.md", "results/tables/table2.md", "results/tables/table2.tex",
               "results/tables/score_summary.csv", "results/figures/figure3_auc_ranks.svg",
               "results/figures/figure4_top3.png", "results/figures/score_ecdf_ahon_ln.png",
@@ -68,9 +72,10 @@ def test_smoke_outputs(first_run):
 
 
 def test_kill_and_resume_gives_the_same_database(first_run, tmp_path):
-    want = db_state(first_run)
+    core = "results/db/core.duckdb"  # the scoring part of the DAG (models, finetune, perturbed copy, shards)
+    want = db_state(first_run, core)
     d = workdir(tmp_path)
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/smoke.yaml"]
+    cmd = [sys.executable, "-m", "snakemake", core, "--cores", "2", "--configfile", "config/smoke.yaml"]
     proc = subprocess.Popen(cmd, cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 600
@@ -79,10 +84,10 @@ def test_kill_and_resume_gives_the_same_database(first_run, tmp_path):
     time.sleep(3)  # inside a scoring job
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (d / "results" / "scores.duckdb").exists()
+    assert not (d / core).exists()
     assert list((d / ".snakemake" / "locks").iterdir())  # the killed run left its lock
     # what scripts/run.sh does after a killed run: clear the stale lock, rerun incomplete jobs
     assert snakemake(d, "--unlock").returncode == 0
-    res = snakemake(d)
+    res = snakemake(d, core)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert db_state(d) == want
+    assert db_state(d, core) == want
