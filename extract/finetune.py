@@ -229,13 +229,10 @@ def save_derived(model, tok, out: str | Path, source: dict) -> Path:
 
     ``source["name"]`` becomes the model id; ``sha256`` is filled with the digest of the saved weights.
     """
-    import os
-    import shutil
+    from analysis.outputs import atomic_dir
 
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:
         if hasattr(model.config, "dormant_source"):
             del model.config.dormant_source
         model.save_pretrained(tmp)
@@ -247,10 +244,6 @@ def save_derived(model, tok, out: str | Path, source: dict) -> Path:
                     digest.update(block)
         src = {**source, "sha256": digest.hexdigest()}
         (tmp / "source.json").write_text(json.dumps(src, indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -8,7 +8,6 @@ afterwards without network access. The zoo registry and the download / assembly 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from analysis.outputs import atomic_dir
 from extract.cache import HUB_ID, ZOO, ZooEntry, converted_dir, fetch, get_entry, licence_files, local_sha256
 from extract.errors import ChecksumError, DormantError, HubError, UnknownModelError
 
@@ -54,33 +54,28 @@ def convert(gguf_path: Path, source: dict[str, Any], licences: Sequence[Path] = 
     final = converted_dir(source["sha256"])
     if (final / "source.json").is_file():
         return final
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     register()
     kw = dict(gguf_file=gguf_path.name)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, **kw, dtype=torch.float32, attn_implementation=ATTN_NAME,
-            quantization_config=GgufConfig(gguf_file=gguf_path.name, dequantize=True))
-        if getattr(model, "hf_quantizer", None) is not None:  # weights are dense float32 now
-            model.hf_quantizer.remove_quantization_config(model)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        for lic in licences:
-            (tmp / "licences").mkdir(exist_ok=True)
-            shutil.copy2(lic, tmp / "licences" / lic.name)
-        (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete one (no source.json)
-        os.rename(tmp, final)
+        with atomic_dir(final) as tmp:  # replaces an incomplete one (no source.json)
+            tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, **kw, dtype=torch.float32, attn_implementation=ATTN_NAME,
+                quantization_config=GgufConfig(gguf_file=gguf_path.name, dequantize=True))
+            if getattr(model, "hf_quantizer", None) is not None:  # weights are dense float32 now
+                model.hf_quantizer.remove_quantization_config(model)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            for lic in licences:
+                (tmp / "licences").mkdir(exist_ok=True)
+                shutil.copy2(lic, tmp / "licences" / lic.name)
+            (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
     except Exception as e:
         if (final / "source.json").is_file():  # another process converted it meanwhile
             return final
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DormantError(f"could not convert {gguf_path} with transformers ({type(e).__name__}: {msg}); "
                            f"the architecture may be unsupported or the file damaged") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -154,3 +154,21 @@ def test_build_from_base_adds_tables_and_leaves_base_untouched(tmp_path):
     con.close()
     with pytest.raises(FileNotFoundError, match="build it first"):
         build(tmp_path / "x.duckdb", base=tmp_path / "missing.duckdb")
+
+
+def test_atomic_dir_replaces_on_success_and_keeps_the_old_one_on_failure(tmp_path):
+    from analysis.outputs import atomic_dir
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("killed midway")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    with atomic_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
