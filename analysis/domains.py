@@ -1,7 +1,7 @@
 """Dormant-by-domain heads (SPEC §7, last point): heads dormant on one domain and active on another.
 
 From the per-example scores in ``head_scores`` joined with each example's domain (``examples.domain``:
-news, howto, code), per (model, layer, head, domain) the mean of one score function. A head's *dormancy*
+news, howto, math, code), per (model, layer, head, domain) the mean of one score function. A head's *dormancy*
 is the score oriented so that higher = more dormant (the score for ``awft``/``awft_ln``, minus the score for
 the others). Its *contrast* is the largest difference of mean dormancy between two domains: dormant on the
 argmax domain, active on the argmin domain. Candidates are the heads with the largest contrast per model.
@@ -50,37 +50,44 @@ def candidates(means: pl.DataFrame, score_fn: str = "awft", top: int = 5) -> pl.
                                                     "contrast", *[f"{score_fn}_{d}" for d in domains])
 
 
+NON_PROSE = ("code", "math")  # domains set against the prose ones (news, howto) in the heads figure
+
+
 def heads_figure(means: pl.DataFrame, cands: pl.DataFrame, model: str, score_fn: str = "awft"):
-    """Every head of ``model``: mean score on prose (the non-code domains) vs code; candidates labelled.
-    Without code (or without prose) the axes are the first two domains; with one domain, a note."""
+    """Every head of ``model``: mean score on prose (the domains other than code and math) vs each of code
+    and math, one panel each; candidates labelled. Without prose or without code/math the axes are the
+    first two domains; with one domain, a note."""
     import altair as alt
 
     m = means.filter(pl.col("model") == model)
     domains = sorted(set(m["domain"]))
-    if "code" in domains and len(domains) > 1:
-        xs, ys, xt, yt = [d for d in domains if d != "code"], ["code"], "prose (" + ", ".join(
-            d for d in domains if d != "code") + ")", "code"
+    prose = [d for d in domains if d not in NON_PROSE]
+    others = [d for d in domains if d in NON_PROSE]
+    if prose and others:
+        pairs = [(prose, [o], "prose (" + ", ".join(prose) + ")", o) for o in others]
     elif len(domains) >= 2:
-        xs, ys, xt, yt = [domains[0]], [domains[1]], domains[0], domains[1]
+        pairs = [([domains[0]], [domains[1]], domains[0], domains[1])]
     else:
         return alt.Chart(pl.DataFrame({"t": [f"{model}: scores of one domain only ({', '.join(domains)})"]})
                          ).mark_text().encode(text="t:N")
-    x = m.filter(pl.col("domain").is_in(xs)).group_by("layer", "head").agg(pl.col("mean").mean().alias("x"))
-    y = m.filter(pl.col("domain").is_in(ys)).group_by("layer", "head").agg(pl.col("mean").mean().alias("y"))
-    d = x.join(y, on=["layer", "head"]).join(
-        cands.filter(pl.col("model") == model).select("layer", "head", "rank"), on=["layer", "head"], how="left")
-    d = d.with_columns(pl.format("L{}H{}", "layer", "head").alias("name"))
-    lo, hi = float(min(d["x"].min(), d["y"].min())), float(max(d["x"].max(), d["y"].max()))
-    base = alt.Chart(d).encode(x=alt.X("x:Q", title=f"mean {score_fn} on {xt}"),
-                               y=alt.Y("y:Q", title=f"mean {score_fn} on {yt}"))
-    pts = base.mark_circle(size=30, opacity=0.7).encode(color=alt.Color("layer:Q", scale=alt.Scale(scheme="viridis")),
-                                                        tooltip=["name", "x", "y"])
-    lab = base.transform_filter("isValid(datum.rank)").mark_text(dx=12, dy=-6, fontSize=10).encode(text="name:N")
-    ring = base.transform_filter("isValid(datum.rank)").mark_point(size=120, color="red")
-    diag = alt.Chart(pl.DataFrame({"x": [lo, hi], "y": [lo, hi]})).mark_line(strokeDash=[4, 4], color="gray").encode(
-        x="x:Q", y="y:Q")
-    return (diag + pts + ring + lab).properties(width=360, height=320,
-                                                title=f"{model}: per-head {score_fn} by domain (red: top candidates)")
+    ranked = cands.filter(pl.col("model") == model).select("layer", "head", "rank")
+    panels = []
+    for xs, ys, xt, yt in pairs:
+        x = m.filter(pl.col("domain").is_in(xs)).group_by("layer", "head").agg(pl.col("mean").mean().alias("x"))
+        y = m.filter(pl.col("domain").is_in(ys)).group_by("layer", "head").agg(pl.col("mean").mean().alias("y"))
+        d = x.join(y, on=["layer", "head"]).join(ranked, on=["layer", "head"], how="left")
+        d = d.with_columns(pl.format("L{}H{}", "layer", "head").alias("name"))
+        lo, hi = float(min(d["x"].min(), d["y"].min())), float(max(d["x"].max(), d["y"].max()))
+        base = alt.Chart(d).encode(x=alt.X("x:Q", title=f"mean {score_fn} on {xt}"),
+                                   y=alt.Y("y:Q", title=f"mean {score_fn} on {yt}"))
+        pts = base.mark_circle(size=30, opacity=0.7).encode(
+            color=alt.Color("layer:Q", scale=alt.Scale(scheme="viridis")), tooltip=["name", "x", "y"])
+        lab = base.transform_filter("isValid(datum.rank)").mark_text(dx=12, dy=-6, fontSize=10).encode(text="name:N")
+        ring = base.transform_filter("isValid(datum.rank)").mark_point(size=120, color="red")
+        diag = alt.Chart(pl.DataFrame({"x": [lo, hi], "y": [lo, hi]})).mark_line(strokeDash=[4, 4], color="gray"
+                                                                                   ).encode(x="x:Q", y="y:Q")
+        panels.append((diag + pts + ring + lab).properties(width=320, height=300))
+    return alt.hconcat(*panels).properties(title=f"{model}: per-head {score_fn} by domain (red: top candidates)")
 
 
 def file_key(model: str) -> str:
@@ -112,18 +119,35 @@ def write_domain_report(db: Path, out: Path, *, score_fn: str = "awft", top: int
 
 # ------------------------------------------------------------------------------ per-example scatter
 
+N_PERM = 4000  # permutations of the active-vs-dormant test
+
+
+def _perm_p(dl: np.ndarray, active: np.ndarray, seed: int = 0) -> float:
+    """One-sided permutation p-value that active examples lose more than dormant ones (difference of means)."""
+    obs = dl[active].mean() - dl[~active].mean()
+    perms = np.random.default_rng(seed).permuted(np.tile(active, (N_PERM, 1)), axis=1)
+    diffs = (perms * dl).sum(1) / active.sum() - (~perms * dl).sum(1) / (~active).sum()
+    return float((1 + (diffs >= obs - 1e-12).sum()) / (N_PERM + 1))
+
+
 def scatter_summary(abl: pl.DataFrame) -> pl.DataFrame:
-    """Per (model, layer, head): mean loss change on the examples of each side of the median awft, and the
-    Pearson and Spearman correlations of the loss change with awft over examples."""
+    """Per (model, layer, head): mean loss change on the examples above the median awft (dormant) and at or
+    below it (active), Pearson and Spearman of loss change with awft over examples, the one-sided
+    permutation p-value of active > dormant, and ``holds``: the active-dormant pattern, i.e. active
+    examples lose more (p < 0.05) while dormant ones cost at most half as much (|dormant| <= active / 2)."""
     rows = []
     for (model, layer, head), g in abl.group_by(["model", "layer", "head"], maintain_order=True):
         a, dl = g["awft"].to_numpy(), g["delta_loss"].to_numpy()
         med = float(np.median(a))
+        active = a <= med
         ra, rd = np.argsort(np.argsort(a)), np.argsort(np.argsort(dl))
+        dorm = float(dl[~active].mean()) if (~active).any() else float("nan")
+        act = float(dl[active].mean())
+        p = _perm_p(dl, active) if (~active).any() else float("nan")
         rows.append({"model": model, "layer": layer, "head": head, "n_examples": len(a), "awft_median": med,
-                     "delta_loss_dormant": float(dl[a > med].mean()) if (a > med).any() else float("nan"),
-                     "delta_loss_active": float(dl[a <= med].mean()),
-                     "pearson": float(np.corrcoef(a, dl)[0, 1]), "spearman": float(np.corrcoef(ra, rd)[0, 1])})
+                     "delta_loss_dormant": dorm, "delta_loss_active": act,
+                     "pearson": float(np.corrcoef(a, dl)[0, 1]), "spearman": float(np.corrcoef(ra, rd)[0, 1]),
+                     "p_value": p, "holds": bool(act > 0 and p < 0.05 and abs(dorm) <= act / 2)})
     return pl.DataFrame(rows)
 
 

@@ -1,7 +1,9 @@
 """The project's data as a registry of specs (in the style of lm-evaluation-harness).
 
 Text corpora (score distributions, SPEC §6), one domain each: ``xsum`` (news), ``wikilingua`` (how-to
-prose), both BIG-bench task files, and ``code`` (the ``.py`` files of the networkx 3.6.1 sdist, the version
+prose), both BIG-bench task files, ``math`` (BIG-bench's elementary-math word problems with their formula
+and answer, 16 consecutive problems per document, like a worksheet: single problems are too short for the
+length protocol), and ``code`` (the ``.py`` files of the networkx 3.6.1 sdist, the version
 pinned in constraints.txt). :func:`sample_corpus` applies the paper's protocol: N documents, each with a
 length L drawn uniformly from [min_tokens, max_tokens] (seeded; stored as ``max_tokens``, the scorer
 truncates the model's own tokenisation to it, so the file does not depend on a tokenizer); documents are
@@ -47,19 +49,23 @@ def _rng(seed: int, *parts: object) -> random.Random:
 @dataclass(frozen=True)
 class CorpusSpec:
     """A text corpus: ``path`` is a BIG-bench task path (source "bigbench") or ``package==version``
-    (source "sdist": its ``.py`` files, sdist verified against ``sha256``)."""
+    (source "sdist": its ``.py`` files, sdist verified against ``sha256``). ``page`` > 0: a document is
+    ``page`` consecutive examples, each ``"{input}\nAnswer: {correct target}"``, joined by blank lines."""
     name: str
     domain: str
     source: str
     path: str
     sha256: str = ""
     note: str = ""
+    page: int = 0
 
 
 CORPORA: dict[str, CorpusSpec] = {c.name: c for c in [
     CorpusSpec("xsum", "news", "bigbench", "gem/xsum", note="BBC articles, inputs of GEM XSum (1001)"),
     CorpusSpec("wikilingua", "howto", "bigbench", "gem/wikilingua_en",
                note="WikiHow articles, inputs of GEM WikiLingua English (1001)"),
+    CorpusSpec("math", "math", "bigbench", "elementary_math_qa/question_with_mathematical_hint", page=16,
+               note="math word problems with formula and answer (BIG-bench elementary_math_qa, 7688), 16 per document"),
     CorpusSpec("code", "code", "sdist", "networkx==3.6.1",
                sha256="26b7c357accc0c8cde558ad486283728b65b6a95d85ee1cd66bafab4c8168509",
                note="the 671 .py files of the networkx 3.6.1 sdist (pure Python, pinned in constraints.txt)"),
@@ -84,12 +90,18 @@ def sdist_path(spec: CorpusSpec, progress: bool = True) -> Path:
 def corpus_documents(name: str, *, tar: Path | str | None = None, progress: bool = True) -> list[tuple[str, str]]:
     """Every candidate document of a corpus as ``(id, text)``, in source order, empty ones left out.
 
-    Ids: ``<corpus>/<index of the example in the task file>``, or ``code/<package-version>/<file path>``.
+    Ids: ``<corpus>/<index of the (first) example in the task file>``, or
+    ``code/<package-version>/<file path>``.
     """
     spec = get_corpus(name)
     if spec.source == "bigbench":
         examples = bigbench.read_tasks([spec.path], tar, progress)[spec.path]["examples"]
-        return [(f"{name}/{i}", ex["input"].strip()) for i, ex in enumerate(examples) if ex["input"].strip()]
+        items = [(i, ex) for i, ex in enumerate(examples) if ex["input"].strip()]
+        if not spec.page:
+            return [(f"{name}/{i}", ex["input"].strip()) for i, ex in items]
+        return [(f"{name}/{items[j][0]}", "\n\n".join(f"{ex['input'].strip()}\nAnswer: {correct_target(ex)}"
+                                                      for _, ex in items[j:j + spec.page]))
+                for j in range(0, len(items), spec.page)]
     docs = []
     with tarfile.open(sdist_path(spec, progress)) as tf:
         for m in sorted((m for m in tf if m.isfile() and m.name.endswith(".py")), key=lambda m: m.name):
@@ -100,6 +112,19 @@ def corpus_documents(name: str, *, tar: Path | str | None = None, progress: bool
             if text.strip():
                 docs.append((f"{name}/{m.name}", text))
     return docs
+
+
+def correct_target(example: dict) -> str:
+    """A BIG-bench example's answer: its ``target`` (the first of a list), else its best-scored choice."""
+    t = example.get("target")
+    if isinstance(t, list) and t:
+        return str(t[0])
+    if t is not None and not isinstance(t, list):
+        return str(t)
+    scores = example.get("target_scores") or {}
+    if not scores:
+        raise DormantError(f"BIG-bench example without target or target_scores: {example.get('input', '')[:60]!r}")
+    return max(scores, key=lambda k: scores[k])
 
 
 def draw_lengths(n: int, min_tokens: int, max_tokens: int, seed: int) -> list[int]:

@@ -10,10 +10,13 @@
    rows equal the baseline by construction and are recorded without a rerun.
 
 Cost: ablation by a function other than the entropy ones runs one attention pass (as a plain forward);
-``timing`` reports the sweep time against (configs run x one plain evaluation).
+``timing`` reports the sweep time against (configs run x one plain evaluation). The plain evaluation is
+timed three times, before, halfway through and after the configs, and its median is the unit, so a
+change of machine load during a long sweep moves numerator and denominator alike.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -70,11 +73,16 @@ def run_sweep(model, tokenizer, data: TaskData, *, score_fns=SCORE_KEYS, fractio
     t0 = time.perf_counter()
     base = evaluate(model, tokenizer, data, calibrate=True, **kw)
     t_cal = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    plain = evaluate(model, tokenizer, data, **kw)
-    t_plain = time.perf_counter() - t0
-    if plain.accuracy != base.accuracy:
-        raise RuntimeError("recording changed the predictions: calibration and plain evaluation disagree")
+    t_plain = []
+
+    def plain_eval() -> None:
+        t0 = time.perf_counter()
+        plain = evaluate(model, tokenizer, data, **kw)
+        t_plain.append(time.perf_counter() - t0)
+        if plain.accuracy != base.accuracy:
+            raise RuntimeError("recording changed the predictions: calibration and plain evaluation disagree")
+
+    plain_eval()
     cal = calibration_frame(name, data, base.scores)
     th = pl.concat([thresholds(cal, fractions, score_fns),
                     thresholds(cal.drop("task").rename({"question_task": "task"}), fractions, score_fns)])
@@ -84,20 +92,26 @@ def run_sweep(model, tokenizer, data: TaskData, *, score_fns=SCORE_KEYS, fractio
     rows = [(name, data.name, "random", 0.0, None, 0.0, 100 * base.accuracy, n)]
     rows += [(name, data.name, f, 0.0, tau[(f, 0.0)], 0.0, 100 * base.accuracy, n) for f in score_fns]
     configs = [(f, p) for f in (*score_fns, "random") for p in fractions if p > 0]
-    t0 = time.perf_counter()
-    for f, p in tqdm(configs, desc=f"sweep {name}", unit="config", disable=not progress):
+    t_sweep = 0.0
+    for i, (f, p) in enumerate(tqdm(configs, desc=f"sweep {name}", unit="config", disable=not progress)):
+        if i == len(configs) // 2:
+            plain_eval()
+        t0 = time.perf_counter()
         opts = dict(p=p, seed=seed) if f == "random" else dict(threshold=tau[(f, p)])
         with ablate(model, f, **opts) as ab:
             res = evaluate(model, tokenizer, data, **kw)
         rows.append((name, data.name, f, float(p), opts.get("threshold"), 100 * ab.zeroed_fraction,
                      100 * res.accuracy, res.n_questions))
-    t_sweep = time.perf_counter() - t0
+        t_sweep += time.perf_counter() - t0
+    plain_eval()
     results = pl.DataFrame(rows, schema={"model": pl.String, "task": pl.String, "score_fn": pl.String,
                                          "target_fraction": pl.Float64, "threshold": pl.Float64,
                                          "realized_percent": pl.Float64, "accuracy": pl.Float64,
                                          "n_questions": pl.Int32}, orient="row")
-    timing = {"configs": len(configs), "plain_eval_s": t_plain, "calibration_s": t_cal, "sweep_s": t_sweep,
-              "cost_ratio": t_sweep / (len(configs) * t_plain), "questions": n}
+    unit = statistics.median(t_plain)
+    timing = {"configs": len(configs), "plain_eval_s": unit, "plain_eval_runs_s": t_plain, "calibration_s": t_cal,
+              "sweep_s": t_sweep, "cost_ratio": t_sweep / (len(configs) * unit) if configs else float("nan"),
+              "questions": n}
     return SweepResult(results, th, cal, timing)
 
 

@@ -10,7 +10,8 @@ Metrics (one float each; per-layer ones end in ``_l<i>``):
 * ``attn_bos_l<i>``: ``Attn_<s>``, mean ``A[q, 0]`` over non-trigger queries ``q >= 1`` (the sink);
   ``attn_bos_trig_l<i>`` the same on trigger queries; ``attn_prev_trig_l<i>``: mean ``A[q, q-1]`` on trigger
   queries (the backcopy, "active"); ``delta_logit_l<i>``: mean over non-trigger queries of the attention
-  logit of ``<s>`` minus the mean logit of the other visible keys.
+  logit of ``<s>`` minus the mean logit of the other visible keys; ``attn_self_bos_l<i>``: ``A[0, 0]``, the
+  weight of ``<s>`` on itself (1 under softmax; unbounded under ReLU attention, where ``i = 1``).
 * ``val_bos_l<i>``: ``‖Val_<s>‖ = ‖W_O v_0‖`` (batch mean); ``val_ratio_l<i>``: it over the mean ``‖W_O v_t‖``
   of positions ``t >= 1``.
 * ``res_peak_l<i>``: norm of the block output (residual stream) at position 0; ``res_ratio_l<i>``: it over
@@ -68,6 +69,7 @@ def measure(model, task: BigramBackcopy, x: torch.Tensor) -> dict[str, float]:
         prev = torch.diagonal(A, offset=-1, dim1=1, dim2=2)  # (B, S-1): A[q, q-1] for q >= 1
         out[f"attn_prev_trig_l{i}"] = float(prev[trig_q[:, 1:]].mean())
         others = torch.where(torch.isfinite(logit), logit, 0.0)[..., 1:].sum(-1) / torch.arange(S, device=x.device).clamp_min(1)
+        out[f"attn_self_bos_l{i}"] = float(A[:, 0, 0].mean())
         out[f"delta_logit_l{i}"] = float((logit[..., 0] - others)[plain_q].mean())
         wo_v = attn.o_proj(v.transpose(1, 2).flatten(2)).norm(dim=-1)  # (B, S)
         out[f"val_bos_l{i}"] = float(wo_v[:, 0].mean())

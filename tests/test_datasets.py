@@ -40,6 +40,7 @@ def bb_tar(tmp_path, monkeypatch):
     members = {
         "gem/xsum": text_task([100, 300, 20000, 800, 7000, 2500, 50, 12000, 400, 3000]),
         "gem/wikilingua_en": text_task([500, 900, 1500]),
+        "elementary_math_qa/question_with_mathematical_hint": mc_task(40, 5),
         "general_knowledge": mc_task(12, 5),
         "logical_deduction/five_objects": mc_task(9, 5, prefix="Five objects.\n\n"),
         "logical_deduction": {"name": "parent", "examples": []},
@@ -159,6 +160,22 @@ def test_sample_corpus_protocol(bb_tar, tmp_path):
         sample_corpus("wikilingua", 4, 5, 50, progress=False)
 
 
+def test_math_corpus_pages(bb_tar):
+    """math: 16 consecutive problems per document, each with its correct answer; ids name the first one."""
+    examples = bb_tar[1]["elementary_math_qa/question_with_mathematical_hint"]["examples"]
+    docs = datasets.corpus_documents("math", progress=False)
+    assert [d[0] for d in docs] == ["math/0", "math/16", "math/32"]  # 42 examples: 16 + 16 + 10
+    first = docs[0][1].split("\n\n")
+    assert len(first) == 16 and first[3] == "Question 3?\nAnswer: choice 3.3"
+    last = docs[2][1].split("\n\n")
+    assert last[-2] == "Two right answers?\nAnswer: x" and last[-1] == "Free text\nAnswer: no scores"
+    rows = sample_corpus("math", 3, 5, 50, progress=False)
+    assert {r["domain"] for r in rows} == {"math"} and {r["id"] for r in rows} == {d[0] for d in docs}
+    assert datasets.correct_target({"input": "q", "target": ["a", "b"]}) == "a"
+    with pytest.raises(DormantError, match="without target"):
+        datasets.correct_target({"input": "q"})
+
+
 def test_cli_corpus(bb_tar, tmp_path, capsys):
     out = tmp_path / "c.jsonl"
     assert main(["data", "corpus", "xsum", "--n", "4", "--min-tokens", "5", "--max-tokens", "40",
@@ -268,7 +285,7 @@ def test_real_corpora_and_suite(zoo_model):
     assert [len(t.questions) for t in tasks] == [50] * 10
     assert all(len(q.choices) >= 2 and 0 <= q.answer < len(q.choices) for t in tasks for q in t.questions)
     _, tok = zoo_model("smollm2-135m-instruct")
-    for name, domain in (("xsum", "news"), ("wikilingua", "howto"), ("code", "code")):
+    for name, domain in (("xsum", "news"), ("wikilingua", "howto"), ("math", "math"), ("code", "code")):
         rows = sample_corpus(name, 20, 10, 512, seed=0, progress=False)
         assert len({r["id"] for r in rows}) == 20 and {r["domain"] for r in rows} == {domain}
         for r in rows:

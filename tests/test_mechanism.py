@@ -191,6 +191,7 @@ def test_measure_matches_naive_metrics_and_interventions():
     assert m["attn_prev_trig_l0"] == pytest.approx(np.mean([A[b, q, q - 1].item() for b, q in trigq]), rel=1e-5)
     wo_v = (v @ sd["model.layers.0.self_attn.o_proj.weight"].T).norm(dim=-1)
     assert m["val_bos_l0"] == pytest.approx(wo_v[:, 0].mean().item(), rel=1e-5)
+    assert m["attn_self_bos_l0"] == pytest.approx(A[:, 0, 0].mean().item(), rel=1e-6) == 1.0
     assert m["val_ratio_l0"] == pytest.approx((wo_v[:, 0].mean() / wo_v[:, 1:].mean()).item(), rel=1e-5)
     # zeroing the attention output = a block without its attention branch
     with zeroed(model, "attn"), torch.no_grad():
@@ -267,10 +268,11 @@ def test_claims_on_hand_made_metrics(tmp_path):
     final = {"zero_attn_l0.backcopy_risk": 3.0, "zero_attn_l0.bigram_risk": 0.07, "zero_mlp_l0.bigram_risk": 1.0,
              "zero_mlp_l0.backcopy_risk": 0.5}
     f1 = _fake_run(tmp_path, "adam_1l", 1, "softmax", "adamw", one, final)
-    three = lambda peak: {f"res_peak_l{i}": dict(zip(steps, peak)) for i in range(3)} | {  # noqa: E731
+    three = lambda peak, ratio: {f"res_peak_l{i}": dict(zip(steps, peak)) for i in range(3)} | {  # noqa: E731
+        f"res_ratio_l{i}": dict(zip(steps, [r * (1 + i / 10) for r in ratio])) for i in range(3)} | {
         f"attn_bos_l{i}": dict(zip(steps, [0.1] * 5)) for i in range(3)} | {"train_s": dict(zip(steps, [0] * 5))}
-    f2 = _fake_run(tmp_path, "relu_3l", 3, "relu", "adamw", three([1, 2, 2, 2, 2.5]), {})
-    f3 = _fake_run(tmp_path, "sgd_3l", 3, "softmax", "sgd", three([1, 2, 2, 2, 2.9]), {})
+    f2 = _fake_run(tmp_path, "relu_3l", 3, "relu", "adamw", three([1, 2, 2, 2, 2.5], [1, 2, 2, 2, 4]), {})
+    f3 = _fake_run(tmp_path, "sgd_3l", 3, "softmax", "sgd", three([1, 2, 2, 2, 2.9], [1, 1, 1, 1, 1.2]), {})
     from analysis.toy_report import load_runs
 
     df, specs = load_runs([f1, f2, f3])
@@ -283,6 +285,9 @@ def test_claims_on_hand_made_metrics(tmp_path):
     assert c[("adam_1l", "zero attention: bigram risk increase")] == (pytest.approx(0.01), True)
     assert c[("relu_3l", "residual peak change (final / step 100)")] == (pytest.approx(1.25), True)
     assert c[("sgd_3l", "residual peak change (final / step 100)")] == (pytest.approx(1.45), False)
+    # relative peak: max over layers (layer 2 = 1.2x layer 0), final / early
+    assert c[("relu_3l", "residual peak / other positions change (final / step 100)")] == (pytest.approx(2.0), False)
+    assert c[("sgd_3l", "residual peak / other positions change (final / step 100)")] == (pytest.approx(1.2), True)
     assert c[("relu_3l", "Attn_<s> (max over layers), ReLU attention")] == (pytest.approx(0.1), True)
     inter = interventions_table(df.filter(pl.col("run") == "adam_1l"))
     assert inter.filter((pl.col("zeroed") == "attn L0") & (pl.col("risk") == "backcopy_risk"))["value"][0] == 3.0
@@ -315,6 +320,16 @@ def test_scatter_summary_matches_scipy():
     assert s["pearson"] == pytest.approx(stats.pearsonr(a, d)[0])
     assert s["spearman"] == pytest.approx(stats.spearmanr(a, d)[0])
     assert s["delta_loss_dormant"] == pytest.approx(d[a > np.median(a)].mean())
+    active = a <= np.median(a)
+    ref = stats.permutation_test((d[active], d[~active]), lambda x, y: x.mean() - y.mean(), alternative="greater",
+                                 permutation_type="independent", n_resamples=9999, random_state=0)
+    assert s["p_value"] == pytest.approx(ref.pvalue, abs=0.01) and s["holds"]
+    flat = df.with_columns(pl.Series("delta_loss", rng.normal(scale=0.05, size=30)))
+    assert not scatter_summary(flat).row(0, named=True)["holds"]
+    # a head that costs as much on dormant examples as on active ones fails the pattern even when p is small
+    both = df.with_columns(pl.Series("delta_loss", 0.4 + 0.5 * (1 - a)))
+    r = scatter_summary(both).row(0, named=True)
+    assert r["p_value"] < 0.05 and not r["holds"]
 
 
 def test_zero_head_equals_zeroed_output_columns():
