@@ -232,6 +232,7 @@ rule paper:
         tables=rules.summarize.output.tables,
         figures=rules.summarize.output.figures,
         ablation=rules.ablation_report.output,
+        analyses=EXTRA_TARGETS,  # every analysis the manuscript includes (domains, toy, MAPS, distributions)
     output: "results/paper/status.txt"
     log: "results/logs/paper.log"
     shell: "{DORMANT} paper --tex {input.tex:q} --out results/paper > {log:q} 2>&1"
