@@ -141,9 +141,10 @@ def scatter_summary(abl: pl.DataFrame) -> pl.DataFrame:
         med = float(np.median(a))
         active = a <= med
         ra, rd = np.argsort(np.argsort(a)), np.argsort(np.argsort(dl))
-        dorm = float(dl[~active].mean()) if (~active).any() else float("nan")
+        both = bool((~active).any())  # all awft equal: no dormant side, no test
+        dorm = float(dl[~active].mean()) if both else float("nan")
         act = float(dl[active].mean())
-        p = _perm_p(dl, active) if (~active).any() else float("nan")
+        p = _perm_p(dl, active) if both else float("nan")
         rows.append({"model": model, "layer": layer, "head": head, "n_examples": len(a), "awft_median": med,
                      "delta_loss_dormant": dorm, "delta_loss_active": act,
                      "pearson": float(np.corrcoef(a, dl)[0, 1]), "spearman": float(np.corrcoef(ra, rd)[0, 1]),

@@ -117,9 +117,9 @@ def corpus_documents(name: str, *, tar: Path | str | None = None, progress: bool
 def correct_target(example: dict) -> str:
     """A BIG-bench example's answer: its ``target`` (the first of a list), else its best-scored choice."""
     t = example.get("target")
-    if isinstance(t, list) and t:
-        return str(t[0])
-    if t is not None and not isinstance(t, list):
+    if isinstance(t, list):
+        t = t[0] if t else None
+    if t is not None:
         return str(t)
     scores = example.get("target_scores") or {}
     if not scores:

@@ -68,8 +68,8 @@ def measure(model, task: BigramBackcopy, x: torch.Tensor) -> dict[str, float]:
         out[f"attn_bos_trig_l{i}"] = float(A[..., 0][trig_q].mean())
         prev = torch.diagonal(A, offset=-1, dim1=1, dim2=2)  # (B, S-1): A[q, q-1] for q >= 1
         out[f"attn_prev_trig_l{i}"] = float(prev[trig_q[:, 1:]].mean())
-        others = torch.where(torch.isfinite(logit), logit, 0.0)[..., 1:].sum(-1) / torch.arange(S, device=x.device).clamp_min(1)
         out[f"attn_self_bos_l{i}"] = float(A[:, 0, 0].mean())
+        others = torch.where(torch.isfinite(logit), logit, 0.0)[..., 1:].sum(-1) / torch.arange(S, device=x.device).clamp_min(1)
         out[f"delta_logit_l{i}"] = float((logit[..., 0] - others)[plain_q].mean())
         wo_v = attn.o_proj(v.transpose(1, 2).flatten(2)).norm(dim=-1)  # (B, S)
         out[f"val_bos_l{i}"] = float(wo_v[:, 0].mean())
