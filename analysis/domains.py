@@ -1,10 +1,15 @@
 """Dormant-by-domain heads (SPEC §7, last point): heads dormant on one domain and active on another.
 
 From the per-example scores in ``head_scores`` joined with each example's domain (``examples.domain``:
-news, howto, math, code), per (model, layer, head, domain) the mean of one score function. A head's *dormancy*
-is the score oriented so that higher = more dormant (the score for ``awft``/``awft_ln``, minus the score for
-the others). Its *contrast* is the largest difference of mean dormancy between two domains: dormant on the
-argmax domain, active on the argmin domain. Candidates are the heads with the largest contrast per model.
+news, howto, math, code), per (model, layer, head, domain): the mean of one score function and the
+*dormant fraction*, the share of the domain's examples on which the head is inactive under the SPEC §3
+threshold τ (one scalar per model: the target-fraction quantile of that model's scores pooled over layers,
+heads and examples). A head is a candidate when it is dormant on most examples of one domain and on few of
+another: its *contrast* is the largest difference of dormant fraction between two domains (dormant on the
+argmax domain, active on the argmin domain), ties broken by the difference of mean *dormancy* (the score
+oriented so that higher = more dormant). Candidates are the heads with the largest contrast per model.
+Ranking by the fraction rather than by the mean alone keeps heads whose scores shift between domains but
+stay on the active side of τ everywhere (never dormant) out of the list.
 
 The per-example check (the active-dormant scatter): zero one candidate head (``extract.domain_ablation``) and
 compare each example's loss change with that head's first-token attention (``awft``) on the example.
@@ -20,34 +25,50 @@ import polars as pl
 from .database import connect, query
 from .outputs import write_figure, write_table
 from .score_functions import INACTIVE_WHEN, check_score_key
+from .thresholds import threshold
 
 
-
-def domain_means(con, score_fn: str = "awft") -> pl.DataFrame:
-    """``model, layer, head, domain, mean, n_examples``: mean score per head and domain."""
+def domain_means(con, score_fn: str = "awft", fraction: float = 0.15) -> pl.DataFrame:
+    """``model, layer, head, domain, mean, dormant_frac, tau, n_examples``: per head and domain the mean score
+    and the fraction of examples inactive under τ (SPEC §3, ``fraction`` = target fraction, per model)."""
     check_score_key(score_fn)
-    return query(con, f"""SELECT s.model, s.layer, s.head, e.domain, avg(s.{score_fn}) AS mean,
-                            count(*) AS n_examples
-                          FROM head_scores s JOIN examples e USING (model, dataset, example)
-                          WHERE e.domain IS NOT NULL GROUP BY ALL ORDER BY ALL""")
+    op = INACTIVE_WHEN[score_fn]
+    rows = query(con, f"""SELECT s.model, s.layer, s.head, e.domain, s.{score_fn} AS score
+                           FROM head_scores s JOIN examples e USING (model, dataset, example)
+                           WHERE e.domain IS NOT NULL""")
+    if rows.is_empty():
+        return pl.DataFrame(schema={"model": pl.String, "layer": pl.Int32, "head": pl.Int32, "domain": pl.String,
+                                    "mean": pl.Float64, "dormant_frac": pl.Float64, "tau": pl.Float64,
+                                    "n_examples": pl.UInt32})
+    taus = pl.DataFrame([{"model": m, "tau": threshold(g["score"].to_numpy(), fraction, score_fn)}
+                         for (m,), g in rows.group_by(["model"], maintain_order=True)])
+    inactive = pl.col("score") > pl.col("tau") if op == ">" else pl.col("score") < pl.col("tau")
+    return (rows.join(taus, on="model").group_by("model", "layer", "head", "domain")
+            .agg(pl.col("score").mean().alias("mean"), inactive.mean().alias("dormant_frac"),
+                 pl.col("tau").first(), pl.len().alias("n_examples"))
+            .sort("model", "layer", "head", "domain"))
 
 
 def candidates(means: pl.DataFrame, score_fn: str = "awft", top: int = 5) -> pl.DataFrame:
-    """The ``top`` heads per model by domain contrast (module doc), one row each, with the per-domain means."""
+    """The ``top`` heads per model by domain contrast (module doc), one row each, with the per-domain means
+    and dormant fractions. ``means``: the frame of :func:`domain_means`."""
     sign = 1.0 if INACTIVE_WHEN[score_fn] == ">" else -1.0
     d = means.with_columns((pl.col("mean") * sign).alias("dormancy"))
     keys = ["model", "layer", "head"]
-    best = d.sort("dormancy", descending=True).group_by(keys, maintain_order=True).agg(
-        pl.col("domain").first().alias("dormant_domain"), pl.col("dormancy").first().alias("hi"),
-        pl.col("domain").last().alias("active_domain"), pl.col("dormancy").last().alias("lo"))
-    wide = means.pivot(on="domain", index=keys, values="mean")
+    best = d.sort(["dormant_frac", "dormancy"], descending=True).group_by(keys, maintain_order=True).agg(
+        pl.col("domain").first().alias("dormant_domain"), pl.col("dormant_frac").first().alias("hi"),
+        pl.col("domain").last().alias("active_domain"), pl.col("dormant_frac").last().alias("lo"),
+        (pl.col("dormancy").first() - pl.col("dormancy").last()).alias("mean_contrast"))
     domains = sorted(set(means["domain"]))
+    wide = means.pivot(on="domain", index=keys, values="mean").rename({d: f"{score_fn}_{d}" for d in domains})
+    frac = means.pivot(on="domain", index=keys, values="dormant_frac").rename({d: f"dormant_{d}" for d in domains})
     out = (best.with_columns((pl.col("hi") - pl.col("lo")).alias("contrast")).drop("hi", "lo")
-           .join(wide.rename({d: f"{score_fn}_{d}" for d in domains}), on=keys)
-           .sort(["model", "contrast"], descending=[False, True])
+           .join(wide, on=keys).join(frac, on=keys)
+           .sort(["model", "contrast", "mean_contrast"], descending=[False, True, True])
            .with_columns(pl.int_range(1, pl.len() + 1).over("model").alias("rank")))
-    return out.filter(pl.col("rank") <= top).select("model", "rank", "layer", "head", "dormant_domain", "active_domain",
-                                                    "contrast", *[f"{score_fn}_{d}" for d in domains])
+    return out.filter(pl.col("rank") <= top).select(
+        "model", "rank", "layer", "head", "dormant_domain", "active_domain", "contrast", "mean_contrast",
+        *[f"dormant_{d}" for d in domains], *[f"{score_fn}_{d}" for d in domains])
 
 
 NON_PROSE = ("code", "math")  # domains set against the prose ones (news, howto) in the heads figure
@@ -95,12 +116,12 @@ def file_key(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "__", model)
 
 
-def write_domain_report(db: Path, out: Path, *, score_fn: str = "awft", top: int = 5,
+def write_domain_report(db: Path, out: Path, *, score_fn: str = "awft", top: int = 5, fraction: float = 0.15,
                         models: list[str] | None = None) -> list[Path]:
     """``tables/domain_heads``, ``figures/domain_heads_<model>`` and ``domains/candidates.parquet``."""
     con = connect(db, read_only=True)
     try:
-        means = domain_means(con, score_fn)
+        means = domain_means(con, score_fn, fraction)
     finally:
         con.close()
     if means.is_empty():

@@ -10,7 +10,8 @@ from pathlib import Path
 def _candidates(args: argparse.Namespace) -> int:
     from analysis.domains import write_domain_report
 
-    paths = write_domain_report(args.db, args.out, score_fn=args.score_fn, top=args.top, models=args.models)
+    paths = write_domain_report(args.db, args.out, score_fn=args.score_fn, top=args.top,
+                                fraction=args.fraction, models=args.models)
     print((args.out / "tables" / "domain_heads.md").read_text())
     print(f"wrote {len(paths)} files under {args.out}")
     return 0
@@ -69,6 +70,8 @@ def add_domains_parser(subparsers) -> None:
     c.add_argument("--out", type=Path, default=Path("results"))
     c.add_argument("--score-fn", default="awft", choices=SCORE_KEYS)
     c.add_argument("--top", type=int, default=5, help="candidate heads per model")
+    c.add_argument("--fraction", type=float, default=0.15,
+                   help="target fraction p of the SPEC §3 threshold that marks a head dormant on an example")
     c.add_argument("--models", nargs="*", help="models to draw a figure for (default: every model in the database)")
     c.set_defaults(func=_candidates)
     a = sub.add_parser("ablate", help="per-example loss change from zeroing each of a model's top candidate heads")

@@ -93,7 +93,7 @@ if MECH:
         benchmark: "results/benchmarks/domain_candidates.tsv"
         shell:
             "{DORMANT} domains candidates --db {input:q} --out results --score-fn {params.d[score_fn]} "
-            "--top {params.d[top]} --models {params.models} > {log:q} 2>&1"
+            "--top {params.d[top]} --fraction {params.d[fraction]} --models {params.models} > {log:q} 2>&1"
 
     rule domain_ablate:
         """Per-example loss change from zeroing each of one model's top candidate heads (single-head ablation)."""

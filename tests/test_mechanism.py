@@ -299,16 +299,60 @@ def test_claims_on_hand_made_metrics(tmp_path):
 
 def test_domain_candidates_orientation_and_contrast():
     rows = []
-    for layer, head, news, code in [(0, 0, 0.9, 0.2), (0, 1, 0.5, 0.5), (1, 0, 0.1, 0.6)]:
-        rows += [{"model": "m", "layer": layer, "head": head, "domain": "news", "mean": news, "n_examples": 3},
-                 {"model": "m", "layer": layer, "head": head, "domain": "code", "mean": code, "n_examples": 3}]
+    # (layer, head, news mean, code mean, news dormant fraction, code dormant fraction)
+    for layer, head, news, code, fn, fc in [(0, 0, 0.9, 0.2, 0.9, 0.0), (0, 1, 0.5, 0.5, 0.2, 0.2),
+                                            (1, 0, 0.1, 0.6, 0.0, 0.6), (1, 1, 0.7, 0.1, 0.0, 0.0)]:
+        rows += [{"model": "m", "layer": layer, "head": head, "domain": "news", "mean": news, "dormant_frac": fn},
+                 {"model": "m", "layer": layer, "head": head, "domain": "code", "mean": code, "dormant_frac": fc}]
     means = pl.DataFrame(rows)
-    c = candidates(means, "awft", top=2)  # awft: high = dormant
-    assert c["layer"].to_list() == [0, 1] and c["head"].to_list() == [0, 0]
-    assert c["contrast"].to_list() == pytest.approx([0.7, 0.5])
+    c = candidates(means, "awft", top=3)  # awft: high = dormant
+    # ranked by dormant-fraction contrast; L1H1 shifts its mean by 0.6 but is never dormant: last
+    assert list(zip(c["layer"], c["head"])) == [(0, 0), (1, 0), (1, 1)]
+    assert c["contrast"].to_list() == pytest.approx([0.9, 0.6, 0.0])
+    assert c["mean_contrast"].to_list()[:2] == pytest.approx([0.7, 0.5])
     assert c.row(0, named=True)["dormant_domain"] == "news" and c.row(1, named=True)["dormant_domain"] == "code"
-    c = candidates(means, "ahon_ln", top=1)  # ahon_ln: low = dormant
-    assert c.row(0, named=True)["dormant_domain"] == "code" and c.row(0, named=True)["active_domain"] == "news"
+    assert c.row(0, named=True)["dormant_news"] == 0.9 and c.row(0, named=True)["awft_code"] == 0.2
+    low = means.with_columns(pl.col("mean") * -1)  # ahon_ln: low = dormant; fractions as given
+    c = candidates(low, "ahon_ln", top=1)
+    assert c.row(0, named=True)["dormant_domain"] == "news" and c.row(0, named=True)["mean_contrast"] == pytest.approx(0.7)
+
+
+def test_domain_means_dormant_fraction_against_numpy(tmp_path):
+    """τ is the SPEC §3 quantile of each model's pooled scores; the dormant fraction per domain counts the
+    examples beyond it, computed here independently with NumPy."""
+    from analysis.database import SCHEMA, connect
+    from analysis.domains import domain_means
+
+    rng = np.random.default_rng(1)
+    con = connect(tmp_path / "d.duckdb")
+    con.execute(SCHEMA)
+    ex, sc = [], []
+    for model in ("a", "b"):
+        for i in range(12):
+            dom = ["news", "code", "math"][i % 3]
+            ex.append((model, "ds", f"e{i}", dom))
+            for layer in range(2):
+                for head in range(3):
+                    sc.append((model, "ds", f"e{i}", layer, head, float(rng.uniform()), float(rng.normal())))
+    con.executemany("INSERT INTO examples (model, dataset, example, domain) VALUES (?, ?, ?, ?)", ex)
+    con.executemany("INSERT INTO head_scores (model, dataset, example, layer, head, awft, ahon_ln) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)", sc)
+    for fn, p in (("awft", 0.15), ("ahon_ln", 0.3)):
+        got = domain_means(con, fn, p)
+        assert got.height == 2 * 2 * 3 * 3
+        for model in ("a", "b"):
+            col = 5 if fn == "awft" else 6
+            v = np.array([r[col] for r in sc if r[0] == model])
+            tau = np.quantile(v, 1 - p) if fn == "awft" else np.quantile(v, p)
+            for layer, head, dom in ((0, 0, "news"), (1, 2, "math")):
+                ids = {e[2] for e in ex if e[0] == model and e[3] == dom}
+                s = np.array([r[col] for r in sc if r[0] == model and r[2] in ids and r[3] == layer and r[4] == head])
+                want = (s > tau).mean() if fn == "awft" else (s < tau).mean()
+                row = got.filter((pl.col("model") == model) & (pl.col("layer") == layer) & (pl.col("head") == head)
+                                 & (pl.col("domain") == dom)).row(0, named=True)
+                assert row["tau"] == pytest.approx(tau) and row["dormant_frac"] == pytest.approx(want)
+                assert row["mean"] == pytest.approx(s.mean()) and row["n_examples"] == 4
+    con.close()
 
 
 def test_scatter_summary_matches_scipy():
