@@ -12,7 +12,8 @@ its ``run.json`` (layers, attention, optimizer, ...), which gives the run its ro
   AdamW + softmax, stays within ±30% with SGD and with ReLU attention; the same for the peak relative to
   the other positions (``res_ratio``, max over layers: SPEC's "vs the mean over other positions"), which
   discounts a growth of every position's norm; ReLU attention has ``Attn_<s>`` <= 0.2
-  in every layer. The early value is taken when the task is learned: the first checkpoint with both excess
+  in every layer. A run trained without the prediction made at ``<s>`` (``bos_loss: false``, a diagnostic)
+  is checked only for whether ``<s>`` is a peak at all at the end (``res_ratio`` <= 1). The early value is taken when the task is learned: the first checkpoint with both excess
   risks <= 0.1 nats (``LEARNED``; else, or when that is the last checkpoint, the one nearest on a log scale
   to 10% of the steps), so the comparison is about continued training, not about learning the task.
 """
@@ -104,7 +105,10 @@ def claims(df: pl.DataFrame, specs: dict[str, dict]) -> pl.DataFrame:
             add(run, "zero attention: bigram risk increase", d, "< 0.05", d < 0.05)
             d = final(df, run, "zero_mlp_l0.bigram_risk") - base_g
             add(run, "zero MLP: bigram risk increase", d, "> 0.5", d > 0.5)
-        if L > 1:
+        if L > 1 and not spec.get("bos_loss", True):  # diagnostic: is <s> a peak without its own prediction?
+            v = float(series(df, run, "res_ratio")["value"][-1])  # max over layers
+            add(run, "residual peak / other positions, final (no <s> loss)", v, "<= 1 (no peak)", v <= 1)
+        elif L > 1:
             e = early_step(df, run, steps)
             for metric, what in (("res_peak", "residual peak"), ("res_ratio", "residual peak / other positions")):
                 s = series(df, run, metric)
@@ -130,7 +134,7 @@ def final_table(df: pl.DataFrame, specs: dict[str, dict]) -> pl.DataFrame:
     for run, spec in sorted(specs.items()):
         row = {"run": run, "layers": spec["layers"], "attention": spec["attention"], "optimizer": spec["optimizer"],
                "width": spec["width"], "length": spec["length"], "batch": spec["batch"], "steps": spec["steps"],
-               "train_s": final(df, run, "train_s")}
+               "bos_loss": spec.get("bos_loss", True), "train_s": final(df, run, "train_s")}
         for m in FINAL_METRICS:
             v = series(df, run, m)["value"]
             row[m] = float(v[-1]) if len(v) else None
@@ -172,7 +176,7 @@ def compare_figure(df: pl.DataFrame, specs: dict[str, dict]):
         e = early_step(df, run, spec["steps"])
         rp = rp.with_columns((pl.col("value") / _at(rp, e)).alias("value"), pl.lit("residual peak / early").alias("quantity"))
         ab = series(df, run, "attn_bos").with_columns(pl.lit("Attn_<s> (max over layers)").alias("quantity"))
-        label = f"{spec['optimizer']}, {spec['attention']}"
+        label = f"{spec['optimizer']}, {spec['attention']}" + ("" if spec.get("bos_loss", True) else ", no <s> loss")
         for part in (rp, ab):
             parts.append(part.with_columns(pl.lit(run).alias("run"), pl.lit(label).alias("variant"),
                                            pl.lit(f"{spec['layers']} layer(s)").alias("depth")))

@@ -16,7 +16,8 @@ def _train(args: argparse.Namespace) -> int:
     spec = RunSpec(name=args.run, layers=args.layers, attention=args.attention, optimizer=args.optimizer,
                    width=args.width, length=args.length, batch=args.batch, steps=args.steps, lr=args.lr,
                    weight_decay=args.weight_decay, betas=tuple(args.betas), momentum=args.momentum,
-                   checkpoints=args.checkpoints, eval_batch=args.eval_batch, seed=args.seed)
+                   checkpoints=args.checkpoints, eval_batch=args.eval_batch, seed=args.seed,
+                   bos_loss=not args.no_bos_loss)
     if args.task_file and args.task_file.is_file():
         task = load_task(args.task_file)
     else:
@@ -66,6 +67,8 @@ def add_toy_parser(subparsers) -> None:
     t.add_argument("--checkpoints", type=int, default=20, help="log-spaced checkpoints (plus step 0)")
     t.add_argument("--eval-batch", type=int, default=64, help="fixed sequences the metrics are measured on")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-bos-loss", action="store_true",
+                   help="leave the prediction made at <s> (of the first character) out of the loss (diagnostic)")
     t.add_argument("--corpus", default="xsum", help="corpus whose character bigrams define the task")
     t.add_argument("--triggers", type=int, default=3, help="k most frequent characters trigger backcopy")
     t.add_argument("--min-count", type=int, default=100, help="rarer characters are left out of the vocabulary")

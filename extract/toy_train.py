@@ -44,6 +44,7 @@ class RunSpec:
     checkpoints: int = 20
     eval_batch: int = 64
     seed: int = 0
+    bos_loss: bool = True  # False: the prediction made at <s> (position 0) is left out of the loss
 
 
 def checkpoint_steps(steps: int, n: int) -> list[int]:
@@ -58,6 +59,12 @@ def make_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
     if spec.optimizer == "sgd":
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
     raise ValueError(f"optimizer={spec.optimizer!r}; choose 'adamw' or 'sgd'")
+
+
+def loss_labels(x: torch.Tensor, bos_loss: bool = True) -> torch.Tensor:
+    """Labels ``(B, S)`` for the next-token loss on ``x``: ``x`` itself, or without ``bos_loss`` with position 1
+    (the character predicted at ``<s>``) set to -100, which the loss ignores."""
+    return x if bos_loss else x.index_fill(1, torch.tensor([1], device=x.device), -100)
 
 
 def _rows(run: str, step: int, metrics: dict[str, float]) -> list[dict]:
@@ -93,7 +100,7 @@ def train(spec: RunSpec, task: BigramBackcopy, out_dir: Path, *, device: str = "
     for step in bar:
         t0 = time.perf_counter()
         x = task.sample(spec.batch, spec.length, gen).to(device)
-        loss = model(x, labels=x).loss
+        loss = model(x, labels=loss_labels(x, spec.bos_loss)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -246,7 +246,7 @@ def test_training_is_seeded_learns_and_ingests(tmp_path):
     assert measure(model.eval(), task, x_eval)["loss"] == pytest.approx(loss[-1], rel=1e-5)
 
 
-def _fake_run(tmp_path, name, layers, attention, optimizer, series: dict, final: dict):
+def _fake_run(tmp_path, name, layers, attention, optimizer, series: dict, final: dict, **extra):
     rows = [{"run": name, "step": s, "metric": m, "value": float(v)} for m, vals in series.items()
             for s, v in vals.items()]
     rows += [{"run": name, "step": 1000, "metric": m, "value": float(v)} for m, v in final.items()]
@@ -255,7 +255,7 @@ def _fake_run(tmp_path, name, layers, attention, optimizer, series: dict, final:
     pl.DataFrame(rows).write_parquet(d / "metrics.parquet")
     (d / "run.json").write_text(json.dumps({"name": name, "layers": layers, "attention": attention,
                                             "optimizer": optimizer, "steps": 1000, "width": 8, "length": 8,
-                                            "batch": 1}))
+                                            "batch": 1, **extra}))
     return d / "metrics.parquet"
 
 
@@ -273,9 +273,11 @@ def test_claims_on_hand_made_metrics(tmp_path):
         f"attn_bos_l{i}": dict(zip(steps, [0.1] * 5)) for i in range(3)} | {"train_s": dict(zip(steps, [0] * 5))}
     f2 = _fake_run(tmp_path, "relu_3l", 3, "relu", "adamw", three([1, 2, 2, 2, 2.5], [1, 2, 2, 2, 4]), {})
     f3 = _fake_run(tmp_path, "sgd_3l", 3, "softmax", "sgd", three([1, 2, 2, 2, 2.9], [1, 1, 1, 1, 1.2]), {})
+    f4 = _fake_run(tmp_path, "relu_3l_nobos", 3, "relu", "adamw", three([1, 2, 2, 2, 9], [1, 1, 1, 1, 0.8]), {},
+                   bos_loss=False)
     from analysis.toy_report import load_runs
 
-    df, specs = load_runs([f1, f2, f3])
+    df, specs = load_runs([f1, f2, f3, f4])
     c = {(r["run"], r["claim"]): (r["measured"], r["pass"]) for r in claims(df, specs).iter_rows(named=True)}
     assert c[("adam_1l", "final bigram_risk (nats)")] == (pytest.approx(0.06), False)
     assert c[("adam_1l", "final backcopy_risk (nats)")][1]
@@ -289,10 +291,27 @@ def test_claims_on_hand_made_metrics(tmp_path):
     assert c[("relu_3l", "residual peak / other positions change (final / step 100)")] == (pytest.approx(2.0), False)
     assert c[("sgd_3l", "residual peak / other positions change (final / step 100)")] == (pytest.approx(1.2), True)
     assert c[("relu_3l", "Attn_<s> (max over layers), ReLU attention")] == (pytest.approx(0.1), True)
+    # the diagnostic run without the <s> loss: only "is <s> a peak at the end" (max over layers: 0.8 * 1.2)
+    assert c[("relu_3l_nobos", "residual peak / other positions, final (no <s> loss)")] == (pytest.approx(0.96), True)
+    assert not any(run == "relu_3l_nobos" and "change" in claim for run, claim in c)
     inter = interventions_table(df.filter(pl.col("run") == "adam_1l"))
     assert inter.filter((pl.col("zeroed") == "attn L0") & (pl.col("risk") == "backcopy_risk"))["value"][0] == 3.0
     paths = write_toy_report([f1, f2, f3], tmp_path / "out", "toy_t")
     assert {p.name for p in paths} >= {"toy_t_claims.csv", "toy_t_dynamics.png", "toy_t_interventions.svg"}
+
+
+def test_loss_without_bos_prediction_equals_masked_cross_entropy():
+    from extract.toy_train import loss_labels
+
+    model = toy_model(12, width=16, layers=1, length=10, seed=0)
+    x = torch.randint(1, 12, (3, 10), generator=torch.Generator().manual_seed(0))
+    x[:, 0] = 0
+    logits = model(x).logits
+    want_all = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 12), x[:, 1:].reshape(-1))
+    want_nobos = torch.nn.functional.cross_entropy(logits[:, 1:-1].reshape(-1, 12), x[:, 2:].reshape(-1))
+    assert torch.allclose(model(x, labels=loss_labels(x)).loss, want_all)
+    assert torch.allclose(model(x, labels=loss_labels(x, bos_loss=False)).loss, want_nobos)
+    assert not torch.allclose(want_all, want_nobos) and (x[:, 1] != -100).all()  # x itself is left unchanged
 
 
 # ------------------------------------------------------------------------------------------ domains
