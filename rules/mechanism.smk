@@ -45,7 +45,7 @@ if MECH:
         params:
             args=lambda w: _toy_run(w.toyrun),
             dir=lambda w: f"results/toy/{w.toyrun}",
-            t=TOY,
+            t={k: TOY[k] for k in ("corpus", "triggers", "min_count", "device")},  # not the other runs' settings
         threads: TOY["threads"]
         resources: mem_mb=config["resources"]["mem_mb"], gpu=config["resources"]["gpu"] if TOY["device"] != "cpu" else 0
         log: "results/logs/toy_train/{toyrun}.log"
