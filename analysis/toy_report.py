@@ -13,9 +13,10 @@ its ``run.json`` (layers, attention, optimizer, ...), which gives the run its ro
   the other positions (``res_ratio``, max over layers: SPEC's "vs the mean over other positions"), which
   discounts a growth of every position's norm; ReLU attention has ``Attn_<s>`` <= 0.2
   in every layer. A run trained without the prediction made at ``<s>`` (``bos_loss: false``, a diagnostic)
-  is checked only for whether ``<s>`` is a peak at all at the end (``res_ratio`` <= 1). The early value is taken when the task is learned: the first checkpoint with both excess
-  risks <= 0.1 nats (``LEARNED``; else, or when that is the last checkpoint, the one nearest on a log scale
-  to 10% of the steps), so the comparison is about continued training, not about learning the task.
+  is checked only for whether ``<s>`` is a peak at all at the end (``res_ratio`` <= 1).
+  The early value is taken when the task is learned: the first checkpoint with both excess risks <= 0.1 nats
+  (``LEARNED``; else, or when that is the last checkpoint, the one nearest on a log scale to 10% of the
+  steps), so the comparison is about continued training, not about learning the task.
 """
 from __future__ import annotations
 
