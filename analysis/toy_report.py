@@ -33,15 +33,17 @@ LEARNED = 0.1  # both excess risks below this: the task is learned (start of the
 
 
 def load_runs(metrics: list[Path]) -> tuple[pl.DataFrame, dict[str, dict]]:
-    """All ``bb_metrics`` rows of the files, and ``run -> run.json`` (read from beside each file)."""
+    """All ``bb_metrics`` rows of the files, and ``run -> run.json`` (read from beside each file; runs written
+    before ``bos_loss`` existed get its default, True)."""
     frames, specs = [], {}
     for path in metrics:
         df = pl.read_parquet(path)
         spec_file = Path(path).with_name("run.json")
         if not spec_file.is_file():
             raise FileNotFoundError(f"{spec_file} is missing; train the run with `dormant toy train`")
+        spec = {"bos_loss": True, **json.loads(spec_file.read_text())}
         for run in df["run"].unique().to_list():
-            specs[run] = json.loads(spec_file.read_text())
+            specs[run] = spec
         frames.append(df)
     return pl.concat(frames), specs
 
@@ -106,7 +108,7 @@ def claims(df: pl.DataFrame, specs: dict[str, dict]) -> pl.DataFrame:
             add(run, "zero attention: bigram risk increase", d, "< 0.05", d < 0.05)
             d = final(df, run, "zero_mlp_l0.bigram_risk") - base_g
             add(run, "zero MLP: bigram risk increase", d, "> 0.5", d > 0.5)
-        if L > 1 and not spec.get("bos_loss", True):  # diagnostic: is <s> a peak without its own prediction?
+        if L > 1 and not spec["bos_loss"]:  # diagnostic: is <s> a peak without its own prediction?
             v = float(series(df, run, "res_ratio")["value"][-1])  # max over layers
             add(run, "residual peak / other positions, final (no <s> loss)", v, "<= 1 (no peak)", v <= 1)
         elif L > 1:
@@ -135,7 +137,7 @@ def final_table(df: pl.DataFrame, specs: dict[str, dict]) -> pl.DataFrame:
     for run, spec in sorted(specs.items()):
         row = {"run": run, "layers": spec["layers"], "attention": spec["attention"], "optimizer": spec["optimizer"],
                "width": spec["width"], "length": spec["length"], "batch": spec["batch"], "steps": spec["steps"],
-               "bos_loss": spec.get("bos_loss", True), "train_s": final(df, run, "train_s")}
+               "bos_loss": spec["bos_loss"], "train_s": final(df, run, "train_s")}
         for m in FINAL_METRICS:
             v = series(df, run, m)["value"]
             row[m] = float(v[-1]) if len(v) else None
@@ -177,7 +179,7 @@ def compare_figure(df: pl.DataFrame, specs: dict[str, dict]):
         e = early_step(df, run, spec["steps"])
         rp = rp.with_columns((pl.col("value") / _at(rp, e)).alias("value"), pl.lit("residual peak / early").alias("quantity"))
         ab = series(df, run, "attn_bos").with_columns(pl.lit("Attn_<s> (max over layers)").alias("quantity"))
-        label = f"{spec['optimizer']}, {spec['attention']}" + ("" if spec.get("bos_loss", True) else ", no <s> loss")
+        label = f"{spec['optimizer']}, {spec['attention']}" + ("" if spec["bos_loss"] else ", no <s> loss")
         for part in (rp, ab):
             parts.append(part.with_columns(pl.lit(run).alias("run"), pl.lit(label).alias("variant"),
                                            pl.lit(f"{spec['layers']} layer(s)").alias("depth")))
