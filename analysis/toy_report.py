@@ -34,14 +34,14 @@ LEARNED = 0.1  # both excess risks below this: the task is learned (start of the
 
 def load_runs(metrics: list[Path]) -> tuple[pl.DataFrame, dict[str, dict]]:
     """All ``bb_metrics`` rows of the files, and ``run -> run.json`` (read from beside each file; runs written
-    before ``bos_loss`` existed get its default, True)."""
+    before ``init`` and ``bos_loss`` existed get their defaults, ``normal`` and True)."""
     frames, specs = [], {}
     for path in metrics:
         df = pl.read_parquet(path)
         spec_file = Path(path).with_name("run.json")
         if not spec_file.is_file():
             raise FileNotFoundError(f"{spec_file} is missing; train the run with `dormant toy train`")
-        spec = {"bos_loss": True, **json.loads(spec_file.read_text())}
+        spec = {"init": "normal", "bos_loss": True, **json.loads(spec_file.read_text())}
         for run in df["run"].unique().to_list():
             specs[run] = spec
         frames.append(df)
@@ -137,7 +137,7 @@ def final_table(df: pl.DataFrame, specs: dict[str, dict]) -> pl.DataFrame:
     for run, spec in sorted(specs.items()):
         row = {"run": run, "layers": spec["layers"], "attention": spec["attention"], "optimizer": spec["optimizer"],
                "width": spec["width"], "length": spec["length"], "batch": spec["batch"], "steps": spec["steps"],
-               "bos_loss": spec["bos_loss"], "train_s": final(df, run, "train_s")}
+               "init": spec["init"], "bos_loss": spec["bos_loss"], "train_s": final(df, run, "train_s")}
         for m in FINAL_METRICS:
             v = series(df, run, m)["value"]
             row[m] = float(v[-1]) if len(v) else None

@@ -17,7 +17,7 @@ def _train(args: argparse.Namespace) -> int:
                    width=args.width, length=args.length, batch=args.batch, steps=args.steps, lr=args.lr,
                    weight_decay=args.weight_decay, betas=tuple(args.betas), momentum=args.momentum,
                    checkpoints=args.checkpoints, eval_batch=args.eval_batch, seed=args.seed,
-                   bos_loss=not args.no_bos_loss)
+                   init=args.init, bos_loss=not args.no_bos_loss)
     if args.task_file and args.task_file.is_file():
         task = load_task(args.task_file)
     else:
@@ -67,6 +67,8 @@ def add_toy_parser(subparsers) -> None:
     t.add_argument("--checkpoints", type=int, default=20, help="log-spaced checkpoints (plus step 0)")
     t.add_argument("--eval-batch", type=int, default=64, help="fixed sequences the metrics are measured on")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init", choices=["normal", "torch"], default="normal",
+                   help="normal: N(0, 0.02²) weights; torch: PyTorch's module defaults (the AD authors' code)")
     t.add_argument("--no-bos-loss", action="store_true",
                    help="leave the prediction made at <s> (of the first character) out of the loss (diagnostic)")
     t.add_argument("--corpus", default="xsum", help="corpus whose character bigrams define the task")

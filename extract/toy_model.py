@@ -21,14 +21,21 @@ from . import capture
 from .errors import DormantError
 
 
+INITS = {"normal": "every weight N(0, 0.02²), LayerNorm weights 1 (GPT-2 style)",
+         "torch": "PyTorch's module defaults: embeddings N(0, 1), linear layers U(±1/√fan_in) (the AD authors' code)"}
+
+
 class ToyConfig(PretrainedConfig):
     model_type = "bb_toy"
 
     def __init__(self, vocab_size: int = 78, hidden_size: int = 128, num_hidden_layers: int = 1,
                  num_attention_heads: int = 1, max_position_embeddings: int = 256, attention: str = "softmax",
-                 mlp_ratio: int = 4, bos_token_id: int = 0, pad_token_id: int = 0, **kwargs):
+                 mlp_ratio: int = 4, init: str = "normal", bos_token_id: int = 0, pad_token_id: int = 0, **kwargs):
         if attention not in ("softmax", "relu"):
             raise ValueError(f"attention={attention!r}; choose 'softmax' or 'relu'")
+        if init not in INITS:
+            raise ValueError(f"init={init!r}; choose one of {sorted(INITS)}")
+        self.init = init
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.num_key_value_heads = num_attention_heads
@@ -120,7 +127,10 @@ class ToyPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if getattr(self.config, "init", "normal") == "torch":
+            if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+                module.reset_parameters()
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
@@ -172,10 +182,11 @@ AutoModelForCausalLM.register(ToyConfig, ToyForCausalLM, exist_ok=True)
 
 
 def toy_model(vocab_size: int, *, width: int = 128, layers: int = 1, length: int = 256,
-              attention: str = "softmax", seed: int = 0, attn_implementation: str = "sdpa") -> ToyForCausalLM:
-    """A fresh, seeded toy model (1 head)."""
+              attention: str = "softmax", init: str = "normal", seed: int = 0,
+              attn_implementation: str = "sdpa") -> ToyForCausalLM:
+    """A fresh, seeded toy model (1 head); ``init`` one of :data:`INITS`."""
     torch.manual_seed(seed)
     cfg = ToyConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
-                    max_position_embeddings=length, attention=attention)
+                    max_position_embeddings=length, attention=attention, init=init)
     cfg._attn_implementation = attn_implementation
     return ToyForCausalLM(cfg)

@@ -44,6 +44,7 @@ class RunSpec:
     checkpoints: int = 20
     eval_batch: int = 64
     seed: int = 0
+    init: str = "normal"  # weight initialisation, see extract.toy_model.INITS
     bos_loss: bool = True  # False: the prediction made at <s> (position 0) is left out of the loss
 
 
@@ -78,7 +79,7 @@ def train(spec: RunSpec, task: BigramBackcopy, out_dir: Path, *, device: str = "
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = toy_model(task.vocab_size, width=spec.width, layers=spec.layers, length=spec.length,
-                      attention=spec.attention, seed=spec.seed).to(device)
+                      attention=spec.attention, init=spec.init, seed=spec.seed).to(device)
     model.config.to_json_file(out_dir / "config.json")
     (out_dir / "run.json").write_text(json.dumps(asdict(spec), indent=1) + "\n")
     opt = make_optimizer(spec, model.parameters())

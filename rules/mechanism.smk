@@ -27,7 +27,8 @@ if MECH:
         return (f"--layers {r['layers']} --attention {r['attention']} --optimizer {r['optimizer']} "
                 f"--width {r['width']} --length {r['length']} --batch {r['batch']} --steps {r['steps']} "
                 f"--lr {r['lr']} --weight-decay {r['weight_decay']} --betas {betas} --momentum {r['momentum']} "
-                f"--checkpoints {r['checkpoints']} --eval-batch {r['eval_batch']} --seed {r['seed']}"
+                f"--checkpoints {r['checkpoints']} --eval-batch {r['eval_batch']} --seed {r['seed']} "
+                f"--init {r.get('init', 'normal')}"
                 + ("" if r.get("bos_loss", True) else " --no-bos-loss"))
 
     def _toy_outputs(toy_set):

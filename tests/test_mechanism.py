@@ -141,6 +141,30 @@ def test_toy_model_is_causal_and_implementations_agree(impl):
     assert torch.allclose(model(y).logits[:, :7], out[:, :7], atol=1e-5)
 
 
+def test_toy_init_schemes_match_their_distributions():
+    """``normal``: every weight N(0, 0.02²); ``torch``: PyTorch's defaults (embeddings N(0, 1), linear weights
+    U(±1/√fan_in), so std 1/√(3·fan_in)); LayerNorm weights 1 in both; unknown names are refused."""
+    from extract.toy_model import ToyConfig
+
+    for init in ("normal", "torch"):
+        model = toy_model(300, width=64, layers=2, length=64, init=init, seed=0)
+        assert model.config.init == init
+        for name, p in model.named_parameters():
+            w = p.detach()
+            if "norm" in name:
+                assert torch.equal(w, torch.ones_like(w)), name
+            elif init == "normal":
+                assert abs(w.std().item() - 0.02) < 0.02 * 0.1, name
+            elif "embed" in name:
+                assert abs(w.std().item() - 1.0) < 0.1 and abs(w.mean().item()) < 0.05, name
+            else:
+                bound = w.shape[1] ** -0.5
+                assert w.abs().max().item() <= bound, name
+                assert abs(w.std().item() - bound / math.sqrt(3)) < 0.1 * bound, name
+    with pytest.raises(ValueError, match="init="):
+        ToyConfig(init="xavier")
+
+
 def test_score_engine_runs_unchanged_on_the_toy_model():
     model = toy_model(20, width=16, layers=1, length=16, seed=3).eval()
     x = torch.randint(1, 20, (3, 16), generator=torch.Generator().manual_seed(2))
