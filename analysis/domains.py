@@ -151,39 +151,55 @@ def _perm_p(dl: np.ndarray, active: np.ndarray, seed: int = 0) -> float:
     return float((1 + (diffs >= obs - 1e-12).sum()) / (N_PERM + 1))
 
 
+def _pattern(a: np.ndarray, dl: np.ndarray) -> dict:
+    """Active (awft <= median) vs dormant examples' mean loss change ``dl``, the permutation p-value and the
+    pattern verdict of :func:`scatter_summary`."""
+    active = a <= np.median(a)
+    both = bool((~active).any())  # all awft equal: no dormant side, no test
+    dorm = float(dl[~active].mean()) if both else float("nan")
+    act = float(dl[active].mean())
+    p = _perm_p(dl, active) if both else float("nan")
+    return {"dormant": dorm, "active": act, "p": p, "holds": bool(act > 0 and p < 0.05 and abs(dorm) <= act / 2)}
+
+
 def scatter_summary(abl: pl.DataFrame) -> pl.DataFrame:
     """Per (model, layer, head): mean loss change on the examples above the median awft (dormant) and at or
     below it (active), Pearson and Spearman of loss change with awft over examples, the one-sided
     permutation p-value of active > dormant, and ``holds``: the active-dormant pattern, i.e. active
-    examples lose more (p < 0.05) while dormant ones cost at most half as much (|dormant| <= active / 2)."""
+    examples lose more (p < 0.05) while dormant ones cost at most half as much (|dormant| <= active / 2).
+    With a ``delta_loss_mean`` column (mean ablation) the same four again, suffixed ``_mean``."""
     rows = []
     for (model, layer, head), g in abl.group_by(["model", "layer", "head"], maintain_order=True):
         a, dl = g["awft"].to_numpy(), g["delta_loss"].to_numpy()
-        med = float(np.median(a))
-        active = a <= med
         ra, rd = np.argsort(np.argsort(a)), np.argsort(np.argsort(dl))
-        both = bool((~active).any())  # all awft equal: no dormant side, no test
-        dorm = float(dl[~active].mean()) if both else float("nan")
-        act = float(dl[active].mean())
-        p = _perm_p(dl, active) if both else float("nan")
-        rows.append({"model": model, "layer": layer, "head": head, "n_examples": len(a), "awft_median": med,
-                     "delta_loss_dormant": dorm, "delta_loss_active": act,
-                     "pearson": float(np.corrcoef(a, dl)[0, 1]), "spearman": float(np.corrcoef(ra, rd)[0, 1]),
-                     "p_value": p, "holds": bool(act > 0 and p < 0.05 and abs(dorm) <= act / 2)})
+        z = _pattern(a, dl)
+        row = {"model": model, "layer": layer, "head": head, "n_examples": len(a), "awft_median": float(np.median(a)),
+               "delta_loss_dormant": z["dormant"], "delta_loss_active": z["active"],
+               "pearson": float(np.corrcoef(a, dl)[0, 1]), "spearman": float(np.corrcoef(ra, rd)[0, 1]),
+               "p_value": z["p"], "holds": z["holds"]}
+        if "delta_loss_mean" in g.columns:
+            m = _pattern(a, g["delta_loss_mean"].to_numpy())
+            row |= {"delta_loss_mean_dormant": m["dormant"], "delta_loss_mean_active": m["active"],
+                    "p_value_mean": m["p"], "holds_mean": m["holds"]}
+        rows.append(row)
     return pl.DataFrame(rows)
 
 
 def scatter_figure(abl: pl.DataFrame, model: str):
-    """Loss change from zeroing one head vs its first-token attention, per example, one panel per head."""
+    """Loss change from ablating one head vs its first-token attention, per example: one column per head,
+    one row per ablation (zero; mean, when measured)."""
     import altair as alt
 
     d = abl.filter(pl.col("model") == model).with_columns(pl.format("L{}H{}", "layer", "head").alias("name"))
+    kinds = {"delta_loss": "zeroed"} | ({"delta_loss_mean": "mean-ablated"} if "delta_loss_mean" in d.columns else {})
+    d = pl.concat([d.select("example", "domain", "name", "awft", pl.col(c).alias("delta"),
+                            pl.lit(k).alias("ablation")) for c, k in kinds.items()])
     return (alt.Chart(d).mark_circle(size=40, opacity=0.75).encode(
         x=alt.X("awft:Q", title="first-token attention of the head on the example (awft)"),
-        y=alt.Y("delta_loss:Q", title="loss change when the head is zeroed (nats/token)"),
-        color=alt.Color("domain:N"), tooltip=["example", "domain", "awft", "delta_loss"],
-    ).properties(width=250, height=210)
-        .facet(facet=alt.Facet("name:N", title=None), columns=3)
+        y=alt.Y("delta:Q", title="loss change when the head is ablated (nats/token)"),
+        color=alt.Color("domain:N"), tooltip=["example", "domain", "awft", "delta"],
+    ).properties(width=220, height=190)
+        .facet(column=alt.Column("name:N", title=None), row=alt.Row("ablation:N", title=None, sort=list(kinds.values())))
         .resolve_scale(x="independent", y="independent")
         .properties(title=f"{model}: active-dormant scatter (one point per example)"))
 

@@ -170,7 +170,8 @@ def dynamics_figure(df: pl.DataFrame, specs: dict[str, dict]):
 
 
 def compare_figure(df: pl.DataFrame, specs: dict[str, dict]):
-    """Adam vs SGD vs ReLU attention: residual peak (max over layers, over its early value) and Attn_<s>."""
+    """Adam vs SGD vs ReLU attention: residual peak (max over layers, over its early value) and Attn_<s>; one
+    dash style per initialisation."""
     import altair as alt
 
     parts = []
@@ -182,12 +183,13 @@ def compare_figure(df: pl.DataFrame, specs: dict[str, dict]):
         label = f"{spec['optimizer']}, {spec['attention']}" + ("" if spec["bos_loss"] else ", no <s> loss")
         for part in (rp, ab):
             parts.append(part.with_columns(pl.lit(run).alias("run"), pl.lit(label).alias("variant"),
+                                           pl.lit(spec["init"]).alias("init"),
                                            pl.lit(f"{spec['layers']} layer(s)").alias("depth")))
     d = pl.concat(parts).filter(pl.col("step") > 0)
     return (alt.Chart(d).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
         x=alt.X("step:Q", scale=alt.Scale(type="log"), title="training step"),
         y=alt.Y("value:Q", title=None), color=alt.Color("variant:N", title="optimizer, attention"),
-        detail="run:N",
+        strokeDash=alt.StrokeDash("init:N", title="initialisation"), detail="run:N",
     ).properties(width=240, height=170)
         .facet(row=alt.Row("quantity:N", title=None), column=alt.Column("depth:N", title=None))
         .resolve_scale(y="independent")

@@ -42,10 +42,12 @@ def _ablate(args: argparse.Namespace) -> int:
             by_corpus.setdefault(ex.get("corpus", ""), []).append(ex)
         examples = [ex for group in by_corpus.values() for ex in group[: args.limit]]
     t0 = time.perf_counter()
-    df = head_loss_changes(model, tok, examples, heads, prepend_bos=not args.no_bos, max_tokens=args.max_tokens)
+    df = head_loss_changes(model, tok, examples, heads, prepend_bos=not args.no_bos, max_tokens=args.max_tokens,
+                           mean=args.mean)
     df = df.with_columns(pl.lit(name).alias("model")).select("model", *[c for c in df.columns if c != "model"])
     write_parquet_atomic(df, args.out)
-    print(f"{name}: heads {', '.join(f'L{l}H{h}' for l, h in heads)} zeroed on {len(examples)} examples "
+    print(f"{name}: heads {', '.join(f'L{l}H{h}' for l, h in heads)} zeroed{' and mean-ablated' * args.mean} "
+          f"on {len(examples)} examples "
           f"({time.perf_counter() - t0:.0f} s) -> {args.out}")
     return 0
 
@@ -74,7 +76,8 @@ def add_domains_parser(subparsers) -> None:
                    help="target fraction p of the SPEC §3 threshold that marks a head dormant on an example")
     c.add_argument("--models", nargs="*", help="models to draw a figure for (default: every model in the database)")
     c.set_defaults(func=_candidates)
-    a = sub.add_parser("ablate", help="per-example loss change from zeroing each of a model's top candidate heads")
+    a = sub.add_parser("ablate", help="per-example loss change from zeroing (and mean-ablating) each of a model's "
+                       "top candidate heads")
     a.add_argument("--model", required=True, help="zoo name, hub id or local directory")
     a.add_argument("--candidates", type=Path, default=Path("results/domains/candidates.parquet"))
     a.add_argument("--data", nargs="+", required=True, type=Path, help="corpus JSON-lines files")
@@ -84,6 +87,8 @@ def add_domains_parser(subparsers) -> None:
     a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     a.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     a.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token")
+    a.add_argument("--mean", action="store_true",
+                   help="also mean-ablate each head (its output set to its mean over every position of every example)")
     a.add_argument("--threads", type=int, default=1, help="torch threads")
     a.add_argument("--out", required=True, type=Path, help="Parquet file to write (atomically)")
     a.set_defaults(func=_ablate)

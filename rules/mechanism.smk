@@ -98,7 +98,7 @@ if MECH:
             "--top {params.d[top]} --fraction {params.d[fraction]} --models {params.models} > {log:q} 2>&1"
 
     rule domain_ablate:
-        """Per-example loss change from zeroing each of one model's top candidate heads (single-head ablation)."""
+        """Per-example loss change from zeroing (and mean-ablating) each of one model's top candidate heads."""
         input:
             cands="results/domains/candidates.parquet",
             data=expand("results/data/corpora/{corpus}.jsonl", corpus=CORPORA),
@@ -110,13 +110,14 @@ if MECH:
             limit=f"--limit {DOM['limit']}" if DOM.get("limit") else "",
             max_tokens=f"--max-tokens {DOM['max_tokens']}" if DOM.get("max_tokens") else "",
             bos="" if config["scoring"]["prepend_bos"] else "--no-bos",
+            mean="--mean" if DOM.get("mean_ablation") else "",
         threads: DOM["threads"]
         resources: mem_mb=config["resources"]["mem_mb"], gpu=config["resources"]["gpu"]
         log: "results/logs/domain_ablate/{model}.log"
         benchmark: "results/benchmarks/domain_ablate/{model}.tsv"
         shell:
             "OMP_NUM_THREADS={threads} {DORMANT} domains ablate --model {params.name:q} --candidates {input.cands:q} "
-            "--data {input.data:q} --heads {params.d[heads]} {params.limit} {params.max_tokens} {params.bos} "
+            "--data {input.data:q} --heads {params.d[heads]} {params.limit} {params.max_tokens} {params.bos} {params.mean} "
             "--threads {threads} --dtype {config[scoring][dtype]} --device {config[scoring][device]} "
             "--out {output:q} 2> {log:q}"
 

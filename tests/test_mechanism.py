@@ -13,7 +13,7 @@ from scipy import stats
 
 from analysis.domains import candidates, scatter_summary
 from analysis.toy_report import claims, early_step, interventions_table, write_toy_report
-from extract.domain_ablation import head_loss_changes, zero_head
+from extract.domain_ablation import head_loss_changes, replace_head, zero_head
 from extract.scores import score_heads
 from extract.toy_data import BigramBackcopy, build_task, corpus_task, load_task, save_task
 from extract.toy_metrics import measure, risks, zeroed
@@ -417,6 +417,17 @@ def test_scatter_summary_matches_scipy():
     both = df.with_columns(pl.Series("delta_loss", 0.4 + 0.5 * (1 - a)))
     r = scatter_summary(both).row(0, named=True)
     assert r["p_value"] < 0.05 and not r["holds"]
+    assert "holds_mean" not in r
+    # mean ablation: the same test on its own column
+    noise = rng.normal(scale=0.05, size=30)
+    m = scatter_summary(df.with_columns(pl.Series("delta_loss_mean", noise))).row(0, named=True)
+    assert m["holds"] and not m["holds_mean"]
+    assert m["delta_loss_mean_active"] == pytest.approx(noise[active].mean())
+    assert m["delta_loss_mean_dormant"] == pytest.approx(noise[~active].mean())
+    ref = stats.permutation_test((noise[active], noise[~active]), lambda x, y: x.mean() - y.mean(),
+                                 alternative="greater", permutation_type="independent", n_resamples=9999,
+                                 random_state=0)
+    assert m["p_value_mean"] == pytest.approx(ref.pvalue, abs=0.015)
 
 
 def test_zero_head_equals_zeroed_output_columns():
@@ -435,6 +446,67 @@ def test_zero_head_equals_zeroed_output_columns():
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def _with_head_as_bias(model, layer: int, head: int, value: torch.Tensor):
+    """Reference mean ablation: a copy of ``o_proj`` whose columns of ``head`` are zero and whose bias is those
+    columns times ``value`` (a constant head output contributes ``W[:, head] @ value`` at every position)."""
+    o = model.base_model.layers[layer].self_attn.o_proj
+    D = o.in_features // model.config.num_attention_heads
+    new = torch.nn.Linear(o.in_features, o.out_features, bias=True, dtype=o.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(o.weight)
+        new.bias.copy_(o.weight[:, head * D:(head + 1) * D] @ value.to(o.weight.dtype))
+        new.weight[:, head * D:(head + 1) * D] = 0
+    model.base_model.layers[layer].self_attn.o_proj = new
+    return o
+
+
+def _o_inputs(model, layer: int, head: int, seqs: list[list[int]]) -> torch.Tensor:
+    """The head's slice of the o_proj input at every position of every sequence, stacked ``(N, head_dim)``."""
+    o = model.base_model.layers[layer].self_attn.o_proj
+    D = o.in_features // model.config.num_attention_heads
+    got = []
+    h = o.register_forward_pre_hook(lambda m, a: got.append(a[0][0, :, head * D:(head + 1) * D].clone()))
+    try:
+        with torch.no_grad():
+            for seq in seqs:
+                model(input_ids=torch.tensor([seq]))
+    finally:
+        h.remove()
+    return torch.cat(got)
+
+
+def test_mean_ablation_equals_a_constant_head_output():
+    """Mean ablation: the head's o_proj-input slice replaced by its mean over every position of every example
+    equals zeroing its o_proj columns and adding their product with that mean as a bias."""
+    from tiny import tiny_model
+    from tiny_tokenizer import tiny_tokenizer
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    texts = [{"id": str(i), "text": t, "domain": d, "corpus": d} for i, (t, d) in enumerate(
+        [("def f(x): return x + 1", "code"), ("The cat sat on the mat today.", "news"), ("2 + 2 = 4", "math")])]
+    seqs = [[1] + tok(t["text"], add_special_tokens=False)["input_ids"] for t in texts]
+    df = head_loss_changes(model, tok, texts, [(1, 2), (0, 1)], mean=True, progress=False)
+    assert df.columns[-2:] == ["loss_mean_ablated", "delta_loss_mean"]
+    for layer, head in [(1, 2), (0, 1)]:
+        mean = _o_inputs(model, layer, head, seqs).double().mean(0).float()
+        with replace_head(model, layer, head, mean), torch.no_grad():
+            got = [model(input_ids=torch.tensor([s])).logits for s in seqs]
+        saved = _with_head_as_bias(model, layer, head, mean)
+        try:
+            with torch.no_grad():
+                want = [model(input_ids=torch.tensor([s])).logits for s in seqs]
+        finally:
+            model.base_model.layers[layer].self_attn.o_proj = saved
+        rows = df.filter((pl.col("layer") == layer) & (pl.col("head") == head))
+        for g, w, seq, row in zip(got, want, seqs, rows.iter_rows(named=True)):
+            assert torch.allclose(g, w, atol=1e-5)
+            ids = torch.tensor(seq)
+            loss = torch.nn.functional.cross_entropy(w[0, :-1], ids[1:]).item()
+            assert row["loss_mean_ablated"] == pytest.approx(loss, rel=1e-5)
+            assert row["delta_loss_mean"] == pytest.approx(loss - row["loss_base"], abs=1e-6)
+    assert "loss_mean_ablated" not in head_loss_changes(model, tok, texts[:1], [(0, 0)], progress=False).columns
+
+
 @pytest.mark.slow
 def test_real_model_head_loss_change(zoo_model):
     """SmolLM2: the loss change of zeroing a head equals the loss with its o_proj columns removed, and the
@@ -443,7 +515,7 @@ def test_real_model_head_loss_change(zoo_model):
     texts = [{"id": "p", "text": "The weather in Paris was mild and sunny this spring.", "domain": "news",
               "corpus": "xsum"},
              {"id": "c", "text": "def add(a, b):\n    return a + b\n", "domain": "code", "corpus": "code"}]
-    df = head_loss_changes(model, tok, texts, [(3, 1)], progress=False)
+    df = head_loss_changes(model, tok, texts, [(3, 1)], mean=True, progress=False)
     ref = score_heads(model, [[tok.bos_token_id] + tok(t["text"], add_special_tokens=False)["input_ids"]
                               for t in texts])
     ref = ref.filter((pl.col("layer") == 3) & (pl.col("head") == 1)).sort("example")
@@ -462,6 +534,18 @@ def test_real_model_head_loss_change(zoo_model):
     finally:
         with torch.no_grad():
             o.weight[:, D:2 * D] = saved
+    # mean ablation: the head's output replaced by its mean over both examples' positions = a constant bias
+    seqs = [[tok.bos_token_id] + tok(t["text"], add_special_tokens=False)["input_ids"] for t in texts]
+    mean = _o_inputs(model, 3, 1, seqs).double().mean(0)
+    saved = _with_head_as_bias(model, 3, 1, mean)
+    try:
+        with torch.no_grad():
+            for row, seq in zip(df.iter_rows(named=True), seqs):
+                ids = torch.tensor([seq])
+                loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:]).item()
+                assert row["loss_mean_ablated"] == pytest.approx(loss, rel=1e-4)
+    finally:
+        model.base_model.layers[3].self_attn.o_proj = saved
 
 
 @pytest.mark.slow
