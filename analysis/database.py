@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS bb_metrics (
 CREATE TABLE IF NOT EXISTS domain_head_ablation (
   model VARCHAR, dataset VARCHAR, example VARCHAR, domain VARCHAR, n_tokens INTEGER, layer INTEGER, head INTEGER,
   awft DOUBLE, ahon_ln DOUBLE, loss_base DOUBLE, loss_ablated DOUBLE, delta_loss DOUBLE,
+  loss_mean_ablated DOUBLE, delta_loss_mean DOUBLE,  -- NULL unless mean ablation was run
   PRIMARY KEY (model, dataset, example, layer, head));
 CREATE TABLE IF NOT EXISTS maps_scores (
   model VARCHAR, layer INTEGER, head INTEGER, operation VARCHAR, category VARCHAR, k INTEGER, score DOUBLE,
@@ -170,7 +171,8 @@ def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterab
            corpora: dict[str, Path] | None = None, tables: dict[str, list[Path]] | None = None) -> dict[str, int]:
     """Upsert everything given into the database at ``path`` in one transaction; returns row counts.
 
-    ``tables``: table name -> Parquet files to upsert into it (columns matched by name).
+    ``tables``: table name -> Parquet files to upsert into it (columns matched by name; a column some files
+    lack is NULL in their rows).
     """
     con = connect(path)
     try:
@@ -182,7 +184,7 @@ def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterab
                 raise ValueError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
             files = [files] if isinstance(files, (str, Path)) else list(files)
             if files:
-                con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM read_parquet({_sql_list(files)})")
+                con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM read_parquet({_sql_list(files)}, union_by_name = true)")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")

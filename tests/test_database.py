@@ -156,6 +156,21 @@ def test_build_from_base_adds_tables_and_leaves_base_untouched(tmp_path):
         build(tmp_path / "x.duckdb", base=tmp_path / "missing.duckdb")
 
 
+def test_domain_ablation_rows_with_and_without_mean_ablation(tmp_path):
+    """Files with the mean-ablation columns and files without them load together; the missing ones are NULL."""
+    row = {"dataset": "d", "example": "1", "domain": "code", "n_tokens": 5, "layer": 0, "head": 1, "awft": 0.5,
+           "ahon_ln": 0.1, "loss_base": 2.0, "loss_ablated": 2.5, "delta_loss": 0.5}
+    with_mean, without = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pl.DataFrame([{"model": "a", **row, "loss_mean_ablated": 2.25, "delta_loss_mean": 0.25}]).write_parquet(with_mean)
+    pl.DataFrame([{"model": "b", **row}]).write_parquet(without)
+    counts = build(tmp_path / "x.duckdb", tables={"domain_head_ablation": [with_mean, without]})
+    assert counts["domain_head_ablation"] == 2
+    con = connect(tmp_path / "x.duckdb", read_only=True)
+    got = con.execute("SELECT model, delta_loss, delta_loss_mean FROM domain_head_ablation ORDER BY model").fetchall()
+    con.close()
+    assert got == [("a", 0.5, 0.25), ("b", 0.5, None)]
+
+
 def test_atomic_dir_replaces_on_success_and_keeps_the_old_one_on_failure(tmp_path):
     from analysis.outputs import atomic_dir
 
