@@ -93,6 +93,11 @@ CREATE TABLE IF NOT EXISTS maps_causal (
 CREATE TABLE IF NOT EXISTS score_functions (
   score_fn VARCHAR PRIMARY KEY, inactive_when VARCHAR);
 """
+# Columns added after their table first shipped: a database built before gets them on its next writable open.
+MIGRATIONS = """
+ALTER TABLE domain_head_ablation ADD COLUMN IF NOT EXISTS loss_mean_ablated DOUBLE;
+ALTER TABLE domain_head_ablation ADD COLUMN IF NOT EXISTS delta_loss_mean DOUBLE;
+"""
 
 _LONG = " UNION ALL ".join(
     f"SELECT model, dataset, example, layer, head, '{k}' AS score_fn, {k} AS score FROM head_scores"
@@ -115,13 +120,15 @@ GROUP BY ALL;
 
 
 def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open the database; a writable connection creates the schema and views if missing."""
+    """Open the database; a writable connection creates the schema and views if missing (and adds the columns
+    of :data:`MIGRATIONS` to an older database)."""
     if read_only:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no database at {path}; run the workflow first (bash scripts/run.sh)")
         return duckdb.connect(str(path), read_only=True)
     con = duckdb.connect(str(path))
     con.execute(SCHEMA)
+    con.execute(MIGRATIONS)
     con.executemany("INSERT OR REPLACE INTO score_functions VALUES (?, ?)", list(INACTIVE_WHEN.items()))
     con.execute(VIEWS)
     return con

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import polars as pl
 import pytest
@@ -169,6 +170,17 @@ def test_domain_ablation_rows_with_and_without_mean_ablation(tmp_path):
     got = con.execute("SELECT model, delta_loss, delta_loss_mean FROM domain_head_ablation ORDER BY model").fetchall()
     con.close()
     assert got == [("a", 0.5, 0.25), ("b", 0.5, None)]
+    # a database written before the columns existed (an older core database used as the base) gets them
+    old = tmp_path / "old.duckdb"
+    raw = duckdb.connect(str(old))
+    raw.execute("CREATE TABLE domain_head_ablation (model VARCHAR, dataset VARCHAR, example VARCHAR, domain VARCHAR, "
+                "n_tokens INTEGER, layer INTEGER, head INTEGER, awft DOUBLE, ahon_ln DOUBLE, loss_base DOUBLE, "
+                "loss_ablated DOUBLE, delta_loss DOUBLE, PRIMARY KEY (model, dataset, example, layer, head))")
+    raw.close()
+    build(tmp_path / "y.duckdb", base=old, tables={"domain_head_ablation": [with_mean]})
+    con = connect(tmp_path / "y.duckdb", read_only=True)
+    assert con.execute("SELECT delta_loss_mean FROM domain_head_ablation").fetchall() == [(0.25,)]
+    con.close()
 
 
 def test_atomic_dir_replaces_on_success_and_keeps_the_old_one_on_failure(tmp_path):
