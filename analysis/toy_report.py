@@ -186,10 +186,11 @@ def compare_figure(df: pl.DataFrame, specs: dict[str, dict]):
                                            pl.lit(spec["init"]).alias("init"),
                                            pl.lit(f"{spec['layers']} layer(s)").alias("depth")))
     d = pl.concat(parts).filter(pl.col("step") > 0)
-    return (alt.Chart(d).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
+    return (alt.Chart(d).mark_line(strokeWidth=1.5).encode(
         x=alt.X("step:Q", scale=alt.Scale(type="log"), title="training step"),
         y=alt.Y("value:Q", title=None), color=alt.Color("variant:N", title="optimizer, attention"),
-        strokeDash=alt.StrokeDash("init:N", title="initialisation"), detail="run:N",
+        strokeDash=alt.StrokeDash("init:N", title="initialisation"),
+        detail="run:N",
     ).properties(width=240, height=170)
         .facet(row=alt.Row("quantity:N", title=None), column=alt.Column("depth:N", title=None))
         .resolve_scale(y="independent")
