@@ -127,7 +127,7 @@ class ToyPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module):
-        if getattr(self.config, "init", "normal") == "torch":
+        if self.config.init == "torch":
             if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
                 module.reset_parameters()
         elif isinstance(module, (nn.Linear, nn.Embedding)):
