@@ -58,7 +58,8 @@ def candidates(means: pl.DataFrame, score_fn: str = "awft", top: int = 5) -> pl.
     best = d.sort(["dormant_frac", "dormancy"], descending=True).group_by(keys, maintain_order=True).agg(
         pl.col("domain").first().alias("dormant_domain"), pl.col("dormant_frac").first().alias("hi"),
         pl.col("domain").last().alias("active_domain"), pl.col("dormant_frac").last().alias("lo"),
-        (pl.col("dormancy").first() - pl.col("dormancy").last()).alias("mean_contrast"))
+        (pl.col("dormancy").first() - pl.col("dormancy").last()).alias("mean_contrast"),
+        pl.col("tau").first().alias(f"tau_{score_fn}"))
     domains = sorted(set(means["domain"]))
     wide = means.pivot(on="domain", index=keys, values="mean").rename({d: f"{score_fn}_{d}" for d in domains})
     frac = means.pivot(on="domain", index=keys, values="dormant_frac").rename({d: f"dormant_{d}" for d in domains})
@@ -68,7 +69,7 @@ def candidates(means: pl.DataFrame, score_fn: str = "awft", top: int = 5) -> pl.
            .with_columns(pl.int_range(1, pl.len() + 1).over("model").alias("rank")))
     return out.filter(pl.col("rank") <= top).select(
         "model", "rank", "layer", "head", "dormant_domain", "active_domain", "contrast", "mean_contrast",
-        *[f"dormant_{d}" for d in domains], *[f"{score_fn}_{d}" for d in domains])
+        *[f"dormant_{d}" for d in domains], *[f"{score_fn}_{d}" for d in domains], f"tau_{score_fn}")
 
 
 NON_PROSE = ("code", "math")  # domains set against the prose ones (news, howto) in the heads figure
@@ -151,64 +152,95 @@ def _perm_p(dl: np.ndarray, active: np.ndarray, seed: int = 0) -> float:
     return float((1 + (diffs >= obs - 1e-12).sum()) / (N_PERM + 1))
 
 
-def _pattern(a: np.ndarray, dl: np.ndarray) -> dict:
-    """Active (awft <= median) vs dormant examples' mean loss change ``dl``, the permutation p-value and the
-    pattern verdict of :func:`scatter_summary`."""
-    active = a <= np.median(a)
-    both = bool((~active).any())  # all awft equal: no dormant side, no test
-    dorm = float(dl[~active].mean()) if both else float("nan")
-    act = float(dl[active].mean())
-    p = _perm_p(dl, active) if both else float("nan")
-    return {"dormant": dorm, "active": act, "p": p, "holds": bool(act > 0 and p < 0.05 and abs(dorm) <= act / 2)}
+MIN_SIDE = 3  # fewest examples on each side of a split for the test
 
 
-def scatter_summary(abl: pl.DataFrame) -> pl.DataFrame:
-    """Per (model, layer, head): mean loss change on the examples above the median awft (dormant) and at or
-    below it (active), Pearson and Spearman of loss change with awft over examples, the one-sided
-    permutation p-value of active > dormant, and ``holds``: the active-dormant pattern, i.e. active
-    examples lose more (p < 0.05) while dormant ones cost at most half as much (|dormant| <= active / 2).
-    With a ``delta_loss_mean`` column (mean ablation) the same four again, suffixed ``_mean``."""
+def _pattern(dl: np.ndarray, active: np.ndarray) -> dict:
+    """Mean loss change ``dl`` on the ``active`` examples and on the others (dormant), the permutation p-value
+    and the pattern verdict of :func:`scatter_summary`; no test (NaN, not holding) when a side has fewer than
+    ``MIN_SIDE`` examples."""
+    n_act, n_dorm = int(active.sum()), int((~active).sum())
+    dorm = float(dl[~active].mean()) if n_dorm else float("nan")
+    act = float(dl[active].mean()) if n_act else float("nan")
+    p = _perm_p(dl, active) if min(n_act, n_dorm) >= MIN_SIDE else float("nan")
+    holds = bool(p < 0.05 and act > 0 and abs(dorm) <= act / 2)  # NaN p compares False
+    return {"n_active": n_act, "n_dormant": n_dorm, "delta_loss_active": act, "delta_loss_dormant": dorm,
+            "p_value": p, "holds": holds}
+
+
+ABLATIONS = {"delta_loss": "zero", "delta_loss_mean": "mean"}  # ablation-parquet column -> ablation name
+
+
+def scatter_summary(abl: pl.DataFrame, taus: dict[str, float] | None = None) -> pl.DataFrame:
+    """One row per (model, layer, head, ablation, split): the examples split into *active* and *dormant* by the
+    head's first-token attention (``awft``), the mean loss change of each side, the one-sided permutation
+    p-value of active > dormant, and ``holds``: the active-dormant pattern, i.e. active examples lose more
+    (p < 0.05) while dormant ones cost at most half as much (|dormant| <= active / 2).
+
+    Splits: ``median`` (dormant = awft above the head's median over the examples: both sides populated) and,
+    for models in ``taus``, ``tau`` (dormant = awft above the model's SPEC §3 threshold τ, the definition of
+    the candidate table). Ablations: ``zero`` (column ``delta_loss``) and ``mean`` (``delta_loss_mean``, when
+    measured). Pearson and Spearman of the loss change with awft over all examples repeat on each split's row.
+    """
     rows = []
+    taus = taus or {}
     for (model, layer, head), g in abl.group_by(["model", "layer", "head"], maintain_order=True):
-        a, dl = g["awft"].to_numpy(), g["delta_loss"].to_numpy()
-        ra, rd = np.argsort(np.argsort(a)), np.argsort(np.argsort(dl))
-        z = _pattern(a, dl)
-        row = {"model": model, "layer": layer, "head": head, "n_examples": len(a), "awft_median": float(np.median(a)),
-               "delta_loss_dormant": z["dormant"], "delta_loss_active": z["active"],
-               "pearson": float(np.corrcoef(a, dl)[0, 1]), "spearman": float(np.corrcoef(ra, rd)[0, 1]),
-               "p_value": z["p"], "holds": z["holds"]}
-        if "delta_loss_mean" in g.columns:
-            m = _pattern(a, g["delta_loss_mean"].to_numpy())
-            row |= {"delta_loss_mean_dormant": m["dormant"], "delta_loss_mean_active": m["active"],
-                    "p_value_mean": m["p"], "holds_mean": m["holds"]}
-        rows.append(row)
+        a = g["awft"].to_numpy()
+        splits = {"median": float(np.median(a))} | ({"tau": float(taus[model])} if model in taus else {})
+        for col, ablation in ABLATIONS.items():
+            if col not in g.columns or g[col].null_count() == g.height:
+                continue
+            dl = g[col].to_numpy()
+            ra, rd = np.argsort(np.argsort(a)), np.argsort(np.argsort(dl))
+            for split, cut in splits.items():
+                rows.append({"model": model, "layer": layer, "head": head, "ablation": ablation, "split": split,
+                             "awft_cut": cut, **_pattern(dl, a <= cut),
+                             "pearson": float(np.corrcoef(a, dl)[0, 1]),
+                             "spearman": float(np.corrcoef(ra, rd)[0, 1])})
     return pl.DataFrame(rows)
 
 
-def scatter_figure(abl: pl.DataFrame, model: str):
+def scatter_figure(abl: pl.DataFrame, model: str, tau: float | None = None):
     """Loss change from ablating one head vs its first-token attention, per example: one column per head,
-    one row per ablation (zero; mean, when measured)."""
+    one row per ablation (zero; mean, when measured); the split points as vertical rules (dashed: the head's
+    median awft; solid: the model's τ, when given)."""
     import altair as alt
 
     d = abl.filter(pl.col("model") == model).with_columns(pl.format("L{}H{}", "layer", "head").alias("name"))
-    kinds = {"delta_loss": "zeroed"} | ({"delta_loss_mean": "mean-ablated"} if "delta_loss_mean" in d.columns else {})
+    kinds = {c: k for c, k in {"delta_loss": "zeroed", "delta_loss_mean": "mean-ablated"}.items()
+             if c in d.columns and d[c].null_count() < d.height}
     d = pl.concat([d.select("example", "domain", "name", "awft", pl.col(c).alias("delta"),
                             pl.lit(k).alias("ablation")) for c, k in kinds.items()])
-    return (alt.Chart(d).mark_circle(size=40, opacity=0.75).encode(
+    d = d.with_columns(pl.col("awft").median().over("name").alias("median"), pl.lit(tau).alias("tau"))
+    points = alt.Chart().mark_circle(size=40, opacity=0.75).encode(
         x=alt.X("awft:Q", title="first-token attention of the head on the example (awft)"),
         y=alt.Y("delta:Q", title="loss change when the head is ablated (nats/token)"),
-        color=alt.Color("domain:N"), tooltip=["example", "domain", "awft", "delta"],
-    ).properties(width=220, height=190)
-        .facet(column=alt.Column("name:N", title=None), row=alt.Row("ablation:N", title=None, sort=list(kinds.values())))
-        .resolve_scale(x="independent", y="independent")
-        .properties(title=f"{model}: active-dormant scatter (one point per example)"))
+        color=alt.Color("domain:N"), tooltip=["example", "domain", "awft", "delta"])
+    rules = [alt.Chart().mark_rule(color="gray", strokeDash=[4, 3]).encode(x="mean(median):Q")]
+    if tau is not None:
+        rules.append(alt.Chart().mark_rule(color="black").encode(x="mean(tau):Q"))
+    cuts = "dashed: the head's median awft" + ("; solid: the model's τ" if tau is not None else "")
+    return (alt.layer(points, *rules, data=d).properties(width=220, height=190)
+            .facet(column=alt.Column("name:N", title=None),
+                   row=alt.Row("ablation:N", title=None, sort=list(kinds.values())))
+            .resolve_scale(x="independent", y="independent")
+            .properties(title=alt.Title(f"{model}: active-dormant scatter (one point per example)", subtitle=cuts)))
 
 
-def write_scatter_report(files: list[Path], out: Path) -> list[Path]:
-    """``tables/domain_scatter`` and ``figures/domain_scatter_<model>`` from head-ablation Parquet files."""
-    abl = pl.concat([pl.read_parquet(f) for f in files])
+def write_scatter_report(files: list[Path], out: Path, cands: Path | None = None) -> list[Path]:
+    """``tables/domain_scatter`` and ``figures/domain_scatter_<model>`` from head-ablation Parquet files; with
+    the candidate table ``cands`` (ranked by awft, so it carries ``tau_awft``) also the τ split."""
+    abl = pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+    taus = {}
+    if cands is not None:
+        c = pl.read_parquet(cands)
+        if "tau_awft" not in c.columns:
+            raise ValueError(f"{cands} has no tau_awft column: rank the candidates with --score-fn awft "
+                             "(the scatter splits on awft) or leave --candidates out")
+        taus = dict(c.select("model", "tau_awft").unique().iter_rows())
     out = Path(out)
-    paths = write_table(scatter_summary(abl), out / "tables" / "domain_scatter")
+    paths = write_table(scatter_summary(abl, taus), out / "tables" / "domain_scatter")
     for model in sorted(set(abl["model"])):
-        paths += write_figure(scatter_figure(abl, model), out / "figures" / f"domain_scatter_{file_key(model)}")
+        paths += write_figure(scatter_figure(abl, model, taus.get(model)),
+                              out / "figures" / f"domain_scatter_{file_key(model)}")
     return paths

@@ -55,7 +55,7 @@ def _ablate(args: argparse.Namespace) -> int:
 def _scatter(args: argparse.Namespace) -> int:
     from analysis.domains import write_scatter_report
 
-    paths = write_scatter_report(args.ablation, args.out)
+    paths = write_scatter_report(args.ablation, args.out, args.candidates)
     print((args.out / "tables" / "domain_scatter.md").read_text())
     print(f"wrote {len(paths)} files under {args.out}")
     return 0
@@ -94,5 +94,7 @@ def add_domains_parser(subparsers) -> None:
     a.set_defaults(func=_ablate)
     s = sub.add_parser("scatter", help="active-dormant scatter figures and summary table from ablate outputs")
     s.add_argument("--ablation", nargs="+", required=True, type=Path, help="Parquet files of `domains ablate`")
+    s.add_argument("--candidates", type=Path,
+                   help="candidate table of `domains candidates` (awft): adds the split at each model's τ")
     s.add_argument("--out", type=Path, default=Path("results"))
     s.set_defaults(func=_scatter)

@@ -123,7 +123,9 @@ if MECH:
 
     rule domain_scatter:
         """Active-dormant scatter per model (loss change vs per-example awft) and its summary table."""
-        input: expand("results/domains/{model}/head_ablation.parquet", model=DOMAIN_MODELS)
+        input:
+            abl=expand("results/domains/{model}/head_ablation.parquet", model=DOMAIN_MODELS),
+            cands="results/domains/candidates.parquet",
         output:
             tables=multiext("results/tables/domain_scatter", ".csv", ".md", ".tex"),
             figures=[report(f, category="Active-dormant mechanism") if f.endswith(".png") else f
@@ -131,12 +133,13 @@ if MECH:
                                      ext=["png", "svg"])],
         log: "results/logs/domain_scatter.log"
         benchmark: "results/benchmarks/domain_scatter.tsv"
-        shell: "{DORMANT} domains scatter --ablation {input:q} --out results > {log:q} 2>&1"
+        params: cands=lambda w, input: f"--candidates {input.cands}" if DOM["score_fn"] == "awft" else ""
+        shell: "{DORMANT} domains scatter --ablation {input.abl:q} {params.cands} --out results > {log:q} 2>&1"
 
     EXTRA_TABLES.setdefault("bb_metrics", []).extend(
         expand("results/toy/{run}/metrics.parquet", run=TOY_SETS[TOY["database_set"]]))
     if DOMAIN_MODELS:
-        EXTRA_TABLES.setdefault("domain_head_ablation", []).extend(rules.domain_scatter.input)
+        EXTRA_TABLES.setdefault("domain_head_ablation", []).extend(rules.domain_scatter.input.abl)
         EXTRA_TARGETS.extend(rules.domain_scatter.output)
     EXTRA_TARGETS.extend(_toy_outputs("core"))
     EXTRA_TARGETS.extend(rules.domain_candidates.output)

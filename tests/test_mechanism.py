@@ -345,8 +345,10 @@ def test_domain_candidates_orientation_and_contrast():
     # (layer, head, news mean, code mean, news dormant fraction, code dormant fraction)
     for layer, head, news, code, fn, fc in [(0, 0, 0.9, 0.2, 0.9, 0.0), (0, 1, 0.5, 0.5, 0.2, 0.2),
                                             (1, 0, 0.1, 0.6, 0.0, 0.6), (1, 1, 0.7, 0.1, 0.0, 0.0)]:
-        rows += [{"model": "m", "layer": layer, "head": head, "domain": "news", "mean": news, "dormant_frac": fn},
-                 {"model": "m", "layer": layer, "head": head, "domain": "code", "mean": code, "dormant_frac": fc}]
+        rows += [{"model": "m", "layer": layer, "head": head, "domain": "news", "mean": news, "dormant_frac": fn,
+                  "tau": 0.4},
+                 {"model": "m", "layer": layer, "head": head, "domain": "code", "mean": code, "dormant_frac": fc,
+                  "tau": 0.4}]
     means = pl.DataFrame(rows)
     c = candidates(means, "awft", top=3)  # awft: high = dormant
     # ranked by dormant-fraction contrast; L1H1 shifts its mean by 0.6 but is never dormant: last
@@ -355,6 +357,7 @@ def test_domain_candidates_orientation_and_contrast():
     assert c["mean_contrast"].to_list()[:2] == pytest.approx([0.7, 0.5])
     assert c.row(0, named=True)["dormant_domain"] == "news" and c.row(1, named=True)["dormant_domain"] == "code"
     assert c.row(0, named=True)["dormant_news"] == 0.9 and c.row(0, named=True)["awft_code"] == 0.2
+    assert c["tau_awft"].to_list() == [0.4] * 3  # the model's τ, for the scatter's τ split
     low = means.with_columns(pl.col("mean") * -1)  # ahon_ln: low = dormant; fractions as given
     c = candidates(low, "ahon_ln", top=1)
     assert c.row(0, named=True)["dormant_domain"] == "news" and c.row(0, named=True)["mean_contrast"] == pytest.approx(0.7)
@@ -398,36 +401,94 @@ def test_domain_means_dormant_fraction_against_numpy(tmp_path):
     con.close()
 
 
+def _row(df: pl.DataFrame, ablation: str = "zero", split: str = "median") -> dict:
+    return df.filter((pl.col("ablation") == ablation) & (pl.col("split") == split)).row(0, named=True)
+
+
+def _perm_ref(act: np.ndarray, dorm: np.ndarray) -> float:
+    return stats.permutation_test((act, dorm), lambda x, y: x.mean() - y.mean(), alternative="greater",
+                                  permutation_type="independent", n_resamples=9999, random_state=0).pvalue
+
+
 def test_scatter_summary_matches_scipy():
     rng = np.random.default_rng(0)
     a = rng.uniform(size=30)
     d = 0.5 * (1 - a) + rng.normal(scale=0.05, size=30)
     df = pl.DataFrame({"model": ["m"] * 30, "layer": [1] * 30, "head": [2] * 30, "awft": a, "delta_loss": d})
-    s = scatter_summary(df).row(0, named=True)
+    out = scatter_summary(df)
+    assert out.height == 1  # no mean ablation, no τ: one row
+    s = _row(out)
     assert s["pearson"] == pytest.approx(stats.pearsonr(a, d)[0])
     assert s["spearman"] == pytest.approx(stats.spearmanr(a, d)[0])
-    assert s["delta_loss_dormant"] == pytest.approx(d[a > np.median(a)].mean())
     active = a <= np.median(a)
-    ref = stats.permutation_test((d[active], d[~active]), lambda x, y: x.mean() - y.mean(), alternative="greater",
-                                 permutation_type="independent", n_resamples=9999, random_state=0)
-    assert s["p_value"] == pytest.approx(ref.pvalue, abs=0.01) and s["holds"]
+    assert (s["n_active"], s["n_dormant"]) == (15, 15) and s["awft_cut"] == pytest.approx(np.median(a))
+    assert s["delta_loss_dormant"] == pytest.approx(d[~active].mean())
+    assert s["p_value"] == pytest.approx(_perm_ref(d[active], d[~active]), abs=0.01) and s["holds"]
     flat = df.with_columns(pl.Series("delta_loss", rng.normal(scale=0.05, size=30)))
-    assert not scatter_summary(flat).row(0, named=True)["holds"]
+    assert not _row(scatter_summary(flat))["holds"]
     # a head that costs as much on dormant examples as on active ones fails the pattern even when p is small
-    both = df.with_columns(pl.Series("delta_loss", 0.4 + 0.5 * (1 - a)))
-    r = scatter_summary(both).row(0, named=True)
+    r = _row(scatter_summary(df.with_columns(pl.Series("delta_loss", 0.4 + 0.5 * (1 - a)))))
     assert r["p_value"] < 0.05 and not r["holds"]
-    assert "holds_mean" not in r
     # mean ablation: the same test on its own column
     noise = rng.normal(scale=0.05, size=30)
-    m = scatter_summary(df.with_columns(pl.Series("delta_loss_mean", noise))).row(0, named=True)
-    assert m["holds"] and not m["holds_mean"]
-    assert m["delta_loss_mean_active"] == pytest.approx(noise[active].mean())
-    assert m["delta_loss_mean_dormant"] == pytest.approx(noise[~active].mean())
-    ref = stats.permutation_test((noise[active], noise[~active]), lambda x, y: x.mean() - y.mean(),
-                                 alternative="greater", permutation_type="independent", n_resamples=9999,
-                                 random_state=0)
-    assert m["p_value_mean"] == pytest.approx(ref.pvalue, abs=0.015)
+    out = scatter_summary(df.with_columns(pl.Series("delta_loss_mean", noise)))
+    assert out.height == 2 and _row(out)["holds"]
+    m = _row(out, "mean")
+    assert not m["holds"]
+    assert m["delta_loss_active"] == pytest.approx(noise[active].mean())
+    assert m["delta_loss_dormant"] == pytest.approx(noise[~active].mean())
+    assert m["p_value"] == pytest.approx(_perm_ref(noise[active], noise[~active]), abs=0.015)
+
+
+def test_scatter_summary_tau_split():
+    """The τ split puts the examples with awft above the model's τ on the dormant side (the candidate
+    table's definition); a side with fewer than MIN_SIDE examples gets no test."""
+    rng = np.random.default_rng(1)
+    a = rng.uniform(size=40)
+    d = np.where(a > 0.8, 0.0, 0.3) + rng.normal(scale=0.02, size=40)  # costless only above 0.8
+    df = pl.DataFrame({"model": ["m"] * 40, "layer": [0] * 40, "head": [0] * 40, "awft": a, "delta_loss": d})
+    out = scatter_summary(df, {"m": 0.8, "other": 0.1})
+    assert out["split"].to_list() == ["median", "tau"]
+    t = _row(out, split="tau")
+    dorm = a > 0.8
+    assert t["awft_cut"] == 0.8 and (t["n_active"], t["n_dormant"]) == (int((~dorm).sum()), int(dorm.sum()))
+    assert t["delta_loss_dormant"] == pytest.approx(d[dorm].mean())
+    assert t["delta_loss_active"] == pytest.approx(d[~dorm].mean())
+    assert t["p_value"] == pytest.approx(_perm_ref(d[~dorm], d[dorm]), abs=0.01) and t["holds"]
+    # the median split mixes costly examples into the dormant side: the pattern fails there
+    assert not _row(out)["holds"]
+    few = scatter_summary(df, {"m": float(np.sort(a)[-2])})  # one example above τ
+    f = _row(few, split="tau")
+    assert f["n_dormant"] == 1 and np.isnan(f["p_value"]) and not f["holds"]
+
+
+def test_scatter_report_reads_tau_from_candidates(tmp_path):
+    """Files with and without mean ablation load together; τ comes from the candidate table (per model),
+    and a candidate table ranked by another score (no tau_awft) is refused."""
+    from analysis.domains import write_scatter_report
+
+    rng = np.random.default_rng(2)
+    files = []
+    for model, mean in (("a", True), ("b", False)):
+        a = rng.uniform(size=12)
+        df = pl.DataFrame({"model": [model] * 12, "layer": [3] * 12, "head": [1] * 12, "example": list(range(12)),
+                           "domain": ["news"] * 12, "awft": a, "delta_loss": 1 - a})
+        if mean:
+            df = df.with_columns(pl.Series("delta_loss_mean", 0.5 * (1 - a)))
+        files.append(tmp_path / f"{model}.parquet")
+        df.write_parquet(files[-1])
+    cands = tmp_path / "cands.parquet"
+    pl.DataFrame({"model": ["a", "a", "b"], "tau_awft": [0.7, 0.7, 0.2]}).write_parquet(cands)
+    paths = write_scatter_report(files, tmp_path / "out", cands)
+    got = pl.read_csv(tmp_path / "out" / "tables" / "domain_scatter.csv")
+    keys = sorted(zip(got["model"], got["ablation"], got["split"]))
+    assert keys == [("a", "mean", "median"), ("a", "mean", "tau"), ("a", "zero", "median"), ("a", "zero", "tau"),
+                    ("b", "zero", "median"), ("b", "zero", "tau")]  # b has no mean-ablation rows
+    assert got.filter((pl.col("model") == "b") & (pl.col("split") == "tau"))["awft_cut"].to_list() == [0.2]
+    assert all(p.exists() for p in paths) and (tmp_path / "out" / "figures" / "domain_scatter_a.svg").exists()
+    pl.DataFrame({"model": ["a"], "tau_ahon_ln": [0.1]}).write_parquet(cands)
+    with pytest.raises(ValueError, match="tau_awft"):
+        write_scatter_report(files, tmp_path / "out", cands)
 
 
 def test_zero_head_equals_zeroed_output_columns():
