@@ -235,8 +235,9 @@ def write_scatter_report(files: list[Path], out: Path, cands: Path | None = None
     if cands is not None:
         c = pl.read_parquet(cands)
         if "tau_awft" not in c.columns:
-            raise ValueError(f"{cands} has no tau_awft column: rank the candidates with --score-fn awft "
-                             "(the scatter splits on awft) or leave --candidates out")
+            raise ValueError(f"{cands} has no tau_awft column: it was ranked by another score or written before "
+                             "τ was recorded; rebuild it with `dormant domains candidates --score-fn awft` "
+                             "(`snakemake --forcerun domain_candidates`) or leave --candidates out")
         taus = dict(c.select("model", "tau_awft").unique().iter_rows())
     out = Path(out)
     paths = write_table(scatter_summary(abl, taus), out / "tables" / "domain_scatter")
