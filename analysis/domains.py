@@ -127,6 +127,9 @@ def write_domain_report(db: Path, out: Path, *, score_fn: str = "awft", top: int
         con.close()
     if means.is_empty():
         raise ValueError(f"{db}: no head_scores joined with example domains; build the core database first")
+    unknown = sorted(set(models or []) - set(means["model"]))
+    if unknown:
+        raise ValueError(f"--models {' '.join(unknown)}: not in {db} (it has {', '.join(sorted(set(means['model'])))})")
     cands = candidates(means, score_fn, top)
     out = Path(out)
     paths = write_table(cands, out / "tables" / "domain_heads")

@@ -399,6 +399,11 @@ def test_domain_means_dormant_fraction_against_numpy(tmp_path):
                 assert row["tau"] == pytest.approx(tau) and row["dormant_frac"] == pytest.approx(want)
                 assert row["mean"] == pytest.approx(s.mean()) and row["n_examples"] == 4
     con.close()
+    from analysis.domains import write_domain_report
+
+    with pytest.raises(ValueError, match="--models zz: not in"):  # a typo is named before anything is written
+        write_domain_report(tmp_path / "d.duckdb", tmp_path / "out", models=["a", "zz"])
+    assert not (tmp_path / "out").exists()
 
 
 def _row(df: pl.DataFrame, ablation: str = "zero", split: str = "median") -> dict:
