@@ -220,6 +220,35 @@ def interventions_figure(table: pl.DataFrame):
     ).properties(width=50, height=110, title="Interventions on the trained models"))
 
 
+SEED_SUFFIX = r"_seed\d+$"  # a run trained again with another seed: <run>_seed<n> (the workflow's naming)
+
+
+def robustness(cl: pl.DataFrame, specs: dict[str, dict]) -> pl.DataFrame:
+    """Per run (seed variants ``<run>_seed<n>`` pooled with ``<run>``) and claim, over its seeds: how many
+    pass, the measured value's min / median / max, each seed's value (in seed order) and the failing seeds.
+    ``cl``: the frame of :func:`claims`; the early step in a claim's name ("final / step 219") differs between
+    seeds and is dropped from it."""
+    d = cl.with_columns(pl.col("run").str.replace(SEED_SUFFIX, "").alias("base"),
+                        pl.col("run").replace_strict({r: s["seed"] for r, s in specs.items()},
+                                                     return_dtype=pl.Int64).alias("seed"),
+                        pl.col("claim").str.replace(r" \(final / step \d+\)", " (final / early)"))
+    return (d.sort("seed").group_by("base", "claim", "target", maintain_order=True).agg(
+        pl.len().alias("seeds"), pl.col("pass").sum().alias("passed"),
+        pl.col("measured").min().alias("measured_min"), pl.col("measured").median().alias("measured_median"),
+        pl.col("measured").max().alias("measured_max"),
+        pl.col("measured").alias("by_seed"),
+        pl.col("seed").filter(~pl.col("pass")).cast(pl.String).str.join(", ").alias("failing_seeds"))
+        .with_columns(pl.col("by_seed").map_elements(lambda v: " / ".join(f"{x:.3g}" for x in v),
+                                                     return_dtype=pl.String))
+        .rename({"base": "run"}).sort("run", maintain_order=True))
+
+
+def write_robustness_report(metrics: list[Path], out: Path, name: str = "toy_seeds") -> list[Path]:
+    """``tables/<name>_robustness``: every claim of every run over the seeds it was trained with."""
+    df, specs = load_runs([Path(m) for m in metrics])
+    return write_table(robustness(claims(df, specs), specs), Path(out) / "tables" / f"{name}_robustness")
+
+
 def write_toy_report(metrics: list[Path], out: Path, name: str = "toy") -> list[Path]:
     """``tables/<name>_{claims,final,interventions}`` and ``figures/<name>_{dynamics,compare,interventions}``."""
     df, specs = load_runs([Path(m) for m in metrics])

@@ -1,4 +1,4 @@
-"""``dormant toy train|report``: the Bigram-Backcopy toy models (SPEC §7)."""
+"""``dormant toy train|report|robustness``: the Bigram-Backcopy toy models (SPEC §7)."""
 from __future__ import annotations
 
 import argparse
@@ -46,8 +46,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _robustness(args: argparse.Namespace) -> int:
+    from analysis.toy_report import write_robustness_report
+
+    paths = write_robustness_report(args.metrics, args.out, args.name)
+    print(next(p for p in paths if p.suffix == ".md").read_text())
+    print(f"wrote {len(paths)} files under {args.out}")
+    return 0
+
+
 def add_toy_parser(subparsers) -> None:
-    """``dormant toy train`` (one run: checkpoints + metrics.parquet) and ``dormant toy report``."""
+    """``dormant toy train`` (one run: checkpoints + metrics.parquet), ``report`` and ``robustness``."""
     p = subparsers.add_parser("toy", help="Bigram-Backcopy toy transformers: train, report (SPEC §7)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train one toy model; metrics at log-spaced checkpoints")
@@ -84,3 +93,9 @@ def add_toy_parser(subparsers) -> None:
     r.add_argument("--out", type=Path, default=Path("results"))
     r.add_argument("--name", default="toy", help="prefix of the written tables and figures")
     r.set_defaults(func=_report)
+    b = sub.add_parser("robustness", help="every claim over the seeds each run was trained with "
+                       "(runs named <run>_seed<n> pool with <run>)")
+    b.add_argument("--metrics", nargs="+", required=True, type=Path, help="metrics.parquet files (bb_metrics rows)")
+    b.add_argument("--out", type=Path, default=Path("results"))
+    b.add_argument("--name", default="toy_seeds", help="prefix of the written table")
+    b.set_defaults(func=_robustness)

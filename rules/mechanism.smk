@@ -1,6 +1,7 @@
 # The active-dormant mechanism (SPEC §7): Bigram-Backcopy toy transformers and dormant-by-domain heads.
 #   default target: the `core` toy runs (1-layer softmax AdamW) with their figures, and the domain analysis
 #   snakemake --cores all toy_all     # every toy run (AdamW vs SGD, softmax vs ReLU, 1 vs 3 layers) + bb_metrics DB
+#   snakemake --cores all toy_seeds   # the same runs with the extra seeds of mechanism.toy.seeds: claims per seed
 # Config: the `mechanism` section (config/schema.yaml).
 import re as _re
 
@@ -14,6 +15,16 @@ if MECH:
             if _r not in TOY["runs"]:
                 raise ValueError(f"config key mechanism.toy.sets.{_s} names run {_r!r}, which is not in "
                                  f"mechanism.toy.runs ({', '.join(TOY['runs'])})")
+    # `mechanism.toy.seeds`: every run of the `all` set again with each of these seeds, as <run>_seed<n>
+    TOY_SEED_RUNS = list(TOY_SETS["all"])
+    for _r in TOY_SETS["all"]:
+        for _sd in TOY.get("seeds", []):
+            _own = {**TOY["defaults"], **TOY["runs"][_r]}["seed"]
+            if _sd == _own:
+                raise ValueError(f"config key mechanism.toy.seeds: seed {_sd} is run {_r!r}'s own seed; "
+                                 "list only the extra seeds")
+            TOY["runs"][f"{_r}_seed{_sd}"] = {**TOY["runs"][_r], "seed": _sd}
+            TOY_SEED_RUNS.append(f"{_r}_seed{_sd}")
     for _m in DOM["ablate_models"]:
         if _m not in config["models"]:
             raise ValueError(f"config key mechanism.domains.ablate_models: {_m!r} is not in `models`; add it there too")
@@ -79,6 +90,20 @@ if MECH:
     rule toy_all:
         """Target: every toy run, its report and results/toy/bb_metrics.duckdb."""
         input: _toy_outputs("all"), "results/toy/bb_metrics.duckdb"
+
+    rule toy_robustness:
+        """Every claim of every `all` run over the seeds it was trained with (its own and `mechanism.toy.seeds`)."""
+        input: expand("results/toy/{run}/metrics.parquet", run=TOY_SEED_RUNS)
+        output:
+            [report(f, category="Active-dormant mechanism") if f.endswith(".csv") else f
+             for f in multiext("results/tables/toy_seeds_robustness", ".csv", ".md", ".tex")]
+        log: "results/logs/toy_robustness.log"
+        benchmark: "results/benchmarks/toy_robustness.tsv"
+        shell: "{DORMANT} toy robustness --metrics {input:q} --out results --name toy_seeds > {log:q} 2>&1"
+
+    rule toy_seeds:
+        """Target: the `all` runs again with every seed of `mechanism.toy.seeds`, and the robustness table."""
+        input: rules.toy_robustness.output
 
     rule domain_candidates:
         """Heads dormant on one domain and active on another: table, one figure per model, candidates."""

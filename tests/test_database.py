@@ -124,6 +124,7 @@ def test_sql_cli_is_read_only(tmp_path):
      "  score_functions: [awft, nope]\n  fractions: [0, 0.1]\n  batch_tokens: 64\n", "nope"),
     ("models: [not-a-zoo-model]\n", "models[0]"),
     ("corpora:\n  names: [xsum]\n  n: 2\n  min_tokens: 30\n  max_tokens: 20\n  seed: 0\n", "corpora.min_tokens"),
+    ("mechanism:\n  toy:\n    seeds: [1, 0]\n", "seed 0 is run 'adam_1l'"),  # a run's own seed listed again
 ])
 def test_bad_config_fails_before_any_job(tmp_path, override, needle):
     bad = tmp_path / "bad.yaml"

@@ -324,6 +324,33 @@ def test_claims_on_hand_made_metrics(tmp_path):
     assert {p.name for p in paths} >= {"toy_t_claims.csv", "toy_t_dynamics.png", "toy_t_interventions.svg"}
 
 
+def test_robustness_pools_seed_variants(tmp_path):
+    """<run>_seed<n> pools with <run>; the claim's early step (which differs per seed) leaves its name."""
+    from analysis.toy_report import robustness, write_robustness_report
+
+    steps = [0, 1, 10, 100, 1000]
+    three = lambda peak, **risk: {f"res_peak_l{i}": dict(zip(steps, peak)) for i in range(3)} | {  # noqa: E731
+        f"res_ratio_l{i}": dict(zip(steps, [1, 1, 1, 1, 1.2])) for i in range(3)} | risk
+    learned_at_10 = {"backcopy_risk": dict(zip(steps, [4, 1, 0.05, 0.01, 0.01])),
+                     "bigram_risk": dict(zip(steps, [2, 1, 0.05, 0.01, 0.01]))}
+    files = [_fake_run(tmp_path, "sgd_3l", 3, "softmax", "sgd", three([1, 2, 2, 2, 2.2]), {}, seed=0),
+             _fake_run(tmp_path, "sgd_3l_seed2", 3, "softmax", "sgd", three([1, 2, 2, 3, 2.4], **learned_at_10), {},
+                       seed=2),
+             _fake_run(tmp_path, "sgd_3l_seed1", 3, "softmax", "sgd", three([1, 2, 2, 2, 2.9]), {}, seed=1)]
+    from analysis.toy_report import load_runs
+
+    df, specs = load_runs(files)
+    r = {row["claim"]: row for row in robustness(claims(df, specs), specs).iter_rows(named=True)}
+    assert set(r) == {"residual peak change (final / early)", "residual peak / other positions change (final / early)"}
+    peak = r["residual peak change (final / early)"]
+    assert (peak["run"], peak["seeds"], peak["passed"], peak["failing_seeds"]) == ("sgd_3l", 3, 2, "1")
+    assert peak["by_seed"] == "1.1 / 1.45 / 1.2"  # seed order; seed 2 compared with its step 10
+    assert (peak["measured_min"], peak["measured_median"], peak["measured_max"]) == pytest.approx((1.1, 1.2, 1.45))
+    assert r["residual peak / other positions change (final / early)"]["passed"] == 3
+    paths = write_robustness_report(files, tmp_path / "out")
+    assert [p.name for p in paths] == [f"toy_seeds_robustness.{e}" for e in ("csv", "md", "tex")]
+
+
 def test_loss_without_bos_prediction_equals_masked_cross_entropy():
     from extract.toy_train import loss_labels
 
