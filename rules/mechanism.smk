@@ -23,6 +23,9 @@ if MECH:
             if _sd == _own:
                 raise ValueError(f"config key mechanism.toy.seeds: seed {_sd} is run {_r!r}'s own seed; "
                                  "list only the extra seeds")
+            if f"{_r}_seed{_sd}" in TOY["runs"]:
+                raise ValueError(f"config key mechanism.toy.runs: {_r}_seed{_sd} is the name mechanism.toy.seeds "
+                                 f"gives run {_r!r} with seed {_sd}; rename that run")
             TOY["runs"][f"{_r}_seed{_sd}"] = {**TOY["runs"][_r], "seed": _sd}
             TOY_SEED_RUNS.append(f"{_r}_seed{_sd}")
     for _m in DOM["ablate_models"]:
