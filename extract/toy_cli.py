@@ -57,7 +57,8 @@ def _robustness(args: argparse.Namespace) -> int:
 
 def add_toy_parser(subparsers) -> None:
     """``dormant toy train`` (one run: checkpoints + metrics.parquet), ``report`` and ``robustness``."""
-    p = subparsers.add_parser("toy", help="Bigram-Backcopy toy transformers: train, report, robustness over seeds (SPEC §7)")
+    p = subparsers.add_parser("toy", help="Bigram-Backcopy toy transformers: train, report, robustness over seeds "
+                              "(SPEC §7)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train one toy model; metrics at log-spaced checkpoints")
     t.add_argument("--run", required=True, help="run name (stored in bb_metrics.run)")
