@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from analysis.score_functions import SCORE_KEYS
 
+from .ablation import head_output_means
 from .scores import encode_texts, recording
 
 
@@ -54,26 +55,6 @@ def zero_head(model, layer: int, head: int):
     return replace_head(model, layer, head)
 
 
-@contextmanager
-def summing_heads(model, heads: Sequence[tuple[int, int]], sums: dict, counts: dict) -> Iterator[None]:
-    """While active, add each head's ``o_proj``-input slice summed over batch and positions to
-    ``sums[(layer, head)]`` (float64, ``(head_dim,)``) and the number of positions to ``counts[(layer, head)]``."""
-    H, hooks = model.config.num_attention_heads, []
-    for layer, head in heads:
-        def pre(mod, args, key=(layer, head)):
-            x = args[0]
-            D = x.shape[-1] // H
-            sl = x[..., key[1] * D:(key[1] + 1) * D].double().reshape(-1, D)
-            sums[key] = sums.get(key, 0) + sl.sum(0)
-            counts[key] = counts.get(key, 0) + sl.shape[0]
-        hooks.append(_o_proj(model, layer, head).register_forward_pre_hook(pre))
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def _loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]))
 
@@ -87,17 +68,18 @@ def head_loss_changes(model, tokenizer, examples: Sequence[dict], heads: Sequenc
     delta_loss_mean``). ``examples``: corpus JSON-lines rows (``id, text, domain, corpus, max_tokens``);
     ``max_tokens`` caps every example's own length."""
     device = next(model.parameters()).device
-    runs, sums, counts = [], {}, {}  # pass 1: base loss and scores (and the heads' output sums) per example
+    runs = []  # base loss and scores per example
     for ex in tqdm(examples, desc="base pass", disable=not progress):
         cap = min(n for n in (ex.get("max_tokens"), max_tokens) if n) if ex.get("max_tokens") or max_tokens else None
         seq = encode_texts(tokenizer, [ex["text"]], prepend_bos=prepend_bos, max_tokens=cap)[0]
         if len(seq) < 2:
             continue
         ids = torch.tensor([seq], device=device)
-        with recording(model) as rec, summing_heads(model, heads if mean else [], sums, counts):
+        with recording(model) as rec:
             base = _loss(model(input_ids=ids, use_cache=False).logits, ids)
         runs.append((ex, ids, base, rec.scores()[0]))  # scores: (layers, heads, 13)
-    means = {k: (sums[k] / counts[k]).float() for k in sums}
+    # the sweep's mean ablation (SPEC §4): each head's output averaged over every position of every example
+    means = head_output_means(model, [ids[0] for _, ids, _, _ in runs]).float() if mean and runs else None
     rows = []
     for ex, ids, base, scores in tqdm(runs, desc="head ablation", disable=not progress):
         for layer, head in heads:
@@ -109,7 +91,7 @@ def head_loss_changes(model, tokenizer, examples: Sequence[dict], heads: Sequenc
                    "ahon_ln": float(scores[layer, head, SCORE_KEYS.index("ahon_ln")]),
                    "loss_base": base, "loss_ablated": abl, "delta_loss": abl - base}
             if mean:
-                with replace_head(model, layer, head, means[(layer, head)]):
+                with replace_head(model, layer, head, means[layer, head]):
                     m = _loss(model(input_ids=ids, use_cache=False).logits, ids)
                 row |= {"loss_mean_ablated": m, "delta_loss_mean": m - base}
             rows.append(row)
