@@ -189,17 +189,17 @@ def scatter_summary(abl: pl.DataFrame, taus: dict[str, float] | None = None) -> 
     taus = taus or {}
     for (model, layer, head), g in abl.group_by(["model", "layer", "head"], maintain_order=True):
         a = g["awft"].to_numpy()
+        ra = np.argsort(np.argsort(a))
         splits = {"median": float(np.median(a))} | ({"tau": float(taus[model])} if model in taus else {})
         for col, ablation in ABLATIONS.items():
             if col not in g.columns or g[col].null_count() == g.height:
                 continue
             dl = g[col].to_numpy()
-            ra, rd = np.argsort(np.argsort(a)), np.argsort(np.argsort(dl))
+            corr = {"pearson": float(np.corrcoef(a, dl)[0, 1]),
+                    "spearman": float(np.corrcoef(ra, np.argsort(np.argsort(dl)))[0, 1])}
             for split, cut in splits.items():
                 rows.append({"model": model, "layer": layer, "head": head, "ablation": ablation, "split": split,
-                             "awft_cut": cut, **_pattern(dl, a <= cut),
-                             "pearson": float(np.corrcoef(a, dl)[0, 1]),
-                             "spearman": float(np.corrcoef(ra, rd)[0, 1])})
+                             "awft_cut": cut, **_pattern(dl, a <= cut), **corr})
     return pl.DataFrame(rows)
 
 

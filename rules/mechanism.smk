@@ -18,8 +18,8 @@ if MECH:
     # `mechanism.toy.seeds`: every run of the `all` set again with each of these seeds, as <run>_seed<n>
     TOY_SEED_RUNS = list(TOY_SETS["all"])
     for _r in TOY_SETS["all"]:
+        _own = {**TOY["defaults"], **TOY["runs"][_r]}["seed"]
         for _sd in TOY.get("seeds", []):
-            _own = {**TOY["defaults"], **TOY["runs"][_r]}["seed"]
             if _sd == _own:
                 raise ValueError(f"config key mechanism.toy.seeds: seed {_sd} is run {_r!r}'s own seed; "
                                  "list only the extra seeds")
