@@ -10,7 +10,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from extract.cache import HUB_ID, ZOO  # standard library + tqdm only: cheap at DAG start
+from extract.models.zoo import HUB_ID, ZOO  # standard library + tqdm only: cheap at DAG start
 
 configfile: "config/default.yaml"
 validate(config, "config/schema.yaml")

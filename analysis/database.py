@@ -7,7 +7,7 @@ a temporary file and renames it, so the workflow's database is never half-writte
 
 Tables (primary keys in brackets):
 
-* ``models`` [model]: the ``extract.models.model_info`` fields.
+* ``models`` [model]: the ``extract.models.load.model_info`` fields.
 * ``examples`` [model, dataset, example]: domain, tokens seen by that model, BOS-first flag, content hash.
 * ``head_scores`` [model, dataset, example, layer, head]: the 13 raw scores (SPEC §2).
 * ``thresholds`` [model, task, score_fn, target_fraction]: τ per SPEC §3.
@@ -37,7 +37,7 @@ from typing import Iterable
 
 import duckdb
 
-from .score_functions import INACTIVE_WHEN, SCORE_KEYS
+from analysis.core.score_functions import INACTIVE_WHEN, SCORE_KEYS
 
 _SCORES = ", ".join(f"{k} DOUBLE" for k in SCORE_KEYS)
 SCHEMA = f"""
@@ -150,7 +150,7 @@ def ingest_models(con, model_jsons: Iterable[Path]) -> int:
 
 
 def ingest_scores(con, shards: list[Path], corpora: dict[str, Path]) -> int:
-    """Load score shards (``extract.shards`` Parquet) and their examples; returns head_scores rows seen."""
+    """Load score shards (``extract.score`` Parquet) and their examples; returns head_scores rows seen."""
     if not shards:
         return 0
     files = _sql_list(shards)

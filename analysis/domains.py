@@ -11,7 +11,7 @@ oriented so that higher = more dormant). Candidates are the heads with the large
 Ranking by the fraction rather than by the mean alone keeps heads whose scores shift between domains but
 stay on the active side of τ everywhere (never dormant) out of the list.
 
-The per-example check (the active-dormant scatter): zero one candidate head (``extract.domain_ablation``) and
+The per-example check (the active-dormant scatter): zero one candidate head (``extract.domains``) and
 compare each example's loss change with that head's first-token attention (``awft``) on the example.
 """
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .database import connect, query
-from .outputs import write_figure, write_table
-from .score_functions import INACTIVE_WHEN, check_score_key
-from .thresholds import threshold
+from analysis.database import connect, query
+from analysis.render import write_figure, write_table
+from analysis.core.score_functions import INACTIVE_WHEN, check_score_key
+from analysis.core.thresholds import threshold
 
 
 def domain_means(con, score_fn: str = "awft", fraction: float = 0.15) -> pl.DataFrame:
@@ -135,7 +135,7 @@ def write_domain_report(db: Path, out: Path, *, score_fn: str = "awft", top: int
     paths = write_table(cands, out / "tables" / "domain_heads")
     for model in models or sorted(set(means["model"])):
         paths += write_figure(heads_figure(means, cands, model, score_fn), out / "figures" / f"domain_heads_{file_key(model)}")
-    from .outputs import atomic_path
+    from analysis.render import atomic_path
 
     with atomic_path(out / "domains" / "candidates.parquet") as tmp:
         cands.write_parquet(tmp)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import polars as pl
 
-from .database import TABLES, connect, query, row_counts
-from .outputs import markdown, write_figure, write_table
-from .score_functions import SCORE_KEYS
+from analysis.database import TABLES, connect, query, row_counts
+from analysis.render import markdown, write_figure, write_table
+from analysis.core.score_functions import SCORE_KEYS
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

@@ -13,7 +13,7 @@ choices listed, shots end with ``"Answer: {choice}"``, and the prediction is the
 
 Rows are grouped longest-first under ``batch_tokens`` padded tokens, right-padded, and run through one
 forward of the causal LM (``use_cache=False``, logits only at the positions read). Nothing is cached
-between calls: inside ``extract.ablation.ablate(...)`` the same call evaluates the ablated model.
+between calls: inside ``extract.engine.ablation.ablate(...)`` the same call evaluates the ablated model.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from extract.datasets import LETTERS, Question, TaskData, load_task
+from extract.data.datasets import LETTERS, Question, TaskData, load_task
 from extract.errors import DormantError
-from extract.scores import batches, pad_id, pad_right, recording
+from extract.engine.scores import batches, pad_id, pad_right, recording
 
 
 @dataclass
@@ -90,7 +90,7 @@ def uses_chat_template(model, tokenizer, chat_template: bool | None) -> bool:
     if chat_template and not has:
         raise DormantError("chat_template=True but the tokenizer has no chat template; pass chat_template=False")
     if chat_template is None:
-        from extract.models import model_info
+        from extract.models.load import model_info
 
         return has and model_info(model)["variant"] == "instruct"
     return bool(chat_template)
@@ -137,7 +137,7 @@ def _forward(model, rows: list[_Row], pad_id: int, device) -> list[list[float]]:
 def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: int | None = None,
              chat_template: bool | None = None, prepend_bos: bool = True, batch_tokens: int = 8192,
              calibrate: bool = False, scoring: str = "letter", progress: bool = True) -> EvalResult:
-    """Evaluate ``model`` on a multiple-choice task (a name is loaded with ``limit``, see extract.datasets).
+    """Evaluate ``model`` on a multiple-choice task (a name is loaded with ``limit``, see extract.data.datasets).
 
     k_shot: shots from the task's held-out pool (the first k). chat_template: None = the chat template for
     instruct models. batch_tokens: padded tokens per forward pass. calibrate: also record every head's
@@ -146,7 +146,7 @@ def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: 
     """
     if scoring not in SCORINGS:
         raise ValueError(f"scoring={scoring!r}; choose one of {SCORINGS}")
-    from extract.models import model_info
+    from extract.models.load import model_info
 
     data = load_task(task, limit=limit, progress=progress) if isinstance(task, str) else task
     chat = uses_chat_template(model, tokenizer, chat_template)

@@ -84,7 +84,7 @@ def sft_examples(tok, cfg: SFTConfig, tasks: dict[str, dict] | None = None) -> t
     ``tasks``: subtask name -> parsed task.json (default: read from the BIG-bench sdist).
     """
     if tasks is None:
-        from extract import bigbench
+        from extract.data import bigbench as bigbench
 
         paths = [f"natural_instructions/{s}" for s in cfg.subtasks]
         tasks = {p.split("/", 1)[1]: d for p, d in bigbench.read_tasks(paths).items()}
@@ -229,7 +229,7 @@ def save_derived(model, tok, out: str | Path, source: dict) -> Path:
 
     ``source["name"]`` becomes the model id; ``sha256`` is filled with the digest of the saved weights.
     """
-    from analysis.outputs import atomic_dir
+    from analysis.render import atomic_dir
 
     out = Path(out)
     with atomic_dir(out) as tmp:
@@ -248,7 +248,7 @@ def save_derived(model, tok, out: str | Path, source: dict) -> Path:
 
 
 def derived_source(base_info: dict, name: str, variant: str, recipe: dict) -> dict:
-    """Provenance of a model derived from ``base_info`` (an ``extract.models.model_info`` dict)."""
+    """Provenance of a model derived from ``base_info`` (an ``extract.models.load.model_info`` dict)."""
     return {"name": name, "upstream": base_info.get("upstream"), "variant": variant,
             "quantisation": base_info.get("quantisation"), "base": base_info.get("model"),
             "base_sha256": base_info.get("source_sha256"), "recipe": recipe}

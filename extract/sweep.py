@@ -2,7 +2,7 @@
 
 1. Calibration: one evaluation without ablation that also records every head score on the evaluation
    prompts (same forward passes); its accuracy is the baseline (``random`` at fraction 0).
-2. Thresholds per (function, target fraction) from the pooled calibration scores (analysis.thresholds),
+2. Thresholds per (function, target fraction) from the pooled calibration scores (analysis.core.thresholds),
    for the pooled suite and for each of its tasks (threshold stability).
 3. For every function and fraction > 0, the same evaluation inside ``ablate(model, fn, threshold=τ)``, and
    ``random`` with probability p; realized % = zeroed (question, layer, head) triples / all triples.
@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 import polars as pl
 from tqdm.auto import tqdm
 
-from analysis.score_functions import SCORE_KEYS
-from analysis.thresholds import TARGET_FRACTIONS, thresholds
+from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.thresholds import TARGET_FRACTIONS, thresholds
 
-from .ablation import ablate
-from .datasets import TaskData, load_tasks
-from .evaluate import evaluate
-from .models import model_info
-from .scores import scores_frame
+from extract.engine.ablation import ablate
+from extract.data.datasets import TaskData, load_tasks
+from extract.evaluate import evaluate
+from extract.models.load import model_info
+from extract.engine.scores import scores_frame
 
 RESULT_COLUMNS = ["model", "task", "score_fn", "target_fraction", "threshold", "realized_percent", "accuracy",
                   "n_questions"]
@@ -59,7 +59,7 @@ def calibration_frame(model_name: str, data: TaskData, scores) -> pl.DataFrame:
 @dataclass
 class SweepResult:
     results: pl.DataFrame  # RESULT_COLUMNS
-    thresholds: pl.DataFrame  # analysis.thresholds columns (pooled task and each question task)
+    thresholds: pl.DataFrame  # analysis.core.thresholds columns (pooled task and each question task)
     calibration: pl.DataFrame  # calibration_frame
     timing: dict = field(default_factory=dict)
 

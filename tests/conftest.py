@@ -12,7 +12,7 @@ import pytest
 @pytest.fixture(scope="session")
 def zoo_model():
     """Load a zoo model once per session: ``zoo_model(name) -> (model, tokenizer)``."""
-    from extract.models import load_model
+    from extract.models.load import load_model
 
     return functools.lru_cache(maxsize=None)(lambda name: load_model(name))
 

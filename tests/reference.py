@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from analysis.score_functions import SCORE_KEYS
+from analysis.core.score_functions import SCORE_KEYS
 
 
 @contextlib.contextmanager

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from extract.ablation import ablate, head_output_means
-from extract.scores import pad_right, score_heads
+from extract.engine.ablation import ablate, head_output_means
+from extract.engine.scores import pad_right, score_heads
 from reference import attention_modules, eager
 from tiny import tiny_model
 
@@ -191,9 +191,9 @@ def test_real_model_mid_threshold_matches_reference(zoo_model):
     assert (valid_logits(got, am) - valid_logits(ref_logits, am)).abs().max() <= 1e-3
 
 
-@pytest.mark.parametrize("fn", __import__("analysis.score_functions", fromlist=["SCORE_KEYS"]).SCORE_KEYS)
+@pytest.mark.parametrize("fn", __import__("analysis.core.score_functions", fromlist=["SCORE_KEYS"]).SCORE_KEYS)
 def test_layer0_masks_follow_each_function_and_direction(fn):
-    from analysis.score_functions import INACTIVE_WHEN
+    from analysis.core.score_functions import INACTIVE_WHEN
 
     model = tiny_model("qwen2", seed=13)
     seqs, ids, am = batch(8, n=6)

@@ -3,9 +3,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analysis.ablation import (auc_ranks, normalised_auc, rank_correlation, selection_overlap, table2,
+from analysis.sweep.stats import (auc_ranks, normalised_auc, rank_correlation, selection_overlap, table2,
                                top_k_iou, within_budget)
-from analysis.thresholds import stability, threshold, thresholds
+from analysis.core.thresholds import stability, threshold, thresholds
 
 BASE = 50.0  # budget line at 49
 

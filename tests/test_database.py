@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from analysis.database import build, checksum, connect, ingest, query, row_counts
-from analysis.score_functions import SCORE_KEYS
+from analysis.core.score_functions import SCORE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ def test_domain_ablation_rows_with_and_without_mean_ablation(tmp_path):
 
 
 def test_atomic_dir_replaces_on_success_and_keeps_the_old_one_on_failure(tmp_path):
-    from analysis.outputs import atomic_dir
+    from analysis.render import atomic_dir
 
     out = tmp_path / "model"
     out.mkdir()

@@ -8,12 +8,12 @@ import tarfile
 
 import pytest
 
-from extract import bigbench, datasets
+from extract.data import bigbench, datasets
 from extract.cli import main
-from extract.datasets import (CHARS_PER_TOKEN, SHOT_POOL, assign_documents, draw_lengths, load_task, load_tasks,
+from extract.data.datasets import (CHARS_PER_TOKEN, SHOT_POOL, assign_documents, draw_lengths, load_task, load_tasks,
                               sample_corpus, write_jsonl_atomic)
 from extract.errors import ChecksumError, DormantError
-from extract.shards import read_examples
+from extract.score import read_examples
 
 ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks"
 
@@ -279,7 +279,7 @@ def test_data_commands_do_not_import_torch(bb_tar):
 @pytest.mark.slow
 def test_real_corpora_and_suite(zoo_model):
     """The real sdists: every default task has >= 50 evaluable questions; corpora truncate as drawn."""
-    from extract.scores import encode_texts
+    from extract.engine.scores import encode_texts
 
     tasks = load_tasks(datasets.DEFAULT_SUITE, limit=50, progress=False)
     assert [len(t.questions) for t in tasks] == [50] * 10

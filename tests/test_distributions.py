@@ -11,10 +11,10 @@ import polars as pl
 import pytest
 from scipy import stats as sps
 
-from analysis.distributions import (Settings, TwoSample, compare, depth_bins, head_stats, inactive, interval,
+from analysis.distributions.stats import (Settings, TwoSample, compare, depth_bins, head_stats, inactive, interval,
                                     resampling, triple_stats)
-from analysis.score_matrix import ScoreMatrix, split_halves
-from analysis.thresholds import threshold
+from analysis.distributions.score_matrix import ScoreMatrix, split_halves
+from analysis.core.thresholds import threshold
 
 
 def matrix(values, model="m", fn="ahon_ln", n_layers=None, n_heads=None, examples=None):
@@ -218,7 +218,7 @@ def _chromium():
 
 
 def test_explorer_renders_in_a_headless_browser(tmp_path):
-    from analysis.explorer import write_explorer
+    from analysis.distributions.explorer import write_explorer
 
     browser = _chromium()
     if browser is None:
@@ -251,9 +251,9 @@ def test_perturbation_of_real_gemma_changes_only_attention_patterns():
     avvn) unchanged, its attention (awft) changed."""
     import torch
 
-    from extract.models import load_model
-    from extract.perturb import perturb_attention
-    from extract.scores import score_texts
+    from extract.models.load import load_model
+    from extract.models.derived import perturb_attention
+    from extract.engine.scores import score_texts
 
     torch.manual_seed(0)
     model, tok = load_model("gemma-3-270m")
@@ -307,7 +307,7 @@ def test_response_loss_matches_naive_and_finetune_learns(tmp_path):
     from tiny_tokenizer import tiny_tokenizer
 
     from extract.finetune import SFTConfig, derived_source, finetune, response_loss, save_derived, sft_examples
-    from extract.models import load_model, model_info
+    from extract.models.load import load_model, model_info
 
     tok = tiny_tokenizer(letter_tokens=False)
     model = tiny_model("llama", seed=0)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from extract.kernels import attend
+from extract.engine.kernels import attend
 
 
 def naive(q, k, v, allowed, scale, first, softcap=None):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, AutoModelForCausalLM
 
-from extract.maps import in_top_k, scan_vocab, static_scores
-from extract.maps_data import Operation, filter_pairs, prepare
+from extract.maps.static import in_top_k, scan_vocab, static_scores
+from extract.maps.operations import Operation, filter_pairs, prepare
 from tiny import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
@@ -122,7 +122,7 @@ def test_in_top_k_counts_strictly_greater_others():
 
 
 def test_tokenisation_filter(tmp_path):
-    from extract.models import converted_model_dir
+    from extract.models.load import converted_model_dir
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(converted_model_dir("smollm2-135m-instruct", progress=False))
@@ -153,7 +153,7 @@ def test_tokenisation_filter(tmp_path):
 def test_head_io_matches_values_and_output_projection(family):
     """Without-context rows are the source's value vectors (GQA-expanded); with-context rows re-assemble the
     o_proj output at the last position."""
-    from extract.maps_dynamic import head_io
+    from extract.maps.dynamic import head_io
 
     model = tiny_model(family, seed=2)
     cfg = model.config
@@ -182,7 +182,7 @@ def test_report_tables_against_hand_computation():
     import polars as pl
     from scipy.stats import spearmanr
 
-    from analysis.maps_report import causal_table, correlation_table, join_table
+    from analysis.maps import causal_table, correlation_table, join_table
 
     corr = pl.DataFrame({"model": ["m"] * 4, "operation": ["a", "b", "c", "d"], "context": ["with"] * 4,
                          "pearson": [0.1, 0.5, float("nan"), 0.9]})

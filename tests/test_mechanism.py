@@ -12,13 +12,13 @@ import torch
 from scipy import stats
 
 from analysis.domains import candidates, scatter_summary
-from analysis.toy_report import claims, early_step, interventions_table, write_toy_report
-from extract.domain_ablation import head_loss_changes, replace_head, zero_head
-from extract.scores import score_heads
-from extract.toy_data import BigramBackcopy, build_task, corpus_task, load_task, save_task
-from extract.toy_metrics import measure, risks, zeroed
-from extract.toy_model import toy_model
-from extract.toy_train import RunSpec, checkpoint_steps, train
+from analysis.toy import claims, early_step, interventions_table, write_toy_report
+from extract.domains import head_loss_changes, replace_head, zero_head
+from extract.engine.scores import score_heads
+from extract.toy.data import BigramBackcopy, build_task, corpus_task, load_task, save_task
+from extract.toy.metrics import measure, risks, zeroed
+from extract.toy.model import toy_model
+from extract.toy.train import RunSpec, checkpoint_steps, train
 
 torch.set_num_threads(1)
 TEXT = "the cat ate the hat. a bat sat at the mat; the rat ate a date! " * 30
@@ -127,7 +127,7 @@ def _naive_attention(model, x, layer=0):
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "dormant"])
 def test_toy_model_is_causal_and_implementations_agree(impl):
-    from extract.attention import register
+    from extract.engine.attention import register
 
     model = toy_model(20, width=16, layers=2, length=12, seed=0).eval()
     x = torch.randint(1, 20, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -144,7 +144,7 @@ def test_toy_model_is_causal_and_implementations_agree(impl):
 def test_toy_init_schemes_match_their_distributions():
     """``normal``: every weight N(0, 0.02²); ``torch``: PyTorch's defaults (embeddings N(0, 1), linear weights
     U(±1/√fan_in), so std 1/√(3·fan_in)); LayerNorm weights 1 in both; unknown names are refused."""
-    from extract.toy_model import ToyConfig
+    from extract.toy.model import ToyConfig
 
     for init in ("normal", "torch"):
         model = toy_model(300, width=64, layers=2, length=64, init=init, seed=0)
@@ -299,7 +299,7 @@ def test_claims_on_hand_made_metrics(tmp_path):
     f3 = _fake_run(tmp_path, "sgd_3l", 3, "softmax", "sgd", three([1, 2, 2, 2, 2.9], [1, 1, 1, 1, 1.2]), {})
     f4 = _fake_run(tmp_path, "relu_3l_nobos", 3, "relu", "adamw", three([1, 2, 2, 2, 9], [1, 1, 1, 1, 0.8]), {},
                    bos_loss=False)
-    from analysis.toy_report import load_runs
+    from analysis.toy import load_runs
 
     df, specs = load_runs([f1, f2, f3, f4])
     c = {(r["run"], r["claim"]): (r["measured"], r["pass"]) for r in claims(df, specs).iter_rows(named=True)}
@@ -326,7 +326,7 @@ def test_claims_on_hand_made_metrics(tmp_path):
 
 def test_robustness_pools_seed_variants(tmp_path):
     """<run>_seed<n> pools with <run>; the claim's early step (which differs per seed) leaves its name."""
-    from analysis.toy_report import robustness, write_robustness_report
+    from analysis.toy import robustness, write_robustness_report
 
     steps = [0, 1, 10, 100, 1000]
     three = lambda peak, **risk: {f"res_peak_l{i}": dict(zip(steps, peak)) for i in range(3)} | {  # noqa: E731
@@ -337,7 +337,7 @@ def test_robustness_pools_seed_variants(tmp_path):
              _fake_run(tmp_path, "sgd_3l_seed2", 3, "softmax", "sgd", three([1, 2, 2, 3, 2.4], **learned_at_10), {},
                        seed=2),
              _fake_run(tmp_path, "sgd_3l_seed1", 3, "softmax", "sgd", three([1, 2, 2, 2, 2.9]), {}, seed=1)]
-    from analysis.toy_report import load_runs
+    from analysis.toy import load_runs
 
     df, specs = load_runs(files)
     r = {row["claim"]: row for row in robustness(claims(df, specs), specs).iter_rows(named=True)}
@@ -352,7 +352,7 @@ def test_robustness_pools_seed_variants(tmp_path):
 
 
 def test_loss_without_bos_prediction_equals_masked_cross_entropy():
-    from extract.toy_train import loss_labels
+    from extract.toy.train import loss_labels
 
     model = toy_model(12, width=16, layers=1, length=10, seed=0)
     x = torch.randint(1, 12, (3, 10), generator=torch.Generator().manual_seed(0))
@@ -668,7 +668,7 @@ def test_smoke_toy_target_through_snakemake(tmp_path):
 
 
 def test_outputs_keep_dotted_model_names(tmp_path):
-    from analysis.outputs import write_table
+    from analysis.render import write_table
 
     paths = write_table(pl.DataFrame({"a": [1]}), tmp_path / "domain_heads_qwen2.5-coder-0.5b-instruct")
     assert [p.name for p in paths] == [f"domain_heads_qwen2.5-coder-0.5b-instruct.{e}" for e in ("csv", "md", "tex")]

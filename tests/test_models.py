@@ -15,8 +15,8 @@ import pytest
 import torch
 from tiny import FAMILIES, tiny_config, tiny_model
 
-from extract import cache, models
-from extract.attention import ATTN_NAME
+from extract.models import load as models, zoo as cache
+from extract.engine.attention import ATTN_NAME
 from extract.errors import ChecksumError, DormantError, DownloadError, HubError, UnknownModelError
 
 REAL_PIP_COMMAND = cache._pip_command

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.score_functions import SCORE_KEYS
-from extract.scores import score_heads, scores_from_stats
+from analysis.core.score_functions import SCORE_KEYS
+from extract.engine.scores import score_heads, scores_from_stats
 from reference import reference_scores
 from tiny import FAMILIES, tiny_model
 
@@ -114,7 +114,7 @@ def test_real_zoo_models_match_reference(name, zoo_model):
 
 def test_recording_equals_score_heads_on_padded_forwards():
     """Calibration mode: scores recorded from ordinary (padded, full-LM) forwards equal score_heads."""
-    from extract.scores import pad_right, recording
+    from extract.engine.scores import pad_right, recording
 
     model = tiny_model("gemma3", seed=9)
     seqs = random_seqs(5, 3, 30, 128, seed=8)
@@ -128,7 +128,7 @@ def test_recording_equals_score_heads_on_padded_forwards():
 
 
 def test_recording_left_padding_with_position_ids():
-    from extract.scores import recording
+    from extract.engine.scores import recording
 
     model = tiny_model("llama", seed=10)
     seqs = random_seqs(3, 4, 20, 128, seed=12)
@@ -157,7 +157,7 @@ def _partitions(n):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_batches_minimise_padded_tokens_within_budget(seed):
-    from extract.scores import batches
+    from extract.engine.scores import batches
 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(5, 200, size=int(rng.integers(1, 9))).tolist()

@@ -5,8 +5,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analysis.score_functions import SCORE_KEYS
-from extract.shards import read_examples, score_shard, write_parquet_atomic
+from analysis.core.score_functions import SCORE_KEYS
+from extract.score import read_examples, score_shard, write_parquet_atomic
 
 
 def test_read_examples_validates(tmp_path):
@@ -38,7 +38,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_score_shard_matches_score_heads(tmp_path, zoo_model):
-    from extract.scores import encode_texts, score_heads
+    from extract.engine.scores import encode_texts, score_heads
 
     texts = ["The cat sat on the mat.", "import os\nprint(os.getcwd())", "Rain is expected tomorrow.",
              "A short one."]

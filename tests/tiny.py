@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
-from extract.attention import register
+from extract.engine.attention import register
 
 FAMILIES = ("llama", "qwen2", "gemma3")
 

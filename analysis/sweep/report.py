@@ -1,0 +1,67 @@
+"""All ablation outputs from the database: Table 2, AUC ranks, Figures 3/4/10, agreement between models,
+overlap between functions' head sets, threshold stability, and the sweep's cost."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from analysis.sweep.stats import auc_ranks, rank_correlation, selection_overlap, table2, top_k_iou
+from analysis.sweep.figures import accuracy_curves, figure3
+from analysis.database import connect, query
+from analysis.render import write_figure, write_table
+from analysis.core.score_functions import INACTIVE_WHEN, SCORE_KEYS
+from analysis.core.thresholds import stability
+
+
+def selected_heads(con, task: str, fraction: float) -> pl.DataFrame:
+    """(model, score_fn, example, layer, head) that each function's τ at ``fraction`` selects on the
+    calibration scores (the undisturbed forward pass) of ``task``."""
+    parts = []
+    for fn in SCORE_KEYS:
+        op = ">" if INACTIVE_WHEN[fn] == ">" else "<"
+        parts.append(f"""SELECT c.model, '{fn}' AS score_fn, t.target_fraction, c.question AS example, c.layer, c.head
+            FROM calibration_scores c JOIN thresholds t ON t.model = c.model AND t.task = c.task
+            WHERE t.score_fn = '{fn}' AND t.target_fraction = {fraction} AND c.task = '{task}'
+              AND c.{fn} {op} t.threshold""")
+    return query(con, " UNION ALL ".join(parts))
+
+
+def write_ablation_reports(db: Path, out: Path, timings: list[Path] = (), overlap_fraction: float = 0.15) -> list[Path]:
+    con = connect(db, read_only=True)
+    results = query(con, "SELECT * FROM ablation_results ORDER BY model, task, score_fn, target_fraction")
+    if results.is_empty():
+        raise ValueError(f"{db} has no ablation_results; run the sweep first")
+    tables, figures = out / "tables", out / "figures"
+    written = []
+    tasks = results["task"].unique().sort().to_list()
+    for task in tasks:
+        sfx = "" if len(tasks) == 1 else f"_{task}"
+        r = results.filter(pl.col("task") == task)
+        t2 = table2(r).with_columns((pl.col("best_other") - pl.col("awft")).alias("gain"))
+        written += write_table(t2.select("model", "awft", "best_other", "gain", "best_other_fn", "best_fn"),
+                               tables / f"table2{sfx}", digits=3)
+        ranks = auc_ranks(r)
+        written += write_table(ranks, tables / f"auc_ranks{sfx}")
+        written += write_figure(figure3(ranks), figures / f"figure3_auc_ranks{sfx}")
+        written += write_figure(accuracy_curves(r, top=3), figures / f"figure4_top3{sfx}")
+        written += write_figure(accuracy_curves(r, top=None), figures / f"figure10_all{sfx}")
+        written += write_table(rank_correlation(ranks), tables / f"auc_rank_correlation{sfx}", digits=3)
+        written += write_table(top_k_iou(ranks, 5), tables / f"top5_iou{sfx}", digits=3)
+        sel = selected_heads(con, task, overlap_fraction)
+        ov = selection_overlap(sel)
+        if not ov.is_empty():
+            summary = (ov.group_by("model").agg(pl.col("iou").max().alias("max_iou"),
+                                                pl.col("precision").max().alias("max_precision")).sort("model"))
+            written += write_table(summary, tables / f"function_overlap_max{sfx}", digits=3)
+            written += write_table(ov.sort("model", "fn_a", "fn_b"), tables / f"function_overlap{sfx}", digits=3)
+    th = query(con, "SELECT * FROM thresholds")
+    st = stability(th.filter(~pl.col("task").is_in(tasks)), 0.15)  # across the suite's single tasks
+    written += write_table(st, tables / "threshold_stability", digits=3)
+    if timings:
+        rows = [{"model": Path(t).parent.name, **json.loads(Path(t).read_text())} for t in timings]
+        written += write_table(pl.DataFrame(rows).select("model", "questions", "configs", "plain_eval_s",
+                                                         "sweep_s", "cost_ratio"), tables / "sweep_cost", digits=3)
+    con.close()
+    return written

@@ -1,0 +1,264 @@
+"""Tables and figures of the Bigram-Backcopy toy runs (SPEC §7) from their ``bb_metrics`` rows.
+
+Each run's ``metrics.parquet`` (rows ``run, step, metric, value``, the ``bb_metrics`` table) sits beside
+its ``run.json`` (layers, attention, optimizer, ...), which gives the run its role in the claims:
+
+* 1-layer softmax AdamW: both excess risks <= 0.05 nats; ``Attn_<s>`` >= 0.85 on non-trigger queries;
+  mean weight on the previous token >= 0.5 on trigger queries; ``‖Val_<s>‖`` ratio rises early (its peak
+  exceeds the step-0 value), then ends <= 0.25 and <= half its peak; zeroing the attention output raises
+  the backcopy risk (by > 0.5 nats) and not the bigram risk (by < 0.05); zeroing the MLP raises the bigram
+  risk (by > 0.5).
+* 3 layers: residual peak (max over layers of the norm at ``<s>``) grows >= 1.5x from its early value with
+  AdamW + softmax, stays within ±30% with SGD and with ReLU attention; the same for the peak relative to
+  the other positions (``res_ratio``, max over layers: SPEC's "vs the mean over other positions"), which
+  discounts a growth of every position's norm; ReLU attention has ``Attn_<s>`` <= 0.2
+  in every layer. A run trained without the prediction made at ``<s>`` (``bos_loss: false``, a diagnostic)
+  is checked only for whether ``<s>`` is a peak at all at the end (``res_ratio`` <= 1).
+  The early value is taken when the task is learned: the first checkpoint with both excess risks <= 0.1 nats
+  (``LEARNED``; else, or when that is the last checkpoint, the one nearest on a log scale to 10% of the
+  steps), so the comparison is about continued training, not about learning the task.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import polars as pl
+
+from analysis.render import write_figure, write_table
+
+RISK_BUDGET = 0.05
+LEARNED = 0.1  # both excess risks below this: the task is learned (start of the residual-peak comparison)
+
+
+def load_runs(metrics: list[Path]) -> tuple[pl.DataFrame, dict[str, dict]]:
+    """All ``bb_metrics`` rows of the files, and ``run -> run.json`` (read from beside each file; runs written
+    before ``init`` and ``bos_loss`` existed get their defaults, ``normal`` and True)."""
+    frames, specs = [], {}
+    for path in metrics:
+        df = pl.read_parquet(path)
+        spec_file = Path(path).with_name("run.json")
+        if not spec_file.is_file():
+            raise FileNotFoundError(f"{spec_file} is missing; train the run with `dormant toy train`")
+        spec = {"init": "normal", "bos_loss": True, **json.loads(spec_file.read_text())}
+        for run in df["run"].unique().to_list():
+            specs[run] = spec
+        frames.append(df)
+    return pl.concat(frames), specs
+
+
+def series(df: pl.DataFrame, run: str, prefix: str) -> pl.DataFrame:
+    """``step, value`` of a per-layer metric family reduced by the max over layers (or a plain metric)."""
+    sel = df.filter((pl.col("run") == run) & ((pl.col("metric") == prefix)
+                                              | pl.col("metric").str.starts_with(prefix + "_l")))
+    sel = sel.filter(~pl.col("metric").str.contains(r"\."))
+    return sel.group_by("step").agg(pl.col("value").max()).sort("step")
+
+
+def _at(s: pl.DataFrame, step: int) -> float:
+    return float(s.filter(pl.col("step") == step)["value"][0])
+
+
+def early_step(df: pl.DataFrame, run: str, total: int) -> int:
+    """The first checkpoint > 0 where both excess risks are <= ``LEARNED``; else (or when that is the last
+    checkpoint) the one nearest (log scale) to 10% of the ``total`` steps."""
+    d = df.filter((pl.col("run") == run) & (pl.col("step") > 0))
+    steps = sorted(set(d["step"]))
+    risk = d.filter(pl.col("metric").is_in(["backcopy_risk", "bigram_risk"]))
+    ok = risk.group_by("step").agg(pl.col("value").max()).filter(pl.col("value") <= LEARNED)
+    if not ok.is_empty() and int(ok["step"].min()) < steps[-1]:
+        return int(ok["step"].min())
+    target = math.log(max(total / 10, 1))
+    return min(steps, key=lambda s: abs(math.log(s) - target))
+
+
+def final(df: pl.DataFrame, run: str, metric: str) -> float:
+    last = df.filter(pl.col("run") == run)["step"].max()
+    return float(df.filter((pl.col("run") == run) & (pl.col("step") == last) & (pl.col("metric") == metric))["value"][0])
+
+
+def claims(df: pl.DataFrame, specs: dict[str, dict]) -> pl.DataFrame:
+    """One row per checked claim: run, claim, measured value, target, pass."""
+    rows = []
+
+    def add(run, claim, value, target, ok):
+        rows.append({"run": run, "claim": claim, "measured": float(value), "target": target, "pass": bool(ok)})
+
+    for run, spec in sorted(specs.items()):
+        L, attn, opt = spec["layers"], spec["attention"], spec["optimizer"]
+        steps = spec["steps"]
+        if L == 1 and attn == "softmax" and opt == "adamw":
+            for risk in ("backcopy_risk", "bigram_risk"):
+                add(run, f"final {risk} (nats)", final(df, run, risk), f"<= {RISK_BUDGET}",
+                    final(df, run, risk) <= RISK_BUDGET)
+            v = final(df, run, "attn_bos_l0")
+            add(run, "Attn_<s> on non-trigger queries", v, ">= 0.85", v >= 0.85)
+            v = final(df, run, "attn_prev_trig_l0")
+            add(run, "weight on previous token, trigger queries", v, ">= 0.5", v >= 0.5)
+            s = series(df, run, "val_ratio_l0")
+            peak, start, end = float(s["value"].max()), _at(s, 0), final(df, run, "val_ratio_l0")
+            add(run, "‖Val_<s>‖ ratio: peak over step-0 value", peak / start, "> 1 (rises early)", peak > start)
+            add(run, "‖Val_<s>‖ ratio: final", end, "<= 0.25", end <= 0.25)
+            add(run, "‖Val_<s>‖ ratio: final / peak", end / peak, "<= 0.5", end / peak <= 0.5)
+            base_b, base_g = final(df, run, "backcopy_risk"), final(df, run, "bigram_risk")
+            d = final(df, run, "zero_attn_l0.backcopy_risk") - base_b
+            add(run, "zero attention: backcopy risk increase", d, "> 0.5", d > 0.5)
+            d = final(df, run, "zero_attn_l0.bigram_risk") - base_g
+            add(run, "zero attention: bigram risk increase", d, "< 0.05", d < 0.05)
+            d = final(df, run, "zero_mlp_l0.bigram_risk") - base_g
+            add(run, "zero MLP: bigram risk increase", d, "> 0.5", d > 0.5)
+        if L > 1 and not spec["bos_loss"]:  # diagnostic: is <s> a peak without its own prediction?
+            v = float(series(df, run, "res_ratio")["value"][-1])  # max over layers
+            add(run, "residual peak / other positions, final (no <s> loss)", v, "<= 1 (no peak)", v <= 1)
+        elif L > 1:
+            e = early_step(df, run, steps)
+            for metric, what in (("res_peak", "residual peak"), ("res_ratio", "residual peak / other positions")):
+                s = series(df, run, metric)
+                growth = float(s["value"][-1]) / _at(s, e)
+                if attn == "softmax" and opt == "adamw":
+                    add(run, f"{what} growth (final / step {e})", growth, ">= 1.5", growth >= 1.5)
+                else:
+                    add(run, f"{what} change (final / step {e})", growth, "0.7 .. 1.3", 0.7 <= growth <= 1.3)
+        if attn == "relu":
+            v = max(final(df, run, f"attn_bos_l{i}") for i in range(L))
+            add(run, "Attn_<s> (max over layers), ReLU attention", v, "<= 0.2", v <= 0.2)
+    return pl.DataFrame(rows, schema={"run": pl.Utf8, "claim": pl.Utf8, "measured": pl.Float64,
+                                      "target": pl.Utf8, "pass": pl.Boolean})
+
+
+FINAL_METRICS = ("backcopy_risk", "bigram_risk", "attn_bos", "attn_prev_trig", "val_ratio", "res_peak", "res_ratio",
+                 "delta_logit")
+
+
+def final_table(df: pl.DataFrame, specs: dict[str, dict]) -> pl.DataFrame:
+    """Per run: its settings, training wall time and the final metrics (per-layer ones: max over layers)."""
+    rows = []
+    for run, spec in sorted(specs.items()):
+        row = {"run": run, "layers": spec["layers"], "attention": spec["attention"], "optimizer": spec["optimizer"],
+               "width": spec["width"], "length": spec["length"], "batch": spec["batch"], "steps": spec["steps"],
+               "init": spec["init"], "bos_loss": spec["bos_loss"], "train_s": final(df, run, "train_s")}
+        for m in FINAL_METRICS:
+            v = series(df, run, m)["value"]
+            row[m] = float(v[-1]) if len(v) else None
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def _long(df: pl.DataFrame, specs: dict[str, dict]) -> pl.DataFrame:
+    """Plot rows: step > 0, every per-layer metric split into (quantity, layer)."""
+    d = df.filter((pl.col("step") > 0) & ~pl.col("metric").str.contains(r"\."))
+    d = d.with_columns(pl.col("metric").str.extract(r"^(.*?)(?:_l(\d+))?$", 1).alias("quantity"),
+                       pl.col("metric").str.extract(r"_l(\d+)$", 1).fill_null("-").alias("layer"))
+    return d
+
+
+def dynamics_figure(df: pl.DataFrame, specs: dict[str, dict]):
+    """Risks, Attn_<s>, ‖Val_<s>‖ ratio, residual peak vs step (log x), one line per run and layer."""
+    import altair as alt
+
+    keep = ["backcopy_risk", "bigram_risk", "attn_bos", "attn_prev_trig", "val_ratio", "res_peak"]
+    d = _long(df, specs).filter(pl.col("quantity").is_in(keep))
+    return (alt.Chart(d).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
+        x=alt.X("step:Q", scale=alt.Scale(type="log"), title="training step"),
+        y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
+        color=alt.Color("run:N"), strokeDash=alt.StrokeDash("layer:N"),
+    ).properties(width=220, height=150)
+        .facet(facet=alt.Facet("quantity:N", sort=keep, title=None), columns=3)
+        .resolve_scale(y="independent")
+        .properties(title="Bigram-Backcopy training dynamics (per-layer metrics: one dash style per layer)"))
+
+
+def compare_figure(df: pl.DataFrame, specs: dict[str, dict]):
+    """Adam vs SGD vs ReLU attention: residual peak (max over layers, over its early value) and Attn_<s>; one
+    dash style per initialisation."""
+    import altair as alt
+
+    parts = []
+    for run, spec in specs.items():
+        rp = series(df, run, "res_peak")
+        e = early_step(df, run, spec["steps"])
+        rp = rp.with_columns((pl.col("value") / _at(rp, e)).alias("value"), pl.lit("residual peak / early").alias("quantity"))
+        ab = series(df, run, "attn_bos").with_columns(pl.lit("Attn_<s> (max over layers)").alias("quantity"))
+        label = f"{spec['optimizer']}, {spec['attention']}" + ("" if spec["bos_loss"] else ", no <s> loss")
+        for part in (rp, ab):
+            parts.append(part.with_columns(pl.lit(run).alias("run"), pl.lit(label).alias("variant"),
+                                           pl.lit(spec["init"]).alias("init"),
+                                           pl.lit(f"{spec['layers']} layer(s)").alias("depth")))
+    d = pl.concat(parts).filter(pl.col("step") > 0)
+    return (alt.Chart(d).mark_line(strokeWidth=1.5).encode(
+        x=alt.X("step:Q", scale=alt.Scale(type="log"), title="training step"),
+        y=alt.Y("value:Q", title=None), color=alt.Color("variant:N", title="optimizer, attention"),
+        strokeDash=alt.StrokeDash("init:N", title="initialisation"),
+        detail="run:N",
+    ).properties(width=240, height=170)
+        .facet(row=alt.Row("quantity:N", title=None), column=alt.Column("depth:N", title=None))
+        .resolve_scale(y="independent")
+        .properties(title="AdamW vs SGD vs ReLU attention"))
+
+
+def interventions_table(df: pl.DataFrame) -> pl.DataFrame:
+    """Final excess risks per run: none, and each layer's attention or MLP zeroed."""
+    last = df.group_by("run").agg(pl.col("step").max().alias("last"))
+    d = df.join(last, on="run").filter(pl.col("step") == pl.col("last"))
+    base = d.filter(pl.col("metric").is_in(["backcopy_risk", "bigram_risk"])).with_columns(
+        pl.lit("none").alias("zeroed"), pl.col("metric").alias("risk"))
+    zero = d.filter(pl.col("metric").str.starts_with("zero_")).with_columns(
+        pl.col("metric").str.extract(r"^zero_(\w+?)\.", 1).str.replace("_l", " L").alias("zeroed"),
+        pl.col("metric").str.extract(r"\.(\w+)$", 1).alias("risk"))
+    return pl.concat([base, zero]).select("run", "zeroed", "risk", "value").sort("run", "zeroed", "risk")
+
+
+def interventions_figure(table: pl.DataFrame):
+    import altair as alt
+
+    order = ["none"] + sorted(z for z in set(table["zeroed"]) if z != "none")
+    return (alt.Chart(table).mark_bar().encode(
+        x=alt.X("risk:N", title=None, axis=None), y=alt.Y("value:Q", title="excess risk (nats)"),
+        color=alt.Color("risk:N", title="excess risk"),
+        column=alt.Column("zeroed:N", title="zeroed part", sort=order), row=alt.Row("run:N", title=None),
+    ).properties(width=50, height=110, title="Interventions on the trained models"))
+
+
+SEED_SUFFIX = r"_seed\d+$"  # a run trained again with another seed: <run>_seed<n> (the workflow's naming)
+
+
+def robustness(cl: pl.DataFrame, specs: dict[str, dict]) -> pl.DataFrame:
+    """Per run (seed variants ``<run>_seed<n>`` pooled with ``<run>``) and claim, over its seeds: how many
+    pass, the measured value's min / median / max, each seed's value (in seed order) and the failing seeds.
+    ``cl``: the frame of :func:`claims`; the early step in a claim's name ("final / step 219") differs between
+    seeds and is dropped from it."""
+    d = cl.with_columns(pl.col("run").str.replace(SEED_SUFFIX, "").alias("base"),
+                        pl.col("run").replace_strict({r: s["seed"] for r, s in specs.items()},
+                                                     return_dtype=pl.Int64).alias("seed"),
+                        pl.col("claim").str.replace(r" \(final / step \d+\)", " (final / early)"))
+    return (d.sort("seed").group_by("base", "claim", "target", maintain_order=True).agg(
+        pl.len().alias("seeds"), pl.col("pass").sum().alias("passed"),
+        pl.col("measured").min().alias("measured_min"), pl.col("measured").median().alias("measured_median"),
+        pl.col("measured").max().alias("measured_max"),
+        pl.col("measured").alias("by_seed"),
+        pl.col("seed").filter(~pl.col("pass")).cast(pl.String).str.join(", ").alias("failing_seeds"))
+        .with_columns(pl.col("by_seed").map_elements(lambda v: " / ".join(f"{x:.3g}" for x in v),
+                                                     return_dtype=pl.String))
+        .rename({"base": "run"}).sort("run", maintain_order=True))
+
+
+def write_robustness_report(metrics: list[Path], out: Path, name: str = "toy_seeds") -> list[Path]:
+    """``tables/<name>_robustness``: every claim of every run over the seeds it was trained with."""
+    df, specs = load_runs([Path(m) for m in metrics])
+    return write_table(robustness(claims(df, specs), specs), Path(out) / "tables" / f"{name}_robustness")
+
+
+def write_toy_report(metrics: list[Path], out: Path, name: str = "toy") -> list[Path]:
+    """``tables/<name>_{claims,final,interventions}`` and ``figures/<name>_{dynamics,compare,interventions}``."""
+    df, specs = load_runs([Path(m) for m in metrics])
+    out = Path(out)
+    inter = interventions_table(df)
+    paths = []
+    paths += write_table(claims(df, specs), out / "tables" / f"{name}_claims")
+    paths += write_table(final_table(df, specs), out / "tables" / f"{name}_final")
+    paths += write_table(inter, out / "tables" / f"{name}_interventions")
+    paths += write_figure(dynamics_figure(df, specs), out / "figures" / f"{name}_dynamics")
+    paths += write_figure(compare_figure(df, specs), out / "figures" / f"{name}_compare")
+    paths += write_figure(interventions_figure(inter), out / "figures" / f"{name}_interventions")
+    return paths

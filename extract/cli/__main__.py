@@ -1,0 +1,5 @@
+import sys
+
+from extract.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""``dormant finetune``, ``dormant perturb`` (derived models) and ``dormant distributions`` (SPEC §6)."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def _load_base(name: str, threads: int | None):
+    import torch
+
+    from extract.models.load import load_model, model_info
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tok = load_model(name, dtype=torch.float32, device="cpu")
+    return model, tok, model_info(model)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from extract.finetune import SFTConfig, config_dict, derived_source, finetune, save_derived, sft_examples
+    from extract.score import write_parquet_atomic
+
+    t0 = time.perf_counter()
+    cfg = SFTConfig(subtasks=tuple(args.subtasks), n_train=args.n_train, n_heldout=args.n_heldout,
+                    max_tokens=args.max_tokens, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                    eval_every=args.eval_every, seed=args.seed)
+    model, tok, info = _load_base(args.base, args.threads)
+    train, heldout = sft_examples(tok, cfg)
+    res = finetune(model, tok, train, heldout, cfg)
+    recipe = {"method": "sft, decoder layers (embeddings frozen), AdamW, one epoch", **config_dict(cfg),
+              "heldout_loss_before": res.heldout_before, "heldout_loss_after": res.heldout_after}
+    save_derived(model, tok, args.out, derived_source(info, args.name, "instruct", recipe))
+    log = res.log.with_columns(pl.lit(args.name).alias("model")).select("model", *res.log.columns)
+    summary = {"model": args.name, "base": info["model"], "trainable_params": res.n_trainable, **res.info,
+               "heldout_loss_before": res.heldout_before, "heldout_loss_after": res.heldout_after,
+               "train_seconds": res.seconds, "total_seconds": time.perf_counter() - t0, "config": config_dict(cfg)}
+    (Path(args.out) / "finetune.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_parquet_atomic(log, args.log)  # last: marks the job complete
+    print(f"{args.name}: {res.info['steps']} steps over {res.info['train_examples']} examples "
+          f"({res.info['train_tokens']} response tokens), held-out loss {res.heldout_before:.3f} -> "
+          f"{res.heldout_after:.3f} nats/token; {res.seconds:.0f} s training, "
+          f"{time.perf_counter() - t0:.0f} s total -> {args.out}")
+    return 0
+
+
+def _perturb(args: argparse.Namespace) -> int:
+    from extract.finetune import derived_source, save_derived
+    from extract.models.derived import perturb_attention
+
+    model, tok, info = _load_base(args.base, args.threads)
+    rel = perturb_attention(model, args.scale, args.seed)
+    recipe = {"method": "gaussian noise on q_proj/k_proj weights, std = scale * rms(W)", "scale": args.scale,
+              "seed": args.seed, "mean_relative_norm": sum(rel.values()) / len(rel)}
+    save_derived(model, tok, args.out, derived_source(info, args.name, "perturbed", recipe))
+    print(f"{args.name}: {len(rel)} q/k weights perturbed, mean |dW|/|W| = {recipe['mean_relative_norm']:.3f} "
+          f"-> {args.out}")
+    return 0
+
+
+def _distributions(args: argparse.Namespace) -> int:
+    from analysis.distributions.report import run
+
+    series = [(s[0], s[1:]) for s in args.series or []]
+    bad = [s for s in series if len(s[1]) < 2]
+    if bad:
+        raise ValueError(f"--series {bad[0][0]} needs at least two models (KIND MODEL MODEL ...)")
+    paths = run(args.db, args.out, series, null_models=args.null, n_boot=args.n_boot, n_perm=args.n_perm,
+                depth_bins=args.depth_bins, target_fraction=args.target_fraction, seed=args.seed,
+                finetune_logs=args.finetune_log, tests_out=args.tests_out, explorer=args.explorer)
+    print(f"wrote {len(paths)} files")
+    return 0
+
+
+def add_distribution_parsers(subparsers) -> None:
+    """``dormant finetune``, ``dormant perturb`` and ``dormant distributions``."""
+    from extract.finetune import DEFAULT_SUBTASKS, SFTConfig
+
+    d = SFTConfig()
+    f = subparsers.add_parser("finetune", help="supervised finetune on BIG-bench natural_instructions (SPEC §6)")
+    f.add_argument("--base", required=True, help="zoo name, hub id or local directory of the base model")
+    f.add_argument("--name", required=True, help="model id of the result (its id in the database)")
+    f.add_argument("--out", required=True, type=Path, help="local model directory to write")
+    f.add_argument("--log", required=True, type=Path, help="Parquet file of the loss per step (train, held-out)")
+    f.add_argument("--subtasks", nargs="+", default=list(DEFAULT_SUBTASKS), help="natural_instructions subtasks")
+    f.add_argument("--n-train", type=int, default=d.n_train, help="training sequences (one epoch)")
+    f.add_argument("--n-heldout", type=int, default=d.n_heldout, help="held-out sequences")
+    f.add_argument("--max-tokens", type=int, default=d.max_tokens, help="longest sequence kept")
+    f.add_argument("--batch-size", type=int, default=d.batch_size)
+    f.add_argument("--lr", type=float, default=d.lr)
+    f.add_argument("--warmup", type=int, default=d.warmup)
+    f.add_argument("--eval-every", type=int, default=d.eval_every)
+    f.add_argument("--seed", type=int, default=d.seed)
+    f.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    f.set_defaults(func=_finetune)
+    p = subparsers.add_parser("perturb", help="copy of a model with seeded noise on q/k projections (positive control)")
+    p.add_argument("--base", required=True)
+    p.add_argument("--name", required=True, help="model id of the result")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--scale", type=float, default=0.5, help="noise std relative to each weight's rms")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=_perturb)
+    s = subparsers.add_parser("distributions", help="KS / Wasserstein / overlap comparisons, figures, explorer")
+    s.add_argument("--db", type=Path, default=Path("results/db/core.duckdb"))
+    s.add_argument("--out", type=Path, default=Path("results"), help="root of tables/, figures/, distributions/")
+    s.add_argument("--series", nargs="+", action="append", metavar="KIND MODEL",
+                   help="KIND MODEL MODEL [...]: consecutive pairs are compared (kinds: finetune, scale, "
+                        "cross_family, control); repeatable")
+    s.add_argument("--null", nargs="*", default=None, metavar="MODEL",
+                   help="models compared with themselves on two halves of the examples (default: every first model)")
+    s.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates over examples")
+    s.add_argument("--n-perm", type=int, default=200, help="permutations over examples")
+    s.add_argument("--depth-bins", type=int, default=3, help="relative-depth bins (layer / n_layers)")
+    s.add_argument("--target-fraction", type=float, default=0.15, help="p of the shared threshold τ_A (SPEC §3)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--finetune-log", nargs="*", type=Path, default=[], help="finetune loss Parquet files (figure)")
+    s.add_argument("--tests-out", type=Path, help="Parquet file of the distribution_tests rows "
+                                                  "(default OUT/distributions/distribution_tests.parquet)")
+    s.add_argument("--explorer", type=Path, help="interactive HTML explorer (default OUT/distribution_explorer.html)")
+    s.set_defaults(func=_distributions)

@@ -1,0 +1,387 @@
+"""The project's data as a registry of specs (in the style of lm-evaluation-harness).
+
+Text corpora (score distributions, SPEC §6), one domain each: ``xsum`` (news), ``wikilingua`` (how-to
+prose), both BIG-bench task files, ``math`` (BIG-bench's elementary-math word problems with their formula
+and answer, 16 consecutive problems per document, like a worksheet: single problems are too short for the
+length protocol), and ``code`` (the ``.py`` files of the networkx 3.6.1 sdist, the version
+pinned in constraints.txt). :func:`sample_corpus` applies the paper's protocol: N documents, each with a
+length L drawn uniformly from [min_tokens, max_tokens] (seeded; stored as ``max_tokens``, the scorer
+truncates the model's own tokenisation to it, so the file does not depend on a tokenizer); documents are
+matched to lengths by :func:`assign_documents` (seeded, preferring documents long enough for their length).
+
+Multiple-choice tasks (SPEC §5): :data:`DEFAULT_SUITE` (ten BIG-bench tasks, see :data:`TASKS`), MMLU from
+a local directory of the original CSV files or the hub dataset ``cais/mmlu``, and any BIG-bench task file
+as ``bigbench:<task>[/<subtask>]``. Every question and document has a stable id and a content sha256.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from analysis.render import atomic_path
+from extract.data import bigbench as bigbench
+from extract.models.zoo import cache_dir
+from extract.errors import DormantError, HubError
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+CHARS_PER_TOKEN = 6.0  # a document "fits" length L if it has >= 6 L characters (all zoo tokenizers: <= 5.5)
+SHOT_POOL = 5  # BIG-bench questions held out per task as the few-shot pool (never evaluated)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _rng(seed: int, *parts: object) -> random.Random:
+    """A generator seeded by a string (hashed with sha512 by ``random``: stable across runs and platforms)."""
+    return random.Random("|".join(str(p) for p in (seed, *parts)))
+
+
+# ---------------------------------------------------------------------------------------------- corpora
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A text corpus: ``path`` is a BIG-bench task path (source "bigbench") or ``package==version``
+    (source "sdist": its ``.py`` files, sdist verified against ``sha256``). ``page`` > 0: a document is
+    ``page`` consecutive examples, each ``"{input}\nAnswer: {correct target}"``, joined by blank lines."""
+    name: str
+    domain: str
+    source: str
+    path: str
+    sha256: str = ""
+    note: str = ""
+    page: int = 0
+
+
+CORPORA: dict[str, CorpusSpec] = {c.name: c for c in [
+    CorpusSpec("xsum", "news", "bigbench", "gem/xsum", note="BBC articles, inputs of GEM XSum (1001)"),
+    CorpusSpec("wikilingua", "howto", "bigbench", "gem/wikilingua_en",
+               note="WikiHow articles, inputs of GEM WikiLingua English (1001)"),
+    CorpusSpec("math", "math", "bigbench", "elementary_math_qa/question_with_mathematical_hint", page=16,
+               note="math word problems with formula and answer (BIG-bench elementary_math_qa, 7688), 16 per document"),
+    CorpusSpec("code", "code", "sdist", "networkx==3.6.1",
+               sha256="26b7c357accc0c8cde558ad486283728b65b6a95d85ee1cd66bafab4c8168509",
+               note="the 671 .py files of the networkx 3.6.1 sdist (pure Python, pinned in constraints.txt)"),
+]}
+
+
+def get_corpus(name: str) -> CorpusSpec:
+    if name not in CORPORA:
+        raise DormantError(f"unknown corpus {name!r}; corpora: {', '.join(CORPORA)}")
+    return CORPORA[name]
+
+
+def sdist_path(spec: CorpusSpec, progress: bool = True) -> Path:
+    """The verified sdist of a "sdist" corpus in ``cache_dir()/sdists``, downloaded first if missing."""
+    package, version = spec.path.split("==")
+    dest = cache_dir() / "sdists"
+    found = sorted(dest.glob(f"{package}-{version}.tar.gz")) if dest.is_dir() else []
+    path = found[0] if found else bigbench.download_sdist(package, version, dest, progress)
+    return bigbench.verified_sdist(path, spec.sha256, None, progress)
+
+
+def corpus_documents(name: str, *, tar: Path | str | None = None, progress: bool = True) -> list[tuple[str, str]]:
+    """Every candidate document of a corpus as ``(id, text)``, in source order, empty ones left out.
+
+    Ids: ``<corpus>/<index of the (first) example in the task file>``, or
+    ``code/<package-version>/<file path>``.
+    """
+    spec = get_corpus(name)
+    if spec.source == "bigbench":
+        examples = bigbench.read_tasks([spec.path], tar, progress)[spec.path]["examples"]
+        items = [(i, ex) for i, ex in enumerate(examples) if ex["input"].strip()]
+        if not spec.page:
+            return [(f"{name}/{i}", ex["input"].strip()) for i, ex in items]
+        return [(f"{name}/{items[j][0]}", "\n\n".join(f"{ex['input'].strip()}\nAnswer: {correct_target(ex)}"
+                                                      for _, ex in items[j:j + spec.page]))
+                for j in range(0, len(items), spec.page)]
+    docs = []
+    with tarfile.open(sdist_path(spec, progress)) as tf:
+        for m in sorted((m for m in tf if m.isfile() and m.name.endswith(".py")), key=lambda m: m.name):
+            try:
+                text = tf.extractfile(m).read().decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if text.strip():
+                docs.append((f"{name}/{m.name}", text))
+    return docs
+
+
+def correct_target(example: dict) -> str:
+    """A BIG-bench example's answer: its ``target`` (the first of a list), else its best-scored choice."""
+    t = example.get("target")
+    if isinstance(t, list):
+        t = t[0] if t else None
+    if t is not None:
+        return str(t)
+    scores = example.get("target_scores") or {}
+    if not scores:
+        raise DormantError(f"BIG-bench example without target or target_scores: {example.get('input', '')[:60]!r}")
+    return max(scores, key=lambda k: scores[k])
+
+
+def draw_lengths(n: int, min_tokens: int, max_tokens: int, seed: int) -> list[int]:
+    """N lengths uniform in [min_tokens, max_tokens] (inclusive); the same for every corpus at one seed."""
+    if not 1 <= min_tokens <= max_tokens:
+        raise ValueError(f"need 1 <= min_tokens <= max_tokens, got [{min_tokens}, {max_tokens}]")
+    rng = _rng(seed, "lengths", n, min_tokens, max_tokens)
+    return [rng.randint(min_tokens, max_tokens) for _ in range(n)]
+
+
+def assign_documents(chars: Sequence[int], lengths: Sequence[int], rng: random.Random) -> list[int]:
+    """Which document (index into ``chars``) each length slot gets, each document at most once.
+
+    Documents are shuffled with ``rng``; slots are served longest first, each taking the first unused
+    document (shuffled order) with at least ``CHARS_PER_TOKEN * length`` characters, or, when none is left,
+    the longest unused one (its text may then hold fewer tokens than the slot's length).
+    """
+    if len(lengths) > len(chars):
+        raise ValueError(f"{len(lengths)} documents asked for, the corpus has {len(chars)}")
+    order = list(range(len(chars)))
+    rng.shuffle(order)
+    free = dict.fromkeys(order)  # insertion-ordered set
+    picked = [0] * len(lengths)
+    for slot in sorted(range(len(lengths)), key=lambda s: (-lengths[s], s)):
+        need = CHARS_PER_TOKEN * lengths[slot]
+        doc = next((d for d in free if chars[d] >= need), None)
+        if doc is None:
+            doc = max(free, key=lambda d: chars[d])
+        del free[doc]
+        picked[slot] = doc
+    return picked
+
+
+def sample_corpus(name: str, n: int, min_tokens: int, max_tokens: int, seed: int = 0, *,
+                  tar: Path | str | None = None, progress: bool = True) -> list[dict]:
+    """N examples of a corpus under the truncation protocol (module doc), as JSON-lines rows.
+
+    Row keys: ``id``, ``text`` (the whole document), ``domain``, ``corpus``, ``max_tokens`` (the drawn
+    length) and ``sha256`` (of ``text``).
+    """
+    spec = get_corpus(name)
+    docs = corpus_documents(name, tar=tar, progress=progress)
+    lengths = draw_lengths(n, min_tokens, max_tokens, seed)
+    picked = assign_documents([len(t) for _, t in docs], lengths, _rng(seed, "documents", name))
+    return [{"id": docs[d][0], "text": docs[d][1], "domain": spec.domain, "corpus": name, "max_tokens": L,
+             "sha256": sha256_text(docs[d][1])} for d, L in zip(picked, lengths)]
+
+
+def write_jsonl_atomic(rows: Iterable[dict], out: Path) -> Path:
+    """Write one JSON object per line to ``out`` through a temporary file and a rename."""
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(out)
+
+
+# ------------------------------------------------------------------------------------ multiple choice
+
+@dataclass(frozen=True)
+class Question:
+    """One multiple-choice question; ``answer`` indexes ``choices``; ``sha256`` covers the content."""
+    id: str
+    task: str
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+    sha256: str
+
+
+def make_question(id: str, task: str, question: str, choices: Sequence[str], answer: int) -> Question:
+    content = json.dumps({"question": question, "choices": list(choices), "answer": answer}, ensure_ascii=False)
+    return Question(id, task, question, tuple(choices), answer, sha256_text(content))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A multiple-choice task: a BIG-bench task path, or an MMLU subject ("" = all 57)."""
+    name: str
+    source: str  # "bigbench" or "mmlu"
+    path: str
+    skill: str = ""
+
+
+@dataclass
+class TaskData:
+    """Loaded questions (in a fixed order) with their few-shot pools and preambles, keyed by ``Question.task``."""
+    name: str
+    questions: list[Question]
+    shots: dict[str, list[Question]] = field(default_factory=dict)  # first k are the k shots
+    descriptions: dict[str, str] = field(default_factory=dict)  # text before the shots
+
+    @property
+    def chance(self) -> float:
+        """Expected accuracy of uniform guessing: mean of 1 / choices."""
+        return sum(1 / len(q.choices) for q in self.questions) / max(len(self.questions), 1)
+
+
+# The default suite (DEFAULT_SUITE: the BIG-bench entries). Picked for: knowledge (general_knowledge,
+# hindu_knowledge, physics) and reasoning (physical_intuition, elementary_math_qa, logical_deduction,
+# date_understanding, temporal_sequences, understanding_fables, strange_stories); >= 4 choices on nearly
+# every question (chance 0.15-0.26), so a letter bias cannot pass for skill and ablation effects are not
+# drowned by a high chance level; one correct answer each; >= 60 usable questions each, so a per-task
+# limit of 50 still leaves the few-shot pool out. Left out: the two-choice tasks (known_unknowns,
+# misconceptions, epistemic_reasoning, navigate, strategyqa; chance 0.5) and three-choice social_iqa.
+# Subtasks: elementary_math_qa/question_only (the plain word problem, no hint), logical_deduction/
+# five_objects (the middle difficulty). `dormant data tasks` lists question and choice counts.
+TASKS: dict[str, TaskSpec] = {t.name: t for t in [
+    TaskSpec("general_knowledge", "bigbench", "general_knowledge", "world knowledge (4-13 choices)"),
+    TaskSpec("hindu_knowledge", "bigbench", "hindu_knowledge", "Hindu mythology knowledge"),
+    TaskSpec("physics", "bigbench", "physics", "which formula solves a physics problem"),
+    TaskSpec("physical_intuition", "bigbench", "physical_intuition", "physical reasoning"),
+    TaskSpec("elementary_math_qa", "bigbench", "elementary_math_qa/question_only",
+             "math word problems"),
+    TaskSpec("logical_deduction", "bigbench", "logical_deduction/five_objects", "deduce an order of five objects"),
+    TaskSpec("date_understanding", "bigbench", "date_understanding", "date arithmetic"),
+    TaskSpec("temporal_sequences", "bigbench", "temporal_sequences", "reason over a schedule"),
+    TaskSpec("understanding_fables", "bigbench", "understanding_fables", "the moral of a fable"),
+    TaskSpec("strange_stories", "bigbench", "strange_stories/multiple_choice",
+             "theory of mind in short stories"),
+    TaskSpec("mmlu", "mmlu", "", "MMLU, 57 subjects (local CSV directory or hub cais/mmlu)"),
+]}
+DEFAULT_SUITE: tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.source == "bigbench")
+
+
+def get_task(name: str) -> TaskSpec:
+    """A registry task, ``bigbench:<task>[/<subtask>]`` or ``mmlu:<subject>``."""
+    if name in TASKS:
+        return TASKS[name]
+    source, _, path = name.partition(":")
+    if source in ("bigbench", "mmlu") and path:
+        return TaskSpec(name, source, path)
+    raise DormantError(f"unknown task {name!r}; registry: {', '.join(TASKS)}; or bigbench:<task>[/<subtask>], "
+                       f"mmlu:<subject>")
+
+
+def _pick(n: int, limit: int | None, seed: int, key: str) -> list[int]:
+    """``limit`` of the indices ``0..n-1`` (all if None): the first of a seeded shuffle, sorted."""
+    order = list(range(n))
+    _rng(seed, "split", key).shuffle(order)
+    return sorted(order if limit is None else order[:limit])
+
+
+def _bigbench_task(spec: TaskSpec, data: dict, limit: int | None, seed: int) -> TaskData:
+    """Questions with exactly one top-scoring target and 2-26 choices; choices shuffled per question (seeded).
+
+    The shot pool: the first ``SHOT_POOL`` usable questions of a seeded shuffle; the evaluated questions: the
+    next ``limit`` of that order, sorted by their index in the task file.
+    """
+    qs = []
+    for i, ex in enumerate(data["examples"]):
+        ts = ex.get("target_scores") or {}
+        best = max(ts.values(), default=0)
+        if not 2 <= len(ts) <= len(LETTERS) or best <= 0 or sum(v == best for v in ts.values()) != 1:
+            continue
+        qid = f"bigbench/{spec.path}/{i}"
+        choices = [str(c) for c in ts]
+        _rng(seed, "choices", qid).shuffle(choices)
+        right = next(str(c) for c, v in ts.items() if v == best)
+        qs.append(make_question(qid, spec.name, ex["input"].strip(), choices, choices.index(right)))
+    if len(qs) <= SHOT_POOL:
+        raise DormantError(f"BIG-bench task {spec.path!r} has {len(qs)} usable multiple-choice questions; "
+                           f"it needs more than {SHOT_POOL}")
+    order = list(range(len(qs)))
+    _rng(seed, "split", spec.path).shuffle(order)
+    evaluated = sorted(order[SHOT_POOL:] if limit is None else order[SHOT_POOL:SHOT_POOL + limit])
+    prefix = data.get("task_prefix", "").strip()
+    return TaskData(spec.name, [qs[i] for i in evaluated], {spec.name: [qs[i] for i in order[:SHOT_POOL]]},
+                    {spec.name: prefix + "\n\n" if prefix else ""})
+
+
+def mmlu_dir_or_none(mmlu_dir: Path | str | None = None) -> Path | None:
+    """``mmlu_dir``, else env ``DORMANT_MMLU_DIR``, else None (the hub)."""
+    d = mmlu_dir or os.environ.get("DORMANT_MMLU_DIR")
+    return Path(d).expanduser() if d else None
+
+
+MMLU_HINT = ("or point at a local copy of the original CSV files with --mmlu-dir DIR or env DORMANT_MMLU_DIR "
+             "(DIR/dev/<subject>_dev.csv, DIR/test/<subject>_test.csv)")
+
+
+def _read_mmlu_csv(path: Path) -> list[tuple[str, list[str], int]]:
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for k, r in enumerate(csv.reader(f)):
+            letter = r[5].strip() if len(r) == 6 else ""
+            if letter not in ("A", "B", "C", "D"):
+                raise DormantError(f"{path}:{k + 1}: expected 6 columns (question, A, B, C, D, answer letter)")
+            rows.append((r[0], r[1:5], "ABCD".index(letter)))
+    return rows
+
+
+def _mmlu_local(root: Path, subject: str) -> dict[str, dict[str, list]]:
+    """``{subject: {"dev": rows, "test": rows}}`` from the original CSV layout."""
+    if not (root / "test").is_dir():
+        raise DormantError(f"{root} has no test/ directory; " + MMLU_HINT)
+    subjects = [subject] if subject else sorted(p.name.removesuffix("_test.csv")
+                                                for p in (root / "test").glob("*_test.csv"))
+    out = {}
+    for s in subjects:
+        test, dev = root / "test" / f"{s}_test.csv", root / "dev" / f"{s}_dev.csv"
+        if not test.is_file():
+            raise DormantError(f"MMLU subject {s!r}: {test} not found; " + MMLU_HINT)
+        out[s] = {"test": _read_mmlu_csv(test), "dev": _read_mmlu_csv(dev) if dev.is_file() else []}
+    if not out:
+        raise DormantError(f"no test/<subject>_test.csv files in {root}; " + MMLU_HINT)
+    return out
+
+
+def _mmlu_hub(subject: str) -> dict[str, dict[str, list]]:
+    """The same from the hub dataset ``cais/mmlu`` (needs the ``datasets`` package and hub access)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DormantError("MMLU from the hub needs the 'datasets' package (pip install datasets) and hub "
+                           "access; " + MMLU_HINT) from None
+    try:
+        ds = datasets.load_dataset("cais/mmlu", subject or "all")
+    except Exception as e:  # offline, no such config, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HubError(f"cannot load cais/mmlu from the hub ({msg}); " + MMLU_HINT) from None
+    out: dict[str, dict[str, list]] = {}
+    for split in ("dev", "test"):
+        for r in ds[split]:
+            s = subject or r["subject"]
+            out.setdefault(s, {"dev": [], "test": []})[split].append((r["question"], list(r["choices"]), r["answer"]))
+    return dict(sorted(out.items()))
+
+
+def _mmlu_task(spec: TaskSpec, limit: int | None, seed: int, mmlu_dir: Path | str | None) -> TaskData:
+    """Test questions (per subject: ``limit`` of a seeded shuffle, sorted); shots: the dev split in order."""
+    root = mmlu_dir_or_none(mmlu_dir)
+    data = _mmlu_local(root, spec.path) if root else _mmlu_hub(spec.path)
+    task = TaskData(spec.name, [])
+    for s, splits in data.items():
+        key = f"mmlu/{s}"
+        rows = splits["test"]
+        task.questions += [make_question(f"{key}/test/{i}", key, *rows[i]) for i in _pick(len(rows), limit, seed, key)]
+        task.shots[key] = [make_question(f"{key}/dev/{i}", key, *r) for i, r in enumerate(splits["dev"])]
+        task.descriptions[key] = f"The following are multiple choice questions (with answers) about " \
+                                 f"{s.replace('_', ' ')}.\n\n"
+    return task
+
+
+def load_task(name: str, *, limit: int | None = None, seed: int = 0, mmlu_dir: Path | str | None = None,
+              tar: Path | str | None = None, progress: bool = True) -> TaskData:
+    """The questions of one task (``limit`` per task, or per subject for MMLU; None = all), deterministic."""
+    spec = get_task(name)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    if spec.source == "mmlu":
+        return _mmlu_task(spec, limit, seed, mmlu_dir)
+    return _bigbench_task(spec, bigbench.read_tasks([spec.path], tar, progress)[spec.path], limit, seed)
+
+
+def load_tasks(names: Sequence[str] = DEFAULT_SUITE, **options) -> list[TaskData]:
+    """Several tasks; the BIG-bench files they need are extracted in one pass over the tar."""
+    paths = [get_task(n).path for n in names if get_task(n).source == "bigbench"]
+    if paths:
+        bigbench.read_tasks(paths, options.get("tar"), options.get("progress", True))
+    return [load_task(n, **options) for n in names]

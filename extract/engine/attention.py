@@ -1,0 +1,136 @@
+"""The one attention function every model family runs through, registered as ``"dormant"``.
+
+It is registered with transformers' ``AttentionInterface`` and, under the same name, a mask function
+with ``AttentionMaskInterface`` (without the latter a custom attention receives no mask at all). Each
+family's own attention module computes q, k, v (rotary, q/k norms, scaling, sliding window, soft-capping
+are the family's business) and calls this function; nothing of the model classes is patched.
+
+* No capture session active (see :mod:`extract.engine.capture`): plain SDPA (the chunked kernel when the family
+  soft-caps logits, which SDPA cannot do).
+* Session active: :func:`extract.engine.kernels.attend` computes the output and per-query statistics in one
+  memory-bounded pass; the six raw per-head stats go to the session, which may return heads to ablate;
+  their output ``O`` (all positions) is zeroed or replaced by a mean before the output projection.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from extract.engine import capture as capture
+
+from extract.engine import kernels as kernels
+
+ATTN_NAME = "dormant"
+
+
+def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention signature: q ``(B, H, S, D)``, k/v ``(B, KV, S, D)`` -> ``((B, S, H, D), None)``."""
+    cap = capture.current()
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise NotImplementedError("models with learned attention-sink logits are not supported by the score engine")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    full = query.shape[2] == key.shape[2]
+    if cap is None or not full:
+        if cap is not None and cap.rule is not None:
+            raise RuntimeError("ablate() needs full forward passes: call the model with use_cache=False")
+        if softcap is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+    if not full:  # cached decoding with soft-capping (outside a session)
+        raise NotImplementedError("cached decoding with logit soft-capping is not supported; use use_cache=False")
+    B, H, S, D = query.shape
+    n_rep = H // key.shape[1]
+    k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    layout = _mask_layout(attention_mask, B, S, query, cap)
+    valid, first, last, add_mask = layout
+    out, p_first, entropy = kernels.attend(query, k, v, add_mask, scale, first, valid=valid, softcap=softcap,
+                                           chunk_size=cap.chunk_size if cap else 256,
+                                           need_entropy=cap.need_entropy if cap else False)
+    if cap is not None:
+        stats = head_stats(out, value, p_first, entropy, valid, first, last)
+        ablated = cap.record(module.layer_idx, stats)
+        if ablated is not None and bool(ablated.any()):
+            out = _replace(out, ablated.to(out.device), cap, module.layer_idx)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def head_stats(out: torch.Tensor, value: torch.Tensor, p_first: torch.Tensor, entropy: torch.Tensor,
+               valid: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The six raw stats (``capture.RAW_STATS``) per (example, query head): ``(B, H, 6)`` float64.
+
+    ``value`` is ``(B, KV, S, D)``: query head h reads KV head ``h // (H / KV)``.
+    """
+    H = out.shape[1]
+    w = valid.double() / valid.sum(-1, keepdim=True).double()  # (B, S) weights of a mean over valid t
+    w = w[:, None, :]
+
+    def mean_t(x):  # x (B, H, S) -> (B, H), padding ignored even if it holds non-finite values
+        return torch.where(valid[:, None, :], x * w, torch.zeros((), dtype=x.dtype, device=x.device)).sum(-1)
+
+    def at(x, idx):  # x (B, H, S) -> x[b, :, idx[b]]
+        return x.gather(2, idx.view(-1, 1, 1).expand(-1, x.shape[1], 1)).squeeze(2)
+
+    work = torch.promote_types(out.dtype, torch.float32)
+    vn = torch.linalg.vector_norm(value, dim=-1, dtype=work).double()
+    vn = vn.repeat_interleave(H // value.shape[1], dim=1)
+    on = torch.linalg.vector_norm(out, dim=-1, dtype=work).double()
+    return torch.stack([mean_t(p_first), mean_t(entropy), at(vn, first), mean_t(vn), at(on, last), mean_t(on)], -1)
+
+
+def _mask_layout(attention_mask, B, S, query, cap):
+    """Valid positions ``(B, S)``, first/last valid index ``(B,)`` and the kernel's additive mask.
+
+    A key t is valid (not padding) iff query t may attend to it: the mask's diagonal. When the mask is
+    plain causal on every valid query row (right padding, no window) the kernel gets None (causal),
+    which changes nothing for valid queries and is twice as fast. Otherwise the diagonal is always
+    opened, so no row is fully masked (padding rows would else turn into NaN).
+    """
+    dev = query.device
+    if attention_mask is None:
+        valid = torch.ones(B, S, dtype=torch.bool, device=dev)
+        zero = torch.zeros(B, dtype=torch.long, device=dev)
+        return valid, zero, zero + S - 1, None
+
+    def make():
+        m = attention_mask[:, 0]
+        m = m if m.dtype == torch.bool else m == 0
+        m = m.expand(B, S, S)
+        valid = torch.diagonal(m, dim1=-2, dim2=-1)
+        first = valid.int().argmax(-1)
+        last = S - 1 - valid.flip(-1).int().argmax(-1)
+        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+        if bool(((m == causal) | ~valid[:, :, None]).all()):
+            return valid, first, last, None
+        opened = m | torch.eye(S, dtype=torch.bool, device=dev)
+        add = torch.zeros(opened.shape, dtype=query.dtype, device=dev).masked_fill_(~opened, float("-inf"))
+        return valid, first, last, add[:, None]
+
+    return cap.cached(attention_mask, make) if cap is not None else make()
+
+
+def _replace(out, ablated, cap, layer):
+    """Zero (or mean-replace) the whole output of the ablated heads: out (B, H, S, D), ablated (B, H)."""
+    sel = ablated[:, :, None, None]
+    if cap.mode == "mean":
+        mean = cap.means[layer].to(out.device, out.dtype)[None, :, None, :]  # (1, H, 1, D)
+        return torch.where(sel, mean.expand_as(out), out)
+    return out.masked_fill(sel, 0.0)
+
+
+def register() -> str:
+    """Register the attention function and its mask function under ``ATTN_NAME``; returns the name."""
+    AttentionInterface.register(ATTN_NAME, dormant_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    return ATTN_NAME
+
+
+def use(model: PreTrainedModel) -> PreTrainedModel:
+    """Make ``model`` run its attention through the registered function (idempotent); returns it."""
+    register()
+    if model.config._attn_implementation != ATTN_NAME:
+        model.set_attn_implementation(ATTN_NAME)
+    return model

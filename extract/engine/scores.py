@@ -1,0 +1,221 @@
+"""Per-head, per-example scores (SPEC §2) as a by-product of one forward pass.
+
+``score_heads(model, sequences)`` runs the decoder stack (no LM head) under a capture session and turns
+the six raw stats of every (example, layer, head) into the 13 scores. Sequences are sorted by length,
+batched under a token budget and right-padded; padding never changes a score.
+
+BOS: the ``awft``/``ftvvn`` scores look at position 0, which is meant to be the BOS token. Token-id
+sequences are scored as given (a warning names the sequences not starting with the model's BOS id);
+:func:`score_texts` prepends the tokenizer's BOS by default (``prepend_bos=True``), because the paper's
+models all see a BOS first and the first-token scores are only comparable across models that way.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from analysis.core.score_functions import SCORE_KEYS
+
+from extract.engine import attention as attention
+
+from extract.engine import capture as capture
+
+
+def scores_from_stats(stats: torch.Tensor) -> torch.Tensor:
+    """Raw stats ``(..., heads, 6)`` -> the 13 scores ``(..., heads, 13)`` in ``SCORE_KEYS`` order.
+
+    LN variants divide by the mean over the heads of the same layer and example; a ratio 0/0 (every head
+    of the layer exactly zero) is defined as 1.0.
+    """
+    a, e, v0, vm, ol, om = stats.double().unbind(-1)
+
+    def ratio(x, d):
+        return torch.where((x == 0) & (d == 0), torch.ones_like(x), x / d)
+
+    def ln(x):
+        return ratio(x, x.mean(-1, keepdim=True).expand_as(x))
+
+    lthon_ln = ratio(ol, om.mean(-1, keepdim=True).expand_as(ol))
+    cols = [a, ln(a), e, ln(e), v0, ln(v0), vm, ln(vm), ol, lthon_ln, ratio(ol, om), om, ln(om)]
+    return torch.stack(cols, -1)
+
+
+def _as_lists(sequences: Sequence) -> list[list[int]]:
+    out = []
+    for i, s in enumerate(sequences):
+        ids = s.tolist() if isinstance(s, torch.Tensor) else list(s)
+        if len(ids) < 2:
+            raise ValueError(f"sequence {i} has {len(ids)} token(s); head scores need at least 2 "
+                             "(a one-token row has no attention choice: drop it or give more text)")
+        out.append([int(t) for t in ids])
+    return out
+
+
+def batches(lengths: Sequence[int], batch_tokens: int, overhead: int = 64) -> list[list[int]]:
+    """Indices grouped longest-first into batches with ``len(batch) * longest <= batch_tokens`` (at least
+    one each) that minimise the padded tokens plus ``overhead`` tokens per forward pass.
+
+    Groups are contiguous runs of the length-sorted order, chosen by dynamic programming (O(n²)): packing
+    greedily up to the budget pads short prompts to the longest one (+68% tokens on the default suite).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of batching order[:j]
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):  # last group order[i:j], its longest is order[i]
+            longest = lengths[order[i]]
+            if i < j - 1 and (j - i) * longest > batch_tokens:
+                break
+            cost = best[i] + (j - i) * longest + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[list[int]] = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def pad_id(model, tokenizer=None) -> int:
+    """Token id used for padding: the model's ``pad_token_id``, else the tokenizer's, else 0 (padded
+    positions are masked, so any valid id works)."""
+    for pad in (getattr(model.config, "pad_token_id", None), getattr(tokenizer, "pad_token_id", None)):
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` both ``(B, max_len)``, padding on the right."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    am = torch.zeros((len(seqs), n), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+        am[b, : len(s)] = 1
+    return ids.to(device), am.to(device)
+
+
+def raw_head_stats(model, sequences: Sequence, *, batch_tokens: int = 8192, chunk_size: int = 256,
+                   progress: bool = False) -> torch.Tensor:
+    """Raw stats ``(examples, layers, heads, 6)`` float64 (``capture.RAW_STATS``), in input order."""
+    seqs = _as_lists(sequences)
+    attention.use(model)
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    bos = getattr(cfg, "bos_token_id", None)
+    no_bos = [i for i, s in enumerate(seqs) if bos is not None and s[0] != bos]
+    if no_bos:
+        warnings.warn(f"{len(no_bos)} of {len(seqs)} sequences do not start with BOS id {bos} "
+                      f"(first: #{no_bos[0]}); first-token scores then refer to their first token", stacklevel=3)
+    pad = pad_id(model)
+    device = next(model.parameters()).device
+    result: torch.Tensor | None = None
+    groups = batches([len(s) for s in seqs], batch_tokens)
+    bar = tqdm(total=sum(len(s) for s in seqs), unit="tok", desc="scoring", disable=not progress)
+    for idx in groups:
+        ids, am = pad_right([seqs[i] for i in idx], pad, device)
+        cap = capture.Capture.nested(chunk_size=chunk_size)
+        with capture.capturing(cap), torch.inference_mode():
+            model.base_model(input_ids=ids, attention_mask=am, use_cache=False)
+            stats = cap.stacked_stats()
+        if stats.shape[1] != n_layers:
+            raise RuntimeError(f"captured {stats.shape[1]} of {n_layers} layers: this model's attention does "
+                               "not go through the registered function")
+        if result is None:
+            result = torch.empty((len(seqs),) + tuple(stats.shape[1:]), dtype=torch.float64)
+        result[idx] = stats
+        bar.update(sum(len(seqs[i]) for i in idx))
+    bar.close()
+    return result
+
+
+def score_heads(model, sequences: Sequence, *, batch_tokens: int = 8192, chunk_size: int = 256,
+                progress: bool = False) -> pl.DataFrame:
+    """The 13 scores for every (example, layer, head).
+
+    sequences: token-id sequences (lists of ints or 1-D tensors) of any lengths >= 2.
+    batch_tokens: padded tokens per forward pass (memory budget). chunk_size: query chunk of the
+    portable kernel. Returns one row per (example, layer, head): ``example`` (index into
+    ``sequences``), ``layer``, ``head``, then ``SCORE_KEYS`` as float64.
+    """
+    stats = raw_head_stats(model, sequences, batch_tokens=batch_tokens, chunk_size=chunk_size, progress=progress)
+    return scores_frame(scores_from_stats(stats).numpy())
+
+
+def scores_frame(scores: np.ndarray) -> pl.DataFrame:
+    """``(examples, layers, heads, 13)`` array -> the long frame of :func:`score_heads`."""
+    E, L, H, _ = scores.shape
+    ex, la, he = np.meshgrid(np.arange(E), np.arange(L), np.arange(H), indexing="ij")
+    cols = {"example": ex.ravel().astype(np.int64), "layer": la.ravel().astype(np.int32),
+            "head": he.ravel().astype(np.int32)}
+    flat = scores.reshape(-1, len(SCORE_KEYS))
+    cols.update({k: flat[:, j].astype(np.float64) for j, k in enumerate(SCORE_KEYS)})
+    return pl.DataFrame(cols)
+
+
+def encode_texts(tokenizer, texts: Sequence[str], *, prepend_bos: bool = True,
+                 max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids of ``texts`` (BOS first when ``prepend_bos`` and the tokenizer has one)."""
+    out = []
+    for i, t in enumerate(texts):
+        if not t or not t.strip():
+            raise ValueError(f"text {i} is empty; remove it or give it content")
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if prepend_bos and tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id] + ids
+        out.append(ids[:max_tokens] if max_tokens else ids)
+    return out
+
+
+def score_texts(model, tokenizer, texts: Sequence[str], *, prepend_bos: bool = True,
+                max_tokens: int | None = None, **options) -> pl.DataFrame:
+    """:func:`score_heads` on texts encoded with ``tokenizer`` (see :func:`encode_texts`)."""
+    return score_heads(model, encode_texts(tokenizer, texts, prepend_bos=prepend_bos, max_tokens=max_tokens),
+                       **options)
+
+
+class Recording:
+    """What :func:`recording` yields: the head scores of every forward pass run inside the block."""
+
+    def __init__(self, cap: capture.Capture):
+        self._cap = cap
+
+    def raw_stats(self) -> torch.Tensor:
+        """``(examples, layers, heads, 6)`` float64, forward passes concatenated in call order."""
+        parts = self._cap.all_stats()
+        if not parts:
+            raise RuntimeError("no forward pass ran inside recording()")
+        return torch.cat(parts, 0)
+
+    def scores(self) -> torch.Tensor:
+        """``(examples, layers, heads, 13)`` float64 in ``SCORE_KEYS`` order."""
+        return scores_from_stats(self.raw_stats())
+
+    def frame(self) -> pl.DataFrame:
+        """The long frame of :func:`score_heads` (``example`` = row in call order)."""
+        return scores_frame(self.scores().numpy())
+
+
+@contextmanager
+def recording(model, *, chunk_size: int = 256) -> Iterator[Recording]:
+    """Record the 13 scores of every head in every full forward pass run inside the block.
+
+    For calibration: run the evaluation as usual (any forward of ``model`` or its decoder, padded
+    batches included) and read ``rec.scores()`` afterwards; rows follow the batches in call order.
+    Right or left padding is recognised from the attention mask (left padding needs the usual
+    ``position_ids``, as for any HF model). Inside :func:`ablate` the
+    ablation keeps applying.
+    """
+    attention.use(model)
+    cap = capture.Capture.nested(chunk_size=chunk_size, keep_stats=True)
+    with capture.capturing(cap):
+        yield Recording(cap)

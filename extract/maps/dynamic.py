@@ -1,0 +1,210 @@
+"""MAPS checks against inference (SPEC §8): dynamic scores from prompts, and a causal ablation check.
+
+Dynamic: each source word X goes into templates such as "This is a document about X"; at the last
+position every head's output ``O_h[last]`` (the per-head slice of the input of ``o_proj``) is projected
+through ``W_O^h`` and ``U``, and the same top-k rule as the static score is applied ("with context").
+"Without context" forces the head's attention at the last position onto the source token, i.e. its output
+becomes ``V_h[src]`` (the value of the KV head it reads, captured at ``v_proj``'s output); causality makes
+this exactly the forced-attention output without a second forward pass.
+
+Causal: few-shot prompts "s1: t1\\ns2: t2\\ns3: t3\\ns:" whose answer is the single token " t"; heads are
+ablated by zeroing their slice of ``o_proj``'s input at the last position only, so the prompt without its
+last token is run once (KV cache) and every ablation re-runs just the last token.
+"""
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from extract.maps.static import decoder_layers, text_config
+from extract.maps.operations import Operation
+
+TEMPLATES = ("This is a document about{X}", "No{X} means no", "The story of{X} contains",
+             "When I think about{X} I think about")
+
+
+def _bos(tok) -> list[int]:
+    return [tok.bos_token_id] if tok.bos_token_id is not None else []
+
+
+def template_ids(tok, template: str, src: list[int]) -> tuple[torch.Tensor, int]:
+    """Prompts ``(n, S)`` of one template for single-token sources (with a leading space) and the source
+    position; every prompt has the same length, so no padding is needed."""
+    pre, post = template.split("{X}")
+    a = _bos(tok) + tok(pre, add_special_tokens=False)["input_ids"]
+    b = tok(post, add_special_tokens=False)["input_ids"] if post else []
+    return torch.tensor([a + [s] + b for s in src], dtype=torch.long), len(a)
+
+
+def _shape(model) -> tuple[int, int, int, int]:
+    cfg = text_config(model)
+    H = cfg.num_attention_heads
+    KV = getattr(cfg, "num_key_value_heads", None) or H
+    attn = decoder_layers(model)[0].self_attn
+    return cfg.num_hidden_layers, H, KV, attn.o_proj.in_features // H
+
+
+@torch.no_grad()
+def head_io(model, ids: torch.Tensor, src_pos: int, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt, layer and query head: the head output at the last position and the value vector of the
+    source position. ids ``(n, S)`` -> two ``(n, L, H, head_dim)`` float32 tensors."""
+    L, H, KV, hd = _shape(model)
+    outs, vals = [], []
+    cur: dict[str, list] = {"o": [None] * L, "v": [None] * L}
+    hooks = []
+    for i, layer in enumerate(decoder_layers(model)):
+        attn = layer.self_attn
+        hooks.append(attn.o_proj.register_forward_pre_hook(
+            lambda m, args, i=i: cur["o"].__setitem__(i, args[0][:, -1].float().view(-1, H, hd))))
+        hooks.append(attn.v_proj.register_forward_hook(
+            lambda m, args, out, i=i: cur["v"].__setitem__(
+                i, out[:, src_pos].float().view(-1, KV, hd)[:, torch.arange(H) // (H // KV)])))
+    try:
+        for b0 in range(0, ids.shape[0], batch):
+            model.get_decoder()(input_ids=ids[b0:b0 + batch].to(model.device), use_cache=False)
+            outs.append(torch.stack(cur["o"], 1).cpu())
+            vals.append(torch.stack(cur["v"], 1).cpu())
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(outs), torch.cat(vals)
+
+
+def dynamic_rows(model, tok, ops: list[Operation], pairs: int | None, seed: int = 0,
+                 templates: tuple[str, ...] = TEMPLATES, progress: bool = True):
+    """Rows for the vocabulary scan: ``z`` ``(L, H, R, head_dim)`` (with-context rows, then without-context
+    rows), per row its target id and k ``(R,)``, and a frame describing each row (operation, template,
+    context, pair)."""
+    zs, tg, ks, meta = [], [], [], []
+    for op in tqdm(ops, desc="MAPS dynamic prompts", disable=not progress):
+        idx = list(range(len(op.src)))
+        if pairs is not None and len(idx) > pairs:
+            idx = sorted(random.Random(f"{seed}:dynamic:{op.name}").sample(idx, pairs))
+        src = [op.src[i] for i in idx]
+        for t, template in enumerate(templates):
+            ids, pos = template_ids(tok, template, src)
+            o, v = head_io(model, ids, pos)
+            for context, x in (("with", o), ("without", v)):
+                zs.append(x)
+                tg += [op.tgt[i] for i in idx]
+                ks += [op.k] * len(idx)
+                meta += [(op.name, t, context, i) for i in idx]
+    z = torch.cat(zs).permute(1, 2, 0, 3).contiguous()  # (L, H, R, hd)
+    frame = pl.DataFrame(meta, orient="row", schema={"operation": pl.Utf8, "template": pl.Int32,
+                                                     "context": pl.Utf8, "pair": pl.Int32})
+    return z, torch.tensor(tg, dtype=torch.long), torch.tensor(ks, dtype=torch.long), frame
+
+
+def dynamic_scores(model_name: str, frame: pl.DataFrame, hit: torch.Tensor) -> pl.DataFrame:
+    """Per (layer, head, operation, template, context): the fraction of prompts whose target is in the top-k.
+    hit ``(L, H, R)`` bool, one column per row of ``frame``."""
+    L, H, R = hit.shape
+    long = pl.DataFrame({
+        "layer": np.repeat(np.arange(L), H * R).astype(np.int32),
+        "head": np.tile(np.repeat(np.arange(H), R), L).astype(np.int32),
+        "row": np.tile(np.arange(R), L * H),
+        "hit": hit.reshape(-1).numpy().astype(np.float64)})
+    long = long.join(frame.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64)), on="row")
+    return (long.group_by("layer", "head", "operation", "template", "context")
+            .agg(pl.col("hit").mean().alias("score"), pl.len().cast(pl.Int32).alias("n_prompts"))
+            .with_columns(pl.lit(model_name).alias("model"))
+            .select("model", "layer", "head", "operation", "template", "context", "score", "n_prompts")
+            .sort("layer", "head", "operation", "template", "context"))
+
+
+def correlations(static: pl.DataFrame, dynamic: pl.DataFrame) -> pl.DataFrame:
+    """Pearson r of static vs dynamic scores over heads × templates, per (model, operation, context)."""
+    j = dynamic.join(static.select("model", "layer", "head", "operation", pl.col("score").alias("static")),
+                     on=["model", "layer", "head", "operation"])
+    return (j.group_by("model", "operation", "context")
+            .agg(pl.corr("static", "score").alias("pearson"), pl.len().cast(pl.Int32).alias("n"),
+                 pl.col("static").max().alias("max_static"), pl.col("score").max().alias("max_dynamic"))
+            .sort("model", "operation", "context"))
+
+
+# ---- causal check -------------------------------------------------------------------------------------
+
+def fewshot_prompts(tok, op: Operation, n: int | None, shots: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    """Few-shot prompts "s1: t1\\n...\\ns:" for up to ``n`` pairs of ``op`` (demonstrations drawn from the
+    other pairs, seeded) and their answer token ids (the single-token " t")."""
+    rng = random.Random(f"{seed}:causal:{op.name}")
+    idx = list(range(len(op.src)))
+    chosen = idx if n is None or n >= len(idx) else sorted(rng.sample(idx, n))
+    prompts, answers = [], []
+    for i in chosen:
+        demos = rng.sample([j for j in idx if j != i], shots)
+        text = "".join(f"{op.words[j][0]}: {op.words[j][1]}\n" for j in demos) + f"{op.words[i][0]}:"
+        prompts.append(_bos(tok) + tok(text, add_special_tokens=False)["input_ids"])
+        answers.append(op.tgt[i])
+    return prompts, answers
+
+
+@contextmanager
+def ablate_last(model, heads: list[tuple[int, int]]) -> Iterator[None]:
+    """Zero the listed (layer, head) outputs at the last position (their slice of ``o_proj``'s input)."""
+    L, H, KV, hd = _shape(model)
+    by_layer: dict[int, list[int]] = {}
+    for layer, h in heads:
+        by_layer.setdefault(layer, []).append(h)
+    hooks = []
+
+    def pre(m, args, hs):
+        x = args[0].clone()
+        for h in hs:
+            x[:, -1, h * hd:(h + 1) * hd] = 0
+        return (x,) + args[1:]
+
+    for layer, hs in by_layer.items():
+        hooks.append(decoder_layers(model)[layer].self_attn.o_proj.register_forward_pre_hook(
+            lambda m, args, hs=hs: pre(m, args, hs)))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def causal_check(model, tok, op: Operation, static: pl.DataFrame, *, model_name: str, counts: list[int],
+                 draws: int, prompts: int | None, shots: int, seed: int) -> pl.DataFrame:
+    """Accuracy (answer token = argmax at the last position) with no ablation, with the ``n`` top-scoring
+    heads of ``op`` ablated, and with ``draws`` seeded random sets of ``n`` heads, for n in ``counts``."""
+    L, H, _, _ = _shape(model)
+    ranked = (static.filter(pl.col("operation") == op.name)
+              .sort(["score", "layer", "head"], descending=[True, False, False]))
+    top = list(zip(ranked["layer"].to_list(), ranked["head"].to_list()))
+    every = [(la, h) for la in range(L) for h in range(H)]
+    configs = [("none", 0, 0, [])]
+    for n in counts:
+        configs.append(("top", n, 0, top[:n]))
+        for d in range(draws):
+            configs.append(("random", n, d, random.Random(f"{seed}:{op.name}:{n}:{d}").sample(every, n)))
+    ids, answers = fewshot_prompts(tok, op, prompts, shots, seed)
+    correct = np.zeros((len(configs), len(ids)))
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(ids):
+        groups.setdefault(len(p), []).append(i)
+    head = model.get_output_embeddings()
+    dec = model.get_decoder()
+    for length, members in groups.items():
+        x = torch.tensor([ids[i] for i in members], device=model.device)
+        ans = torch.tensor([answers[i] for i in members], device=model.device)
+        past = dec(input_ids=x[:, :-1], use_cache=True).past_key_values
+        for c, (_, _, _, heads) in enumerate(configs):
+            with ablate_last(model, heads):
+                hidden = dec(input_ids=x[:, -1:], past_key_values=past, use_cache=True).last_hidden_state
+            past.crop(-1)  # drop the last token again
+            pred = head(hidden[:, -1]).argmax(-1)
+            correct[c, members] = (pred == ans).cpu().numpy()
+    base = float(correct[0].mean())
+    rows = [(model_name, op.name, sel, n, d, float(correct[c].mean()), base, len(ids))
+            for c, (sel, n, d, _) in enumerate(configs)]
+    return pl.DataFrame(rows, orient="row", schema={
+        "model": pl.Utf8, "operation": pl.Utf8, "selection": pl.Utf8, "n_heads": pl.Int32, "draw": pl.Int32,
+        "accuracy": pl.Float64, "base_accuracy": pl.Float64, "n_prompts": pl.Int32})

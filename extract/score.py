@@ -1,0 +1,83 @@
+"""Score one shard of a text dataset with one model and write it as a Parquet file, atomically.
+
+Input: a JSON-lines file, one example per line with ``id`` (str) and ``text`` (str), optionally ``domain``
+and ``max_tokens`` (per-example truncation, e.g. the paper's uniform length draw). Shard ``i`` of ``n`` is
+the examples whose line index ``k`` has ``k % n == i``. Output: one row per (example, layer, head) with
+``model, dataset, example_id, example`` (line index), ``n_tokens, bos_first, layer, head`` and the 13
+scores; written to a temporary name beside ``out`` and renamed, so a killed job leaves no partial file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from analysis.render import atomic_path
+from analysis.core.score_functions import SCORE_KEYS
+
+
+def read_examples(path: Path) -> list[dict]:
+    """The examples of a JSON-lines dataset file, validated (``id`` and non-empty ``text``)."""
+    rows = []
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"dataset file {path} not found; write it first (one JSON object per line)")
+    with open(path, encoding="utf-8") as f:
+        for k, line in enumerate(f):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "id" not in row or not str(row.get("text", "")).strip():
+                raise ValueError(f"{path}:{k + 1}: each line needs an 'id' and a non-empty 'text'")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no examples")
+    return rows
+
+
+def write_parquet_atomic(df: pl.DataFrame, out: Path) -> Path:
+    """Write ``df`` to ``out`` through a temporary file in the same directory and a rename."""
+    with atomic_path(out) as tmp:
+        df.write_parquet(tmp)
+    return Path(out)
+
+
+def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: int = 0, num_shards: int = 1,
+                prepend_bos: bool = True, batch_tokens: int = 8192, dtype: str = "float32",
+                device: str = "cpu", progress: bool = True) -> pl.DataFrame:
+    """Score shard ``shard`` of ``num_shards`` of ``data`` with ``model_name``; write ``out``; return the frame."""
+    import torch
+
+    from extract.models.load import load_model, model_info
+    from extract.engine.scores import encode_texts, score_heads
+
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is outside 0..{num_shards - 1}")
+    examples = read_examples(data)
+    picked = [(k, ex) for k, ex in enumerate(examples) if k % num_shards == shard]
+    model, tok = load_model(model_name, dtype=getattr(torch, dtype), device=device)
+    info = model_info(model)
+    seqs = []
+    for k, ex in picked:
+        ids = encode_texts(tok, [ex["text"]], prepend_bos=prepend_bos, max_tokens=ex.get("max_tokens"))[0]
+        if len(ids) < 2:
+            raise ValueError(f"{data}: example {ex['id']!r} has {len(ids)} token(s); scores need at least 2")
+        seqs.append(ids)
+    df = score_heads(model, seqs, batch_tokens=batch_tokens, progress=progress) if seqs else None
+    bos = tok.bos_token_id
+    meta = pl.DataFrame({
+        "example": list(range(len(picked))),
+        "example_index": [k for k, _ in picked],
+        "example_id": [str(ex["id"]) for _, ex in picked],
+        "n_tokens": [len(s) for s in seqs],
+        "bos_first": [bos is not None and s[0] == bos for s in seqs],
+    }, schema_overrides={"example": pl.Int64, "example_index": pl.Int64, "n_tokens": pl.Int64})
+    if df is None:
+        df = pl.DataFrame(schema={"example": pl.Int64, "layer": pl.Int32, "head": pl.Int32,
+                                  **{k: pl.Float64 for k in SCORE_KEYS}})
+    df = df.join(meta, on="example", how="left").with_columns(
+        pl.lit(info["model"]).alias("model"), pl.lit(dataset).alias("dataset"))
+    df = df.drop("example").rename({"example_index": "example"}).select(
+        "model", "dataset", "example_id", "example", "n_tokens", "bos_first", "layer", "head", *SCORE_KEYS)
+    write_parquet_atomic(df, out)
+    return df
