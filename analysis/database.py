@@ -30,12 +30,13 @@ layer, head: mean, median, quantiles, fraction of examples on the inactive side 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Iterable
 
 import duckdb
+
+from analysis.core.io import atomic_path
 
 from analysis.core.score_functions import INACTIVE_WHEN, SCORE_KEYS
 
@@ -206,20 +207,16 @@ def build(path: str | Path, *, base: str | Path | None = None, **parts) -> dict[
 
     ``base``: an existing database to start from (copied, never modified); else the database starts empty.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        if base is not None:
-            if not Path(base).is_file():
-                raise FileNotFoundError(f"no base database at {base}; build it first")
-            shutil.copyfile(base, tmp)
-        counts = ingest(tmp, **parts)
-        os.replace(tmp, path)
-    finally:
+    if base is not None and not Path(base).is_file():
+        raise FileNotFoundError(f"no base database at {base}; build it first")
+    with atomic_path(path) as tmp:
         tmp.unlink(missing_ok=True)
-        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+        try:
+            if base is not None:
+                shutil.copyfile(base, tmp)
+            counts = ingest(tmp, **parts)
+        finally:
+            Path(str(tmp) + ".wal").unlink(missing_ok=True)
     return counts
 
 

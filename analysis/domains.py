@@ -135,10 +135,9 @@ def write_domain_report(db: Path, out: Path, *, score_fn: str = "awft", top: int
     paths = write_table(cands, out / "tables" / "domain_heads")
     for model in models or sorted(set(means["model"])):
         paths += write_figure(heads_figure(means, cands, model, score_fn), out / "figures" / f"domain_heads_{file_key(model)}")
-    from analysis.render import atomic_path
+    from analysis.core.io import write_parquet
 
-    with atomic_path(out / "domains" / "candidates.parquet") as tmp:
-        cands.write_parquet(tmp)
+    write_parquet(cands, out / "domains" / "candidates.parquet")
     return paths + [out / "domains" / "candidates.parquet"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from analysis.core.io import write_bytes
 
 
 def build_paper(tex: Path, out_dir: Path) -> str:
@@ -22,5 +23,5 @@ def build_paper(tex: Path, out_dir: Path) -> str:
             tail = "\n".join(res.stdout.splitlines()[-20:])
             raise RuntimeError(f"latexmk failed on {tex} (see {out_dir}/{tex.stem}.log):\n{tail}")
         status = f"built: {pdf}"
-    (out_dir / "status.txt").write_text(status + "\n")
+    write_bytes(out_dir / "status.txt", status + "\n")
     return status

@@ -1,50 +1,11 @@
 """Writers for generated tables (CSV, Markdown, LaTeX) and figures (PNG and SVG via vl-convert)."""
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import polars as pl
 
-
-@contextmanager
-def atomic_path(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; on success it is renamed to ``out``, on failure removed,
-    so ``out`` is either the old file or the complete new one."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``out``; on success it replaces ``out`` (any old or
-    incomplete one is removed first), on failure it is removed, so ``out`` is never half-written."""
-    import shutil
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+from analysis.core.io import write_bytes
 
 
 def _fmt(v, digits: int) -> str:
@@ -80,9 +41,9 @@ def write_table(df: pl.DataFrame, stem: str | Path, digits: int = 4) -> list[Pat
     """Write ``stem``.csv, .md and .tex; returns the paths."""
     stem = Path(stem)
     out = [stem.with_name(stem.name + ext) for ext in (".csv", ".md", ".tex")]  # stems may hold dots (qwen2.5)
-    _atomic_write(out[0], df.write_csv())
-    _atomic_write(out[1], markdown(df, digits))
-    _atomic_write(out[2], latex(df, digits))
+    write_bytes(out[0], df.write_csv())
+    write_bytes(out[1], markdown(df, digits))
+    write_bytes(out[2], latex(df, digits))
     return out
 
 
@@ -93,6 +54,6 @@ def write_figure(chart, stem: str | Path, scale: float = 2.0) -> list[Path]:
     stem = Path(stem)
     spec = chart.to_json()
     png, svg = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")
-    _atomic_write(png, vlc.vegalite_to_png(spec, scale=scale))
-    _atomic_write(svg, vlc.vegalite_to_svg(spec))
+    write_bytes(png, vlc.vegalite_to_png(spec, scale=scale))
+    write_bytes(svg, vlc.vegalite_to_svg(spec))
     return [png, svg]

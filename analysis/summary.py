@@ -8,6 +8,7 @@ import polars as pl
 from analysis.database import TABLES, connect, query, row_counts
 from analysis.render import markdown, write_figure, write_table
 from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.io import write_bytes
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -69,6 +70,6 @@ def write_reports(db: Path, out: Path) -> list[Path]:
     for fn in ("ahon_ln", "awft", "aeqd"):
         figures += write_figure(ecdf_chart(ecdf(con, fn), fn), out / "figures" / f"score_ecdf_{fn}")
     summary = out / "summary.md"
-    summary.write_text(run_summary(con, [str(f.relative_to(out)) for f in figures if f.suffix == ".png"]))
+    write_bytes(summary, run_summary(con, [str(f.relative_to(out)) for f in figures if f.suffix == ".png"]))
     con.close()
     return written + figures + [summary]

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from analysis.core.io import write_json
 
 METHODS = ("sdpa_lm", "sdpa_decoder", "score_heads", "naive_eager")
 
@@ -199,7 +200,7 @@ def main(argv=None) -> None:
     rows = run_all(a.model, a.lengths, a.repeats, a.methods)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(rows, indent=1))
+        write_json(a.json, rows)
     print(f"model {a.model}, {rows[0]['threads']} threads, median of {a.repeats} runs after a warm-up")
     print(table(rows))
 

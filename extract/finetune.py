@@ -84,7 +84,7 @@ def sft_examples(tok, cfg: SFTConfig, tasks: dict[str, dict] | None = None) -> t
     ``tasks``: subtask name -> parsed task.json (default: read from the BIG-bench sdist).
     """
     if tasks is None:
-        from extract.data import bigbench as bigbench
+        from extract.data import bigbench
 
         paths = [f"natural_instructions/{s}" for s in cfg.subtasks]
         tasks = {p.split("/", 1)[1]: d for p, d in bigbench.read_tasks(paths).items()}
@@ -229,7 +229,7 @@ def save_derived(model, tok, out: str | Path, source: dict) -> Path:
 
     ``source["name"]`` becomes the model id; ``sha256`` is filled with the digest of the saved weights.
     """
-    from analysis.render import atomic_dir
+    from analysis.core.io import atomic_dir
 
     out = Path(out)
     with atomic_dir(out) as tmp:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis.render import atomic_path
+from analysis.core.io import write_parquet
 from analysis.core.score_functions import SCORE_KEYS
 
 
@@ -33,13 +33,6 @@ def read_examples(path: Path) -> list[dict]:
     if not rows:
         raise ValueError(f"{path} holds no examples")
     return rows
-
-
-def write_parquet_atomic(df: pl.DataFrame, out: Path) -> Path:
-    """Write ``df`` to ``out`` through a temporary file in the same directory and a rename."""
-    with atomic_path(out) as tmp:
-        df.write_parquet(tmp)
-    return Path(out)
 
 
 def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: int = 0, num_shards: int = 1,
@@ -79,5 +72,5 @@ def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: 
         pl.lit(info["model"]).alias("model"), pl.lit(dataset).alias("dataset"))
     df = df.drop("example").rename({"example_index": "example"}).select(
         "model", "dataset", "example_id", "example", "n_tokens", "bos_first", "layer", "head", *SCORE_KEYS)
-    write_parquet_atomic(df, out)
+    write_parquet(df, out)
     return df

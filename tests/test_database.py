@@ -185,7 +185,7 @@ def test_domain_ablation_rows_with_and_without_mean_ablation(tmp_path):
 
 
 def test_atomic_dir_replaces_on_success_and_keeps_the_old_one_on_failure(tmp_path):
-    from analysis.render import atomic_dir
+    from analysis.core.io import atomic_dir
 
     out = tmp_path / "model"
     out.mkdir()

@@ -11,7 +11,8 @@ import pytest
 from extract.data import bigbench, datasets
 from extract.cli import main
 from extract.data.datasets import (CHARS_PER_TOKEN, SHOT_POOL, assign_documents, draw_lengths, load_task, load_tasks,
-                              sample_corpus, write_jsonl_atomic)
+                              sample_corpus)
+from analysis.core.io import write_jsonl
 from extract.errors import ChecksumError, DormantError
 from extract.score import read_examples
 
@@ -152,7 +153,7 @@ def test_sample_corpus_protocol(bb_tar, tmp_path):
     assert len({r["id"] for r in rows}) == 6
     longest = max(rows, key=lambda r: r["max_tokens"])
     assert len(longest["text"]) >= CHARS_PER_TOKEN * longest["max_tokens"]  # 3 fixture docs fit any length
-    out = write_jsonl_atomic(rows, tmp_path / "x" / "xsum.jsonl")
+    out = write_jsonl(tmp_path / "x" / "xsum.jsonl", rows)
     back = read_examples(out)  # the scorer's reader
     assert back == rows and not list(out.parent.glob(".*tmp"))
     assert sample_corpus("wikilingua", 2, 5, 50, progress=False)[0]["domain"] == "howto"

@@ -6,7 +6,8 @@ import polars as pl
 import pytest
 
 from analysis.core.score_functions import SCORE_KEYS
-from extract.score import read_examples, score_shard, write_parquet_atomic
+from analysis.core.io import write_parquet
+from extract.score import read_examples, score_shard
 
 
 def test_read_examples_validates(tmp_path):
@@ -22,7 +23,7 @@ def test_read_examples_validates(tmp_path):
 def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
     out = tmp_path / "x" / "s.parquet"
     df = pl.DataFrame({"a": [1, 2]})
-    write_parquet_atomic(df, out)
+    write_parquet(df, out)
     assert pl.read_parquet(out).equals(df)
 
     def broken(self, path, *a, **k):
@@ -31,7 +32,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pl.DataFrame, "write_parquet", broken)
     with pytest.raises(OSError):
-        write_parquet_atomic(pl.DataFrame({"a": [3]}), out)
+        write_parquet(pl.DataFrame({"a": [3]}), out)
     assert pl.read_parquet(out).equals(df)  # the earlier result is intact
     assert [p.name for p in out.parent.iterdir()] == ["s.parquet"]  # no temporary left behind
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from analysis.render import atomic_path
+from analysis.core.io import atomic_path
 from analysis.distributions.score_matrix import ScoreMatrix
 
 QUANTILES = np.linspace(0, 1, 21)

@@ -98,7 +98,7 @@ def run(db: Path, out: Path, series: list[tuple[str, list[str]]], *, null_models
         progress: bool = True) -> list[Path]:
     """Compute the comparisons on the database at ``db`` and write every output; returns the paths."""
     from analysis.distributions.explorer import write_explorer
-    from analysis.render import atomic_path
+    from analysis.core.io import write_parquet
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -120,9 +120,7 @@ def run(db: Path, out: Path, series: list[tuple[str, list[str]]], *, null_models
     t_stats = time.perf_counter()
     written = []
     tests_out = Path(tests_out) if tests_out else out / "distributions" / "distribution_tests.parquet"
-    with atomic_path(tests_out) as tmp:
-        tests.write_parquet(tmp)
-    written.append(tests_out)
+    written.append(write_parquet(tests, tests_out))
     written += write_table(summary_table(tests), out / "tables" / "distribution_tests")
     written += write_table(tests.drop("model_a", "model_b"), out / "tables" / "distribution_tests_full")
     figs = out / "figures"

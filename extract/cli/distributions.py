@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ def _finetune(args: argparse.Namespace) -> int:
     import polars as pl
 
     from extract.finetune import SFTConfig, config_dict, derived_source, finetune, save_derived, sft_examples
-    from extract.score import write_parquet_atomic
+    from analysis.core.io import write_json, write_parquet
 
     t0 = time.perf_counter()
     cfg = SFTConfig(subtasks=tuple(args.subtasks), n_train=args.n_train, n_heldout=args.n_heldout,
@@ -38,8 +37,8 @@ def _finetune(args: argparse.Namespace) -> int:
     summary = {"model": args.name, "base": info["model"], "trainable_params": res.n_trainable, **res.info,
                "heldout_loss_before": res.heldout_before, "heldout_loss_after": res.heldout_after,
                "train_seconds": res.seconds, "total_seconds": time.perf_counter() - t0, "config": config_dict(cfg)}
-    (Path(args.out) / "finetune.json").write_text(json.dumps(summary, indent=1) + "\n")
-    write_parquet_atomic(log, args.log)  # last: marks the job complete
+    write_json(Path(args.out) / "finetune.json", summary)
+    write_parquet(log, args.log)  # last: marks the job complete
     print(f"{args.name}: {res.info['steps']} steps over {res.info['train_examples']} examples "
           f"({res.info['train_tokens']} response tokens), held-out loss {res.heldout_before:.3f} -> "
           f"{res.heldout_after:.3f} nats/token; {res.seconds:.0f} s training, "

@@ -24,7 +24,7 @@ def _ablate(args: argparse.Namespace) -> int:
     from extract.domains import head_loss_changes
     from extract.errors import DormantError
     from extract.models.load import load_model, model_info
-    from extract.score import write_parquet_atomic
+    from analysis.core.io import write_parquet
 
     torch.set_num_threads(args.threads)
     cands = pl.read_parquet(args.candidates).sort("rank")
@@ -45,7 +45,7 @@ def _ablate(args: argparse.Namespace) -> int:
     df = head_loss_changes(model, tok, examples, heads, prepend_bos=not args.no_bos, max_tokens=args.max_tokens,
                            mean=args.mean)
     df = df.with_columns(pl.lit(name).alias("model")).select("model", *[c for c in df.columns if c != "model"])
-    write_parquet_atomic(df, args.out)
+    write_parquet(df, args.out)
     print(f"{name}: heads {', '.join(f'L{l}H{h}' for l, h in heads)} zeroed{' and mean-ablated' * args.mean} "
           f"on {len(examples)} examples "
           f"({time.perf_counter() - t0:.0f} s) -> {args.out}")

@@ -117,8 +117,8 @@ def add_bench_parser(subparsers) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from analysis.core.io import write_json, write_parquet
     from extract.models.load import load_model
-    from extract.score import write_parquet_atomic
     from extract.sweep import load_suite, run_sweep
 
     model, tok = load_model(args.model, dtype=getattr(__import__("torch"), args.dtype), device=args.device)
@@ -126,10 +126,10 @@ def _sweep(args: argparse.Namespace) -> int:
     r = run_sweep(model, tok, data, score_fns=args.score_fns, fractions=args.fractions, seed=args.seed,
                   k_shot=args.k_shot, batch_tokens=args.batch_tokens)
     out = args.out_dir
-    write_parquet_atomic(r.calibration, out / "calibration.parquet")
-    write_parquet_atomic(r.thresholds, out / "thresholds.parquet")
-    (out / "timing.json").write_text(json.dumps(r.timing, indent=1) + "\n")
-    write_parquet_atomic(r.results, out / "ablation_results.parquet")  # last: marks the job complete
+    write_parquet(r.calibration, out / "calibration.parquet")
+    write_parquet(r.thresholds, out / "thresholds.parquet")
+    write_json(out / "timing.json", r.timing)
+    write_parquet(r.results, out / "ablation_results.parquet")  # last: marks the job complete
     base = r.results.filter((r.results["score_fn"] == "random") & (r.results["target_fraction"] == 0))
     print(f"{args.model} on {data.name}: baseline {base['accuracy'][0]:.1f}% over {r.timing['questions']} "
           f"questions; {r.timing['configs']} configs in {r.timing['sweep_s']:.0f} s, cost ratio "
@@ -173,7 +173,7 @@ def add_analysis_parsers(subparsers) -> None:
 
 
 def _data_fetch(args: argparse.Namespace) -> int:
-    from extract.data import bigbench as bigbench
+    from extract.data import bigbench
     from extract.data.datasets import CORPORA, sdist_path
 
     t0 = time.perf_counter()
@@ -187,10 +187,11 @@ def _data_fetch(args: argparse.Namespace) -> int:
 
 
 def _data_corpus(args: argparse.Namespace) -> int:
-    from extract.data.datasets import sample_corpus, write_jsonl_atomic
+    from analysis.core.io import write_jsonl
+    from extract.data.datasets import sample_corpus
 
     rows = sample_corpus(args.name, args.n, args.min_tokens, args.max_tokens, args.seed)
-    write_jsonl_atomic(rows, args.out)
+    write_jsonl(args.out, rows)
     chars = sum(len(r["text"]) for r in rows)
     print(f"{args.name}: {len(rows)} documents, lengths drawn in [{args.min_tokens}, {args.max_tokens}] "
           f"(seed {args.seed}), {chars / MB:.2f} MB of text -> {args.out}")
@@ -253,7 +254,7 @@ def _eval(args: argparse.Namespace) -> int:
     from extract.evaluate import evaluate
     from extract.models.load import load_model
     from extract.engine.scores import scores_frame
-    from extract.score import write_parquet_atomic
+    from analysis.core.io import write_parquet
 
     names = [n for t in args.task for n in (DEFAULT_SUITE if t == "suite" else [t])]
     tasks = load_tasks(names, limit=args.limit, seed=args.seed, mmlu_dir=args.mmlu_dir)
@@ -280,9 +281,9 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"{'all (micro)':<22} {allp.height:>5} {allp['correct'].mean():>8.3f} {chance:>7.3f}  "
           f"[{args.model}, {args.k_shot}-shot, {args.scoring}, chat template: {preds[0]['chat_template'][0]}]")
     if args.out:
-        write_parquet_atomic(allp, args.out)
+        write_parquet(allp, args.out)
     if args.calibrate_out:
-        write_parquet_atomic(pl.concat(calib), args.calibrate_out)
+        write_parquet(pl.concat(calib), args.calibrate_out)
     return 0
 
 

@@ -31,12 +31,12 @@ def _run(args: argparse.Namespace) -> int:
     import polars as pl
     import torch
 
-    from analysis.render import atomic_path
+    from analysis.core.io import atomic_path
     from extract.maps.static import static_scores
     from extract.maps.operations import DATA_DIR, prepare
     from extract.maps.dynamic import causal_check, correlations, dynamic_rows, dynamic_scores
     from extract.models.load import load_model
-    from extract.score import write_parquet_atomic
+    from analysis.core.io import write_parquet
 
     torch.manual_seed(args.seed)
     for name in ("dynamic_pairs", "causal_prompts"):
@@ -68,8 +68,8 @@ def _run(args: argparse.Namespace) -> int:
                         inputs=args.inputs)
     timing["vocabulary_scan_s"] = time.perf_counter() - t
     out = args.out_dir
-    write_parquet_atomic(res.scores, out / "scores.parquet")
-    write_parquet_atomic(res.salient, out / "salient.parquet")
+    write_parquet(res.scores, out / "scores.parquet")
+    write_parquet(res.salient, out / "salient.parquet")
     if frame is not None:
         dyn = dynamic_scores(args.model, frame, res.extra_hit)
         corr = correlations(res.scores, dyn)
@@ -78,8 +78,8 @@ def _run(args: argparse.Namespace) -> int:
                                    "template": pl.Int32, "context": pl.Utf8, "score": pl.Float64,
                                    "n_prompts": pl.Int32})
         corr = correlations(res.scores, dyn)
-    write_parquet_atomic(dyn, out / "dynamic.parquet")
-    write_parquet_atomic(corr, out / "correlations.parquet")
+    write_parquet(dyn, out / "dynamic.parquet")
+    write_parquet(corr, out / "correlations.parquet")
     t = time.perf_counter()
     with _one_thread():
         causal = [causal_check(model, tok, o, res.scores, model_name=args.model, counts=args.causal_counts,
@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     causal_df = pl.concat(causal) if causal else pl.DataFrame(schema={
         "model": pl.Utf8, "operation": pl.Utf8, "selection": pl.Utf8, "n_heads": pl.Int32, "draw": pl.Int32,
         "accuracy": pl.Float64, "base_accuracy": pl.Float64, "n_prompts": pl.Int32})
-    write_parquet_atomic(causal_df, out / "causal.parquet")
+    write_parquet(causal_df, out / "causal.parquet")
     timing["total_s"] = time.perf_counter() - t0
     timing["threads"] = torch.get_num_threads()
     with atomic_path(out / "timing.json") as tmp:

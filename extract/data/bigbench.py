@@ -31,6 +31,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from analysis.core.io import write_bytes
 from extract.models.zoo import _ensure_wheel, _pip_command, _write_sidecar, cache_dir, is_verified, sha256_file
 from extract.errors import ChecksumError, DormantError, DownloadError
 
@@ -108,13 +109,6 @@ def _tasks_dir(tar: Path) -> Path:
     return bigbench_dir() / f"tasks-local-{key}"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _extract(tar: Path, wanted: set[str], out: Path, progress: bool) -> None:
     """One pass over ``tar``: write the wanted task.json members under ``out`` and the list of all tasks."""
     names: list[str] = []
@@ -128,13 +122,13 @@ def _extract(tar: Path, wanted: set[str], out: Path, progress: bool) -> None:
                     continue
                 names.append(hit.group(1))
                 if hit.group(1) in wanted:
-                    _write_atomic(out / hit.group(1) / "task.json", tf.extractfile(m).read())
+                    write_bytes(out / hit.group(1) / "task.json", tf.extractfile(m).read())
     except (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile) as e:
         raise DormantError(f"cannot read BIG-bench tar {tar} ({type(e).__name__}: {e}); "
                            f"delete it and run `dormant data fetch` again") from None
     finally:
         bar.close()
-    _write_atomic(out / "members.json", json.dumps(sorted(names), indent=0).encode())
+    write_bytes(out / "members.json", json.dumps(sorted(names), indent=0).encode())
 
 
 def task_paths(tar: Path | str | None = None, progress: bool = True) -> list[str]:

@@ -23,10 +23,9 @@ import random
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-from analysis.render import atomic_path
-from extract.data import bigbench as bigbench
+from extract.data import bigbench
 from extract.models.zoo import cache_dir
 from extract.errors import DormantError, HubError
 
@@ -171,14 +170,6 @@ def sample_corpus(name: str, n: int, min_tokens: int, max_tokens: int, seed: int
     picked = assign_documents([len(t) for _, t in docs], lengths, _rng(seed, "documents", name))
     return [{"id": docs[d][0], "text": docs[d][1], "domain": spec.domain, "corpus": name, "max_tokens": L,
              "sha256": sha256_text(docs[d][1])} for d, L in zip(picked, lengths)]
-
-
-def write_jsonl_atomic(rows: Iterable[dict], out: Path) -> Path:
-    """Write one JSON object per line to ``out`` through a temporary file and a rename."""
-    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return Path(out)
 
 
 # ------------------------------------------------------------------------------------ multiple choice

@@ -23,9 +23,9 @@ import torch
 
 from analysis.core.score_functions import INACTIVE_WHEN, SCORE_KEYS, check_score_key
 
-from extract.engine import attention as attention
+from extract.engine import attention
 
-from extract.engine import capture as capture
+from extract.engine import capture
 from extract.engine.scores import pad_id, pad_right, scores_from_stats
 
 

@@ -18,9 +18,9 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from extract.engine import capture as capture
+from extract.engine import capture
 
-from extract.engine import kernels as kernels
+from extract.engine import kernels
 
 ATTN_NAME = "dormant"
 

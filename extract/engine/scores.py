@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from analysis.core.score_functions import SCORE_KEYS
 
-from extract.engine import attention as attention
+from extract.engine import attention
 
-from extract.engine import capture as capture
+from extract.engine import capture
 
 
 def scores_from_stats(stats: torch.Tensor) -> torch.Tensor:

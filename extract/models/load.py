@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from analysis.render import atomic_dir
+from analysis.core.io import atomic_dir
 from extract.models.zoo import HUB_ID, ZOO, ZooEntry, converted_dir, fetch, get_entry, licence_files, local_sha256
 from extract.errors import ChecksumError, DormantError, HubError, UnknownModelError
 

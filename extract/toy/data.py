@@ -99,7 +99,7 @@ def corpus_task(corpus: str = "xsum", *, k: int = 3, min_count: int = 100) -> Bi
 
 def save_task(task: BigramBackcopy, path: Path) -> Path:
     """Write the task as JSON (characters, P, first, triggers), atomically."""
-    from analysis.render import atomic_path
+    from analysis.core.io import atomic_path
 
     data = {"chars": task.chars, "P": task.P.tolist(), "first": task.first.tolist(), "triggers": task.triggers}
     with atomic_path(path) as tmp:

@@ -17,7 +17,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from extract.engine import capture as capture
+from extract.engine import capture
 from extract.errors import DormantError
 
 

@@ -8,7 +8,6 @@ seconds without the metric passes, and the ``zero_*`` intervention risks at the 
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from analysis.render import atomic_path
+from analysis.core.io import atomic_path, write_json, write_parquet
 
 from extract.toy.data import BigramBackcopy
 from extract.toy.metrics import interventions, measure
@@ -81,7 +80,7 @@ def train(spec: RunSpec, task: BigramBackcopy, out_dir: Path, *, device: str = "
     model = toy_model(task.vocab_size, width=spec.width, layers=spec.layers, length=spec.length,
                       attention=spec.attention, init=spec.init, seed=spec.seed).to(device)
     model.config.to_json_file(out_dir / "config.json")
-    (out_dir / "run.json").write_text(json.dumps(asdict(spec), indent=1) + "\n")
+    write_json(out_dir / "run.json", asdict(spec))
     opt = make_optimizer(spec, model.parameters())
     gen = torch.Generator().manual_seed(spec.seed)
     x_eval = task.sample(spec.eval_batch, spec.length, torch.Generator().manual_seed(10_000 + spec.seed)).to(device)
@@ -114,6 +113,5 @@ def train(spec: RunSpec, task: BigramBackcopy, out_dir: Path, *, device: str = "
     model.eval()
     rows.extend(_rows(spec.name, spec.steps, interventions(model, task, x_eval)))
     df = pl.DataFrame(rows, schema={"run": pl.Utf8, "step": pl.Int32, "metric": pl.Utf8, "value": pl.Float64})
-    with atomic_path(out_dir / "metrics.parquet") as tmp:
-        df.write_parquet(tmp)
+    write_parquet(df, out_dir / "metrics.parquet")
     return df
