@@ -53,31 +53,22 @@ def naive_gib(model, n: int) -> float:
 
 def _naive_eager(model, ids):
     """Scores the naive way: eager attention with ``output_attentions=True`` (every layer's weights kept),
-    hooks on the value projection's output and the output projection's input, plain tensor ops."""
+    the ``"v"`` and ``"z"`` capture points, plain tensor ops."""
     import torch
 
     from extract.engine.scores import scores_from_stats
 
-    cfg = model.config
-    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
-    vals, outs, hooks = {}, {}, []
-    for i, layer in enumerate(model.base_model.layers):
-        att = layer.self_attn
-        hooks += [att.v_proj.register_forward_hook(lambda m, a, out, i=i: vals.__setitem__(i, out)),
-                  att.o_proj.register_forward_pre_hook(lambda m, a, i=i: outs.__setitem__(i, a[0]))]
-    try:
-        with torch.inference_mode():
-            attentions = model.base_model(input_ids=torch.tensor([ids]), output_attentions=True,
-                                          use_cache=False).attentions
-    finally:
-        for h in hooks:
-            h.remove()
+    from extract.engine import hooks
+
+    _, H, KV, _ = hooks.head_shape(model)
+    with hooks.capture(model, "v") as vals, hooks.capture(model, "z") as outs, torch.inference_mode():
+        attentions = model.base_model(input_ids=torch.tensor([ids]), output_attentions=True,
+                                      use_cache=False).attentions
     stats = []
     for i, A in enumerate(attentions):
         A = A[0]  # (H, S, S)
-        S = A.shape[-1]
-        V = vals[i][0].view(S, KV, -1).repeat_interleave(H // KV, 1)
-        O = outs[i][0].view(S, H, -1)
+        V = vals[i][0].repeat_interleave(H // KV, 1)  # (S, H, head_dim)
+        O = outs[i][0]
         ent = -(A * torch.log(A.clamp_min(1e-30))).sum(-1).mean(-1)
         on, vn = O.norm(dim=-1), V.norm(dim=-1)
         stats.append(torch.stack([A[:, :, 0].mean(-1), ent, vn[0], vn.mean(0), on[-1], on.mean(0)], -1).double())

@@ -10,8 +10,7 @@ the scorer encodes them (BOS first, truncated to ``max_tokens``).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import polars as pl
 import torch
@@ -19,40 +18,20 @@ from tqdm.auto import tqdm
 
 from analysis.core.score_functions import SCORE_KEYS
 
+from extract.engine import hooks
 from extract.engine.ablation import head_output_means
 from extract.engine.scores import encode_texts, recording
 
 
-def _o_proj(model, layer: int, head: int) -> torch.nn.Module:
-    H = model.config.num_attention_heads
-    if not 0 <= head < H:
-        raise ValueError(f"head {head} is outside 0..{H - 1}")
-    return model.base_model.layers[layer].self_attn.o_proj
-
-
-@contextmanager
-def replace_head(model, layer: int, head: int, value: torch.Tensor | None = None) -> Iterator[None]:
-    """Set head ``head`` of layer ``layer`` (its slice of the ``o_proj`` input) to ``value`` ``(head_dim,)`` at
-    every position; ``None`` zeroes it."""
-    o_proj, H = _o_proj(model, layer, head), model.config.num_attention_heads
-
-    def pre(mod, args):
-        x = args[0]
-        D = x.shape[-1] // H
-        x = x.clone()
-        x[..., head * D:(head + 1) * D] = 0 if value is None else value.to(x.dtype)
-        return (x,)
-
-    hook = o_proj.register_forward_pre_hook(pre)
-    try:
-        yield
-    finally:
-        hook.remove()
+def replace_head(model, layer: int, head: int, value: torch.Tensor | None = None):
+    """Set head ``head`` of layer ``layer`` (its ``"z"`` output, the slice of the ``o_proj`` input) to ``value``
+    ``(head_dim,)`` at every position; ``None`` zeroes it. A context manager."""
+    return hooks.replace_heads(model, {layer: [head]}, value)
 
 
 def zero_head(model, layer: int, head: int):
-    """Zero head ``head`` of layer ``layer``: its slice of the ``o_proj`` input, at every position."""
-    return replace_head(model, layer, head)
+    """Zero head ``head`` of layer ``layer``: its ``"z"`` output at every position. A context manager."""
+    return hooks.replace_heads(model, {layer: [head]})
 
 
 def _loss(logits: torch.Tensor, ids: torch.Tensor) -> float:

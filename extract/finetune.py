@@ -172,7 +172,9 @@ def trainable_parameters(model) -> list:
     """Freeze everything but the decoder layers; returns the trainable parameters."""
     for p in model.parameters():
         p.requires_grad_(False)
-    params = [p for p in model.model.layers.parameters()]
+    from extract.engine.hooks import decoder_layers
+
+    params = list(decoder_layers(model).parameters())
     for p in params:
         p.requires_grad_(True)
     return params

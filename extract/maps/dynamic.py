@@ -14,15 +14,14 @@ last token is run once (KV cache) and every ablation re-runs just the last token
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from extract.maps.static import decoder_layers, text_config
+from extract.engine import hooks
+from extract.engine.hooks import head_shape
 from extract.maps.operations import Operation
 
 TEMPLATES = ("This is a document about{X}", "No{X} means no", "The story of{X} contains",
@@ -42,37 +41,18 @@ def template_ids(tok, template: str, src: list[int]) -> tuple[torch.Tensor, int]
     return torch.tensor([a + [s] + b for s in src], dtype=torch.long), len(a)
 
 
-def _shape(model) -> tuple[int, int, int, int]:
-    cfg = text_config(model)
-    H = cfg.num_attention_heads
-    KV = getattr(cfg, "num_key_value_heads", None) or H
-    attn = decoder_layers(model)[0].self_attn
-    return cfg.num_hidden_layers, H, KV, attn.o_proj.in_features // H
-
-
 @torch.no_grad()
 def head_io(model, ids: torch.Tensor, src_pos: int, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per prompt, layer and query head: the head output at the last position and the value vector of the
-    source position. ids ``(n, S)`` -> two ``(n, L, H, head_dim)`` float32 tensors."""
-    L, H, KV, hd = _shape(model)
+    """Per prompt, layer and query head: the head output at the last position (``"z"``) and the value vector
+    (``"v"``) of the source position. ids ``(n, S)`` -> two ``(n, L, H, head_dim)`` float32 tensors."""
+    L, H, KV, hd = head_shape(model)
     outs, vals = [], []
-    cur: dict[str, list] = {"o": [None] * L, "v": [None] * L}
-    hooks = []
-    for i, layer in enumerate(decoder_layers(model)):
-        attn = layer.self_attn
-        hooks.append(attn.o_proj.register_forward_pre_hook(
-            lambda m, args, i=i: cur["o"].__setitem__(i, args[0][:, -1].float().view(-1, H, hd))))
-        hooks.append(attn.v_proj.register_forward_hook(
-            lambda m, args, out, i=i: cur["v"].__setitem__(
-                i, out[:, src_pos].float().view(-1, KV, hd)[:, torch.arange(H) // (H // KV)])))
-    try:
+    with hooks.capture(model, "z", select=lambda z: z[:, -1].float()) as z_last, \
+            hooks.capture(model, "v", select=lambda v: v[:, src_pos].float()[:, torch.arange(H) // (H // KV)]) as v_src:
         for b0 in range(0, ids.shape[0], batch):
             model.get_decoder()(input_ids=ids[b0:b0 + batch].to(model.device), use_cache=False)
-            outs.append(torch.stack(cur["o"], 1).cpu())
-            vals.append(torch.stack(cur["v"], 1).cpu())
-    finally:
-        for h in hooks:
-            h.remove()
+            outs.append(torch.stack([z_last[i] for i in range(L)], 1).cpu())
+            vals.append(torch.stack([v_src[i] for i in range(L)], 1).cpu())
     return torch.cat(outs), torch.cat(vals)
 
 
@@ -145,29 +125,12 @@ def fewshot_prompts(tok, op: Operation, n: int | None, shots: int, seed: int) ->
     return prompts, answers
 
 
-@contextmanager
-def ablate_last(model, heads: list[tuple[int, int]]) -> Iterator[None]:
-    """Zero the listed (layer, head) outputs at the last position (their slice of ``o_proj``'s input)."""
-    L, H, KV, hd = _shape(model)
+def ablate_last(model, heads: list[tuple[int, int]]):
+    """Zero the listed (layer, head) outputs (``"z"``) at the last position. A context manager."""
     by_layer: dict[int, list[int]] = {}
     for layer, h in heads:
         by_layer.setdefault(layer, []).append(h)
-    hooks = []
-
-    def pre(m, args, hs):
-        x = args[0].clone()
-        for h in hs:
-            x[:, -1, h * hd:(h + 1) * hd] = 0
-        return (x,) + args[1:]
-
-    for layer, hs in by_layer.items():
-        hooks.append(decoder_layers(model)[layer].self_attn.o_proj.register_forward_pre_hook(
-            lambda m, args, hs=hs: pre(m, args, hs)))
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
+    return hooks.replace_heads(model, by_layer, positions=-1)
 
 
 @torch.no_grad()
@@ -175,7 +138,7 @@ def causal_check(model, tok, op: Operation, static: pl.DataFrame, *, model_name:
                  draws: int, prompts: int | None, shots: int, seed: int) -> pl.DataFrame:
     """Accuracy (answer token = argmax at the last position) with no ablation, with the ``n`` top-scoring
     heads of ``op`` ablated, and with ``draws`` seeded random sets of ``n`` heads, for n in ``counts``."""
-    L, H, _, _ = _shape(model)
+    L, H, _, _ = head_shape(model)
     ranked = (static.filter(pl.col("operation") == op.name)
               .sort(["score", "layer", "head"], descending=[True, False, False]))
     top = list(zip(ranked["layer"].to_list(), ranked["head"].to_list()))

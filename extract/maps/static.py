@@ -22,19 +22,10 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from extract.engine.hooks import decoder_layers, text_config
 from extract.maps.operations import Operation
 
 CHUNK_ELEMENTS = 1 << 25  # logits per vocabulary chunk (heads × rows × columns), 128 MiB in float32
-
-
-def text_config(model):
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder blocks (``model.model.layers`` for the supported families)."""
-    return model.get_decoder().layers
 
 
 @torch.no_grad()

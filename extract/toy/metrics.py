@@ -19,11 +19,9 @@ Metrics (one float each; per-layer ones end in ``_l<i>``):
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 
+from extract.engine import hooks
 from extract.toy.data import BigramBackcopy
 
 
@@ -44,23 +42,14 @@ def risks(logits: torch.Tensor, x: torch.Tensor, task: BigramBackcopy) -> dict[s
 @torch.no_grad()
 def measure(model, task: BigramBackcopy, x: torch.Tensor) -> dict[str, float]:
     """Every metric of the module doc on the batch ``x`` ``(B, S)`` (starting with ``<s>``)."""
-    inputs: dict[int, torch.Tensor] = {}
-    outputs: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i, block in enumerate(model.model.layers):
-        hooks.append(block.self_attn.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])))
-        hooks.append(block.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o)))
-    try:
+    with hooks.capture(model, "attn_in") as inputs, hooks.capture(model, "resid_post") as outputs:
         logits = model(x).logits
-    finally:
-        for h in hooks:
-            h.remove()
     out = risks(logits, x, task)
     trig = task.is_trigger(x)
     trig_q, plain_q = trig.clone(), ~trig
     trig_q[:, 0] = plain_q[:, 0] = False
     S = x.shape[1]
-    for i, block in enumerate(model.model.layers):
+    for i, block in enumerate(hooks.decoder_layers(model)):
         attn = block.self_attn
         logit, A, v = attn.weights(inputs[i])
         A, logit = A.mean(1), logit.mean(1)  # one head: (B, S, S)
@@ -80,32 +69,23 @@ def measure(model, task: BigramBackcopy, x: torch.Tensor) -> dict[str, float]:
     return out
 
 
-@contextmanager
-def zeroed(model, part: str, layers: list[int] | None = None) -> Iterator[None]:
+def zeroed(model, part: str, layers: list[int] | None = None):
     """Zero the attention output (``part="attn"``: the input of ``o_proj``, SPEC §9) or the MLP output
-    (``part="mlp"``) of ``layers`` (default all) inside the block."""
+    (``part="mlp"``) of ``layers`` (default all) inside the block. A context manager."""
     if part not in ("attn", "mlp"):
         raise ValueError(f"part={part!r}; choose 'attn' or 'mlp'")
-    hooks = []
-    for i, block in enumerate(model.model.layers):
-        if layers is not None and i not in layers:
-            continue
-        if part == "attn":
-            hooks.append(block.self_attn.o_proj.register_forward_pre_hook(lambda m, a: (torch.zeros_like(a[0]),)))
-        else:
-            hooks.append(block.mlp.register_forward_hook(lambda m, a, o: torch.zeros_like(o)))
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
+    if part == "attn":
+        H = hooks.head_shape(model)[1]
+        every = range(len(hooks.decoder_layers(model))) if layers is None else layers
+        return hooks.replace_heads(model, {i: list(range(H)) for i in every})
+    return hooks.hooked(model, "mlp_out", lambda i, x: torch.zeros_like(x), layers)
 
 
 @torch.no_grad()
 def interventions(model, task: BigramBackcopy, x: torch.Tensor) -> dict[str, float]:
     """Excess risks with each layer's attention output or MLP zeroed: ``zero_<part>_l<i>.<risk>``."""
     out = {}
-    for i in range(len(model.model.layers)):
+    for i in range(len(hooks.decoder_layers(model))):
         for part in ("attn", "mlp"):
             with zeroed(model, part, [i]):
                 r = risks(model(x).logits, x, task)
