@@ -16,23 +16,23 @@ compare each example's loss change with that head's first-token attention (``awf
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from analysis.core.io import write_parquet
+from analysis.core.names import model_key
 from analysis.database import connect, query
 from analysis.render import write_figure, write_table
-from analysis.core.score_functions import INACTIVE_WHEN, check_score_key
+from analysis.core.score_functions import get_score_function
 from analysis.core.thresholds import threshold
 
 
 def domain_means(con, score_fn: str = "awft", fraction: float = 0.15) -> pl.DataFrame:
     """``model, layer, head, domain, mean, dormant_frac, tau, n_examples``: per head and domain the mean score
     and the fraction of examples inactive under τ (SPEC §3, ``fraction`` = target fraction, per model)."""
-    check_score_key(score_fn)
-    op = INACTIVE_WHEN[score_fn]
+    fn = get_score_function(score_fn)
     rows = query(con, f"""SELECT s.model, s.layer, s.head, e.domain, s.{score_fn} AS score
                            FROM head_scores s JOIN examples e USING (model, dataset, example)
                            WHERE e.domain IS NOT NULL""")
@@ -42,7 +42,7 @@ def domain_means(con, score_fn: str = "awft", fraction: float = 0.15) -> pl.Data
                                     "n_examples": pl.UInt32})
     taus = pl.DataFrame([{"model": m, "tau": threshold(g["score"].to_numpy(), fraction, score_fn)}
                          for (m,), g in rows.group_by(["model"], maintain_order=True)])
-    inactive = pl.col("score") > pl.col("tau") if op == ">" else pl.col("score") < pl.col("tau")
+    inactive = fn.is_inactive(pl.col("score"), pl.col("tau"))
     return (rows.join(taus, on="model").group_by("model", "layer", "head", "domain")
             .agg(pl.col("score").mean().alias("mean"), inactive.mean().alias("dormant_frac"),
                  pl.col("tau").first(), pl.len().alias("n_examples"))
@@ -52,7 +52,7 @@ def domain_means(con, score_fn: str = "awft", fraction: float = 0.15) -> pl.Data
 def candidates(means: pl.DataFrame, score_fn: str = "awft", top: int = 5) -> pl.DataFrame:
     """The ``top`` heads per model by domain contrast (module doc), one row each, with the per-domain means
     and dormant fractions. ``means``: the frame of :func:`domain_means`."""
-    sign = 1.0 if INACTIVE_WHEN[score_fn] == ">" else -1.0
+    sign = 1.0 if get_score_function(score_fn).higher_is_inactive else -1.0
     d = means.with_columns((pl.col("mean") * sign).alias("dormancy"))
     keys = ["model", "layer", "head"]
     best = d.sort(["dormant_frac", "dormancy"], descending=True).group_by(keys, maintain_order=True).agg(
@@ -112,11 +112,6 @@ def heads_figure(means: pl.DataFrame, cands: pl.DataFrame, model: str, score_fn:
     return alt.hconcat(*panels).properties(title=f"{model}: per-head {score_fn} by domain (red: top candidates)")
 
 
-def file_key(model: str) -> str:
-    """A file-name-safe form of a model name (as the workflow's ``key()`` for hub ids)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "__", model)
-
-
 def write_domain_report(db: Path, out: Path, *, score_fn: str = "awft", top: int = 5, fraction: float = 0.15,
                         models: list[str] | None = None) -> list[Path]:
     """``tables/domain_heads``, ``figures/domain_heads_<model>`` and ``domains/candidates.parquet``."""
@@ -134,9 +129,7 @@ def write_domain_report(db: Path, out: Path, *, score_fn: str = "awft", top: int
     out = Path(out)
     paths = write_table(cands, out / "tables" / "domain_heads")
     for model in models or sorted(set(means["model"])):
-        paths += write_figure(heads_figure(means, cands, model, score_fn), out / "figures" / f"domain_heads_{file_key(model)}")
-    from analysis.core.io import write_parquet
-
+        paths += write_figure(heads_figure(means, cands, model, score_fn), out / "figures" / f"domain_heads_{model_key(model)}")
     write_parquet(cands, out / "domains" / "candidates.parquet")
     return paths + [out / "domains" / "candidates.parquet"]
 
@@ -245,5 +238,5 @@ def write_scatter_report(files: list[Path], out: Path, cands: Path | None = None
     paths = write_table(scatter_summary(abl, taus), out / "tables" / "domain_scatter")
     for model in sorted(set(abl["model"])):
         paths += write_figure(scatter_figure(abl, model, taus.get(model)),
-                              out / "figures" / f"domain_scatter_{file_key(model)}")
+                              out / "figures" / f"domain_scatter_{model_key(model)}")
     return paths

@@ -14,12 +14,12 @@ operation category), ``maps_static_vs_inactive`` (best static score vs median ah
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import polars as pl
 
 from analysis.database import connect, query
+from analysis.core.names import model_key
 from analysis.render import write_figure, write_table
 
 PARTS = ("scores", "salient", "dynamic", "correlations", "causal")
@@ -90,10 +90,6 @@ def join_table(heads: pl.DataFrame, inactive_below: float, salient_min: float) -
             .sort("model"))
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", name)  # no dots: LaTeX file names
-
-
 def heatmap(scores: pl.DataFrame, model: str):
     import altair as alt
 
@@ -153,7 +149,7 @@ def write_maps_reports(dirs: list[Path], core_db: Path | None, out: Path, *, ina
                  pl.col("n_pairs").first()).sort("model", "category", "operation"))
     paths += write_table(best, out / "tables" / "maps_best_by_operation")
     for model in d["scores"]["model"].unique().sort():
-        paths += write_figure(heatmap(d["scores"], model), out / "figures" / f"maps_heatmap_{_safe(model)}")
+        paths += write_figure(heatmap(d["scores"], model), out / "figures" / f"maps_heatmap_{model_key(model)}")
     if heads["median_ahon_ln"].drop_nulls().len():
         paths += write_figure(join_chart(heads, inactive_below), out / "figures" / "maps_static_vs_inactive")
     if d["causal"].height:

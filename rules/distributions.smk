@@ -1,36 +1,21 @@
 # Score distributions (SPEC §6): base vs finetuned, across scales, null and positive-control calibration.
 #   default target: the finetune and perturbed copy (DERIVED: scored like the config's models), then the
 #   `distributions` rule: distribution_tests (-> results/scores.duckdb), tables, figures, HTML explorer.
-# Config: the `distributions` section (config/schema.yaml); left out = no such rules.
+# Config: the `distributions` section (config/schema.yaml; cross-checks in rules/common.smk); left out = no such rules.
 DIST = config.get("distributions")
 if DIST:
     _FT = DIST.get("finetune")
     _PT = DIST.get("perturb")
-    _DERIVED_NAMES = [d["name"] for d in (_FT, _PT) if d]
-    for _d in (_FT, _PT):
-        if _d and _d["base"] not in config["models"]:
-            raise ValueError(f"config key distributions.*.base = {_d['base']!r} is not in `models`; add it there")
-        if _d and (_d["name"] in MODELS or _d["name"] in DERIVED):
-            raise ValueError(f"config key distributions.*.name = {_d['name']!r} is already a model key; rename it")
-    _KNOWN = list(config["models"]) + _DERIVED_NAMES
-    for _i, _s in enumerate(DIST["series"]):
-        for _m in _s["models"]:
-            if _m not in _KNOWN:
-                raise ValueError(f"config key distributions.series[{_i}].models: {_m!r} is neither in `models` nor "
-                                 f"a derived model ({', '.join(_DERIVED_NAMES) or 'none'}); add it or fix the name")
-    for _m in DIST.get("null_models") or []:
-        if _m not in _KNOWN:
-            raise ValueError(f"config key distributions.null_models: {_m!r} is not a configured or derived model")
     FINETUNE_LOG = f"results/distributions/finetune_{_FT['name']}.parquet" if _FT else None
 
     if _FT:
-        DERIVED[_FT["name"]] = f"results/derived/{_FT['name']}"
+        DERIVED[model_key(_FT["name"])] = f"results/derived/{model_key(_FT['name'])}"
 
         rule finetune:
             """Supervised finetune of the base model on BIG-bench natural_instructions (a base/finetuned pair)."""
             input: "results/data/sources.txt"
             output:
-                model=directory(DERIVED[_FT["name"]]),
+                model=directory(DERIVED[model_key(_FT["name"])]),
                 log=FINETUNE_LOG,
             params:
                 f=_FT,
@@ -47,11 +32,11 @@ if DIST:
                 + ("--subtasks {params.subtasks} " if _FT.get("subtasks") else "") + "2> {log:q}"
 
     if _PT:
-        DERIVED[_PT["name"]] = f"results/derived/{_PT['name']}"
+        DERIVED[model_key(_PT["name"])] = f"results/derived/{model_key(_PT['name'])}"
 
         rule perturb:
             """The positive control: a copy of the base model with seeded noise on its q/k projections."""
-            output: directory(DERIVED[_PT["name"]])
+            output: directory(DERIVED[model_key(_PT["name"])])
             params: p=_PT
             threads: 1
             resources: mem_mb=config["resources"]["mem_mb"]

@@ -5,10 +5,7 @@
 # maps_correlations and maps_causal go into results/scores.duckdb.
 MAPS_CFG = config.get("maps")
 if MAPS_CFG:
-    for _m in MAPS_CFG["models"]:
-        if _m not in config["models"]:
-            raise ValueError(f"config key maps.models: {_m!r} is not in `models`; add it there too")
-    MAPS_MODELS = [key(m) for m in MAPS_CFG["models"]]
+    MAPS_MODELS = [model_key(m) for m in MAPS_CFG["models"]]
     MAPS_PARTS = ["scores", "salient", "dynamic", "correlations", "causal"]
 
     def _maps_args(c):

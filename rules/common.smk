@@ -1,0 +1,111 @@
+# Shared by every rule module: the `dormant` command, model keys, every check of the config as a whole (the
+# schema checks each value; these check how values refer to each other), the lists several modules use, and
+# settings files (a study's config section as JSON, the input its command reads with --config).
+import json
+import os
+import sys
+from pathlib import Path
+
+from analysis.core.io import write_bytes
+from analysis.core.names import model_key
+from extract.models.zoo import HUB_ID, ZOO  # standard library only: cheap at DAG start
+
+DORMANT = f"{sys.executable} -m extract.cli"
+
+
+def check_config(cfg):
+    """Every cross-reference of the config, checked before any job starts (ValueError naming the key)."""
+    models = cfg["models"]
+    for i, m in enumerate(models):
+        if not (m in ZOO or Path(m).expanduser().exists() or HUB_ID.match(m)):
+            raise ValueError(f"config key models[{i}] = {m!r}: not a zoo name ({', '.join(ZOO)}), "
+                             "an existing path, or a hub id (org/name)")
+    for i, m in enumerate(cfg["evaluation"]["models"]):
+        if m not in models:
+            raise ValueError(f"config key evaluation.models[{i}] = {m!r} is not in `models`; add it there too")
+    if 0.0 not in cfg["evaluation"]["fractions"]:
+        raise ValueError("config key evaluation.fractions must contain 0.0 (the baseline)")
+    c = cfg["corpora"]
+    if c["min_tokens"] > c["max_tokens"]:
+        raise ValueError(f"config keys corpora.min_tokens ({c['min_tokens']}) > corpora.max_tokens "
+                         f"({c['max_tokens']})")
+    keys = [model_key(m) for m in models]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"config key models: two models share a file key ({keys}); rename one")
+    derived = []
+    dist = cfg.get("distributions")
+    if dist:
+        for part in ("finetune", "perturb"):
+            d = dist.get(part)
+            if not d:
+                continue
+            if d["base"] not in models:
+                raise ValueError(f"config key distributions.{part}.base = {d['base']!r} is not in `models`; add it there")
+            if model_key(d["name"]) in keys + [model_key(n) for n in derived]:
+                raise ValueError(f"config key distributions.{part}.name = {d['name']!r} is already a model key; rename it")
+            derived.append(d["name"])
+        known = list(models) + derived
+        for i, s in enumerate(dist["series"]):
+            for m in s["models"]:
+                if m not in known:
+                    raise ValueError(f"config key distributions.series[{i}].models: {m!r} is neither in `models` nor "
+                                     f"a derived model ({', '.join(derived) or 'none'}); add it or fix the name")
+        for m in dist.get("null_models") or []:
+            if m not in known:
+                raise ValueError(f"config key distributions.null_models: {m!r} is not a configured or derived model")
+    mech = cfg.get("mechanism")
+    if mech:
+        toy = mech["toy"]
+        for s, runs in toy["sets"].items():
+            for r in runs:
+                if r not in toy["runs"]:
+                    raise ValueError(f"config key mechanism.toy.sets.{s} names run {r!r}, which is not in "
+                                     f"mechanism.toy.runs ({', '.join(toy['runs'])})")
+        for r in toy["sets"]["all"]:
+            own = {**toy["defaults"], **toy["runs"][r]}["seed"]
+            for sd in toy.get("seeds", []):
+                if sd == own:
+                    raise ValueError(f"config key mechanism.toy.seeds: seed {sd} is run {r!r}'s own seed; "
+                                     "list only the extra seeds")
+                if f"{r}_seed{sd}" in toy["runs"]:
+                    raise ValueError(f"config key mechanism.toy.runs: {r}_seed{sd} is the name mechanism.toy.seeds "
+                                     f"gives run {r!r} with seed {sd}; rename that run")
+        for m in mech["domains"]["ablate_models"]:
+            if m not in models:
+                raise ValueError(f"config key mechanism.domains.ablate_models: {m!r} is not in `models`; add it there too")
+    if cfg.get("maps"):
+        for m in cfg["maps"]["models"]:
+            if m not in models:
+                raise ValueError(f"config key maps.models: {m!r} is not in `models`; add it there too")
+
+
+check_config(config)
+
+
+def settings_file(name, settings):
+    """Write ``settings`` (a dict) to results/config/<name>.json, only when its content changed (so an
+    unchanged config leaves the file, and every job that reads it, up to date); returns the path."""
+    path = Path("results/config") / f"{name}.json"
+    text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        write_bytes(path, text)
+    return str(path)
+
+
+MODELS = {model_key(m): m for m in config["models"]}  # key -> the name given in the config
+CORPORA = config["corpora"]["names"]
+NSHARDS = config["scoring"]["shards"]
+SHARDS = [f"{i}-of-{NSHARDS}" for i in range(NSHARDS)]
+THREADS = config["scoring"].get("threads") or os.cpu_count() or 1  # snakemake caps it at --cores
+EV = config["evaluation"]
+SWEEP_MODELS = [model_key(m) for m in EV["models"]]
+SWEEP_DIR = f"results/ablation/{EV['task_name']}"
+CORE_DB = "results/db/core.duckdb"  # models, examples, head_scores: what the analyses read (no cycle, no wait)
+EXTRA_TABLES = {}   # database table -> Parquet files that the final `database` rule upserts
+EXTRA_TARGETS = []  # inputs of `all`
+DERIVED = {}        # model key -> local model directory made by a rule, scored like the config's models
+
+wildcard_constraints:
+    model="[A-Za-z0-9_-]+",
+    corpus="[a-z0-9_]+",
+    shard=r"\d+-of-\d+",

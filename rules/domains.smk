@@ -1,0 +1,70 @@
+# Dormant-by-domain heads and the active-dormant scatter (SPEC §7).
+#   default target: the candidate heads per model (table, figures) and, for `ablate_models`, the per-example
+#   loss change from zeroing (and mean-ablating) each candidate, with the scatter against its awft.
+# Config: `mechanism.domains` (config/schema.yaml; cross-checks in rules/common.smk).
+import re as _re
+
+if config.get("mechanism"):
+    DOM = config["mechanism"]["domains"]
+    DOMAIN_MODELS = {model_key(m): m for m in DOM["ablate_models"]}
+
+    rule domain_candidates:
+        """Heads dormant on one domain and active on another: table, one figure per model, candidates."""
+        input: CORE_DB
+        output:
+            cands="results/domains/candidates.parquet",
+            tables=multiext("results/tables/domain_heads", ".csv", ".md", ".tex"),
+            figures=[report(f, category="Active-dormant mechanism") if f.endswith(".png") else f
+                     for f in expand("results/figures/domain_heads_{model}.{ext}", model=MODELS, ext=["png", "svg"])],
+        params:
+            models=" ".join(f"{m!r}" for m in MODELS.values()),
+            d=DOM,
+        log: "results/logs/domain_candidates.log"
+        benchmark: "results/benchmarks/domain_candidates.tsv"
+        shell:
+            "{DORMANT} domains candidates --db {input:q} --out results --score-fn {params.d[score_fn]} "
+            "--top {params.d[top]} --fraction {params.d[fraction]} --models {params.models} > {log:q} 2>&1"
+
+    rule domain_ablate:
+        """Per-example loss change from zeroing (and mean-ablating) each of one model's top candidate heads."""
+        input:
+            cands="results/domains/candidates.parquet",
+            data=expand("results/data/corpora/{corpus}.jsonl", corpus=CORPORA),
+        output: "results/domains/{model}/head_ablation.parquet"
+        wildcard_constraints: model="|".join(_re.escape(k) for k in DOMAIN_MODELS) or "^$"
+        params:
+            name=lambda w: DOMAIN_MODELS[w.model],
+            d=DOM,
+            limit=f"--limit {DOM['limit']}" if DOM.get("limit") else "",
+            max_tokens=f"--max-tokens {DOM['max_tokens']}" if DOM.get("max_tokens") else "",
+            bos="" if config["scoring"]["prepend_bos"] else "--no-bos",
+            mean="--mean" if DOM.get("mean_ablation") else "",
+        threads: DOM["threads"]
+        resources: mem_mb=config["resources"]["mem_mb"], gpu=config["resources"]["gpu"]
+        log: "results/logs/domain_ablate/{model}.log"
+        benchmark: "results/benchmarks/domain_ablate/{model}.tsv"
+        shell:
+            "OMP_NUM_THREADS={threads} {DORMANT} domains ablate --model {params.name:q} --candidates {input.cands:q} "
+            "--data {input.data:q} --heads {params.d[heads]} {params.limit} {params.max_tokens} {params.bos} {params.mean} "
+            "--threads {threads} --dtype {config[scoring][dtype]} --device {config[scoring][device]} "
+            "--out {output:q} 2> {log:q}"
+
+    rule domain_scatter:
+        """Active-dormant scatter per model (loss change vs per-example awft) and its summary table."""
+        input:
+            abl=expand("results/domains/{model}/head_ablation.parquet", model=DOMAIN_MODELS),
+            cands="results/domains/candidates.parquet",
+        output:
+            tables=multiext("results/tables/domain_scatter", ".csv", ".md", ".tex"),
+            figures=[report(f, category="Active-dormant mechanism") if f.endswith(".png") else f
+                     for f in expand("results/figures/domain_scatter_{model}.{ext}", model=DOMAIN_MODELS,
+                                     ext=["png", "svg"])],
+        log: "results/logs/domain_scatter.log"
+        benchmark: "results/benchmarks/domain_scatter.tsv"
+        params: cands=lambda w, input: f"--candidates {input.cands}" if DOM["score_fn"] == "awft" else ""
+        shell: "{DORMANT} domains scatter --ablation {input.abl:q} {params.cands} --out results > {log:q} 2>&1"
+
+    if DOMAIN_MODELS:
+        EXTRA_TABLES.setdefault("domain_head_ablation", []).extend(rules.domain_scatter.input.abl)
+        EXTRA_TARGETS.extend(rules.domain_scatter.output)
+    EXTRA_TARGETS.extend(rules.domain_candidates.output)
