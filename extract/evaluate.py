@@ -25,7 +25,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from extract.data.datasets import LETTERS, Question, TaskData, load_task
+from extract.data.tasks import LETTERS, Question, TaskData, load_task
 from extract.errors import DormantError
 from extract.engine.scores import batches, pad_id, pad_right, recording
 
@@ -137,7 +137,7 @@ def _forward(model, rows: list[_Row], pad_id: int, device) -> list[list[float]]:
 def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: int | None = None,
              chat_template: bool | None = None, prepend_bos: bool = True, batch_tokens: int = 8192,
              calibrate: bool = False, scoring: str = "letter", progress: bool = True) -> EvalResult:
-    """Evaluate ``model`` on a multiple-choice task (a name is loaded with ``limit``, see extract.data.datasets).
+    """Evaluate ``model`` on a multiple-choice task (a name is loaded with ``limit``, see extract.data.tasks).
 
     k_shot: shots from the task's held-out pool (the first k). chat_template: None = the chat template for
     instruct models. batch_tokens: padded tokens per forward pass. calibrate: also record every head's

@@ -8,18 +8,16 @@ into disjoint train and held-out sets; sequences longer than ``max_tokens`` are 
 
 Training: full finetune of the decoder layers (embeddings, tied LM head and final norm frozen), AdamW with
 linear warm-up and decay, fixed seed; the held-out loss is measured before training, every
-``eval_every`` steps and at the end. The model is saved as a local Hugging Face directory (safetensors,
-config, tokenizer) with a ``source.json`` whose ``name`` becomes the model id in the database.
+``eval_every`` steps and at the end. The model is saved by ``extract.models.derived.save_derived`` as a local
+Hugging Face directory (safetensors, config, tokenizer) with a ``source.json`` whose ``name`` becomes the
+model id in the database.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import polars as pl
@@ -224,36 +222,6 @@ def finetune(model, tok, train: Sequence[SFTExample], heldout: Sequence[SFTExamp
     return SFTResult(log, before, after, time.perf_counter() - t0, sum(p.numel() for p in params),
                      {"steps": steps, "train_examples": len(train), "heldout_examples": len(heldout),
                       "train_tokens": int(log["tokens"].sum())})
-
-
-def save_derived(model, tok, out: str | Path, source: dict) -> Path:
-    """Save ``model`` + ``tok`` as a local HF directory with ``source.json`` (written last, atomically).
-
-    ``source["name"]`` becomes the model id; ``sha256`` is filled with the digest of the saved weights.
-    """
-    from analysis.core.io import atomic_dir
-
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        if hasattr(model.config, "dormant_source"):
-            del model.config.dormant_source
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        digest = hashlib.sha256()
-        for f in sorted(tmp.glob("*.safetensors")):
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    digest.update(block)
-        src = {**source, "sha256": digest.hexdigest()}
-        (tmp / "source.json").write_text(json.dumps(src, indent=2) + "\n")
-    return out
-
-
-def derived_source(base_info: dict, name: str, variant: str, recipe: dict) -> dict:
-    """Provenance of a model derived from ``base_info`` (an ``extract.models.load.model_info`` dict)."""
-    return {"name": name, "upstream": base_info.get("upstream"), "variant": variant,
-            "quantisation": base_info.get("quantisation"), "base": base_info.get("model"),
-            "base_sha256": base_info.get("source_sha256"), "recipe": recipe}
 
 
 def config_dict(cfg: SFTConfig) -> dict:

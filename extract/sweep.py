@@ -27,7 +27,7 @@ from analysis.core.score_functions import SCORE_KEYS
 from analysis.core.thresholds import TARGET_FRACTIONS, thresholds
 
 from extract.engine.ablation import ablate
-from extract.data.datasets import TaskData, load_tasks
+from extract.data.tasks import TaskData, load_tasks
 from extract.evaluate import evaluate
 from extract.models.load import model_info
 from extract.engine.scores import scores_frame

@@ -8,10 +8,10 @@ import tarfile
 
 import pytest
 
-from extract.data import bigbench, datasets
+from extract.data import bigbench, corpora, tasks
 from extract.cli import main
-from extract.data.datasets import (CHARS_PER_TOKEN, SHOT_POOL, assign_documents, draw_lengths, load_task, load_tasks,
-                              sample_corpus)
+from extract.data.corpora import CHARS_PER_TOKEN, assign_documents, draw_lengths, sample_corpus
+from extract.data.tasks import SHOT_POOL, load_task, load_tasks
 from analysis.core.io import write_jsonl
 from extract.errors import ChecksumError, DormantError
 from extract.score import read_examples
@@ -106,7 +106,7 @@ def test_download_falls_back_to_older_pip(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(bigbench, "_run_pip", fake_run)
-    monkeypatch.setattr(bigbench, "_ensure_wheel", lambda p, v, progress: tmp_path / f"{p}-{v}-py3-none-any.whl")
+    monkeypatch.setattr(bigbench, "ensure_wheel", lambda p, v, progress: tmp_path / f"{p}-{v}-py3-none-any.whl")
     assert bigbench.download_sdist("bigbench", "1.0.0", tmp_path, progress=False).name == "bigbench-1.0.0.tar.gz"
     assert cmds[0][1:3] == ["-m", "pip"] and cmds[1][1].endswith(f"pip-{bigbench.PIP_FALLBACK}-py3-none-any.whl/pip")
     assert cmds[1][2:] == ["download", "--no-deps", "--no-binary", ":all:", "-d", str(tmp_path),
@@ -164,7 +164,7 @@ def test_sample_corpus_protocol(bb_tar, tmp_path):
 def test_math_corpus_pages(bb_tar):
     """math: 16 consecutive problems per document, each with its correct answer; ids name the first one."""
     examples = bb_tar[1]["elementary_math_qa/question_with_mathematical_hint"]["examples"]
-    docs = datasets.corpus_documents("math", progress=False)
+    docs = corpora.corpus_documents("math", progress=False)
     assert [d[0] for d in docs] == ["math/0", "math/16", "math/32"]  # 42 examples: 16 + 16 + 10
     first = docs[0][1].split("\n\n")
     assert len(first) == 16 and first[3] == "Question 3?\nAnswer: choice 3.3"
@@ -172,9 +172,9 @@ def test_math_corpus_pages(bb_tar):
     assert last[-2] == "Two right answers?\nAnswer: x" and last[-1] == "Free text\nAnswer: no scores"
     rows = sample_corpus("math", 3, 5, 50, progress=False)
     assert {r["domain"] for r in rows} == {"math"} and {r["id"] for r in rows} == {d[0] for d in docs}
-    assert datasets.correct_target({"input": "q", "target": ["a", "b"]}) == "a"
+    assert corpora.correct_target({"input": "q", "target": ["a", "b"]}) == "a"
     with pytest.raises(DormantError, match="without target"):
-        datasets.correct_target({"input": "q"})
+        corpora.correct_target({"input": "q"})
 
 
 def test_cli_corpus(bb_tar, tmp_path, capsys):
@@ -224,8 +224,8 @@ def test_registry_subtask_and_description(bb_tar):
 
 
 def test_default_suite_prefers_four_or_more_choices():
-    assert len(datasets.DEFAULT_SUITE) == 10
-    assert all(datasets.TASKS[n].source == "bigbench" for n in datasets.DEFAULT_SUITE)
+    assert len(tasks.DEFAULT_SUITE) == 10
+    assert all(tasks.TASKS[n].source == "bigbench" for n in tasks.DEFAULT_SUITE)
 
 
 def write_mmlu(root, subjects=("astronomy", "high_school_physics"), n_test=6, n_dev=5):
@@ -282,9 +282,9 @@ def test_real_corpora_and_suite(zoo_model):
     """The real sdists: every default task has >= 50 evaluable questions; corpora truncate as drawn."""
     from extract.engine.scores import encode_texts
 
-    tasks = load_tasks(datasets.DEFAULT_SUITE, limit=50, progress=False)
-    assert [len(t.questions) for t in tasks] == [50] * 10
-    assert all(len(q.choices) >= 2 and 0 <= q.answer < len(q.choices) for t in tasks for q in t.questions)
+    suite = load_tasks(tasks.DEFAULT_SUITE, limit=50, progress=False)
+    assert [len(t.questions) for t in suite] == [50] * 10
+    assert all(len(q.choices) >= 2 and 0 <= q.answer < len(q.choices) for t in suite for q in t.questions)
     _, tok = zoo_model("smollm2-135m-instruct")
     for name, domain in (("xsum", "news"), ("wikilingua", "howto"), ("math", "math"), ("code", "code")):
         rows = sample_corpus(name, 20, 10, 512, seed=0, progress=False)

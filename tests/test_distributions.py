@@ -306,7 +306,8 @@ def test_response_loss_matches_naive_and_finetune_learns(tmp_path):
     from tiny import tiny_model
     from tiny_tokenizer import tiny_tokenizer
 
-    from extract.finetune import SFTConfig, derived_source, finetune, response_loss, save_derived, sft_examples
+    from extract.finetune import SFTConfig, finetune, response_loss, sft_examples
+    from extract.models.derived import derived_source, save_derived
     from extract.models.load import load_model, model_info
 
     tok = tiny_tokenizer(letter_tokens=False)

