@@ -9,10 +9,10 @@ Tables (primary keys in brackets):
 
 * ``models`` [model]: the ``extract.models.load.model_info`` fields.
 * ``examples`` [model, dataset, example]: domain, tokens seen by that model, BOS-first flag, content hash.
-* ``head_scores`` [model, dataset, example, layer, head]: the 13 raw scores (SPEC §2).
+* ``head_scores`` [model, dataset, example, layer, head]: the raw scores, one column per score function (SPEC §2).
 * ``thresholds`` [model, task, score_fn, target_fraction]: τ per SPEC §3.
 * ``ablation_results`` [model, task, score_fn, target_fraction]: realized %, accuracy (SPEC §4–5).
-* ``calibration_scores`` [model, task, question, layer, head]: the 13 scores on the evaluation prompts.
+* ``calibration_scores`` [model, task, question, layer, head]: the same scores on the evaluation prompts.
 * ``distribution_tests`` [comparison, score_fn, depth_bin, statistic]: SPEC §6 statistics with bootstrap CIs.
 * ``finetune_log`` [model, step, split]: training / held-out loss of the SPEC §6 finetune (nats per token).
 * ``bb_metrics`` [run, step, metric]: Bigram-Backcopy toy-model training metrics (SPEC §7).
@@ -38,9 +38,11 @@ import duckdb
 
 from analysis.core.io import atomic_path
 
-from analysis.core.score_functions import INACTIVE_WHEN, SCORE_KEYS
+from analysis.core.score_functions import SCORE_FUNCTIONS, score_keys
 
-_SCORES = ", ".join(f"{k} DOUBLE" for k in SCORE_KEYS)
+# one DOUBLE column per registered score function (those registered later: added by connect())
+_SCORES = ", ".join(f"{k} DOUBLE" for k in score_keys())
+_SCORE_TABLES = ("head_scores", "calibration_scores")
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS models (
   model VARCHAR PRIMARY KEY, upstream VARCHAR, family VARCHAR, variant VARCHAR, quantisation VARCHAR,
@@ -100,19 +102,24 @@ ALTER TABLE domain_head_ablation ADD COLUMN IF NOT EXISTS loss_mean_ablated DOUB
 ALTER TABLE domain_head_ablation ADD COLUMN IF NOT EXISTS delta_loss_mean DOUBLE;
 """
 
-_LONG = " UNION ALL ".join(
-    f"SELECT model, dataset, example, layer, head, '{k}' AS score_fn, {k} AS score FROM head_scores"
-    for k in SCORE_KEYS)
-VIEWS = f"""
-CREATE OR REPLACE VIEW head_scores_long AS {_LONG};
+
+def views() -> str:
+    """SQL of the views, one branch per registered score function."""
+    fns = SCORE_FUNCTIONS.values()
+    long = " UNION ALL ".join(
+        f"SELECT model, dataset, example, layer, head, '{f.key}' AS score_fn, {f.key} AS score FROM head_scores"
+        for f in fns)
+    inactive = "\n           ".join(
+        f"WHEN '{f.key}' THEN ({f.sql_predicate('s.score', 't.threshold')})::INT" for f in fns)
+    return f"""
+CREATE OR REPLACE VIEW head_scores_long AS {long};
 CREATE OR REPLACE VIEW head_summary AS
 SELECT s.model, s.score_fn, s.layer, s.head, count(*) AS n_examples,
   avg(s.score) AS mean, median(s.score) AS median,
   quantile_cont(s.score, 0.05) AS q05, quantile_cont(s.score, 0.25) AS q25,
   quantile_cont(s.score, 0.75) AS q75, quantile_cont(s.score, 0.95) AS q95,
   t.task, t.target_fraction, t.threshold,
-  avg(CASE WHEN f.inactive_when = '>' THEN (s.score > t.threshold)::INT
-           ELSE (s.score < t.threshold)::INT END) AS fraction_inactive
+  avg(CASE s.score_fn {inactive} END) AS fraction_inactive
 FROM head_scores_long s
 JOIN score_functions f USING (score_fn)
 LEFT JOIN thresholds t ON t.model = s.model AND t.score_fn = s.score_fn
@@ -130,8 +137,14 @@ def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConn
     con = duckdb.connect(str(path))
     con.execute(SCHEMA)
     con.execute(MIGRATIONS)
-    con.executemany("INSERT OR REPLACE INTO score_functions VALUES (?, ?)", list(INACTIVE_WHEN.items()))
-    con.execute(VIEWS)
+    for table in _SCORE_TABLES:  # score functions registered after this database (or this module) was made
+        have = {d[0] for d in con.execute(f"SELECT * FROM {table} LIMIT 0").description}
+        for k in score_keys():
+            if k not in have:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {k} DOUBLE")
+    con.executemany("INSERT OR REPLACE INTO score_functions VALUES (?, ?)",
+                    [(f.key, f.inactive_when) for f in SCORE_FUNCTIONS.values()])
+    con.execute(views())
     return con
 
 
@@ -155,7 +168,7 @@ def ingest_scores(con, shards: list[Path], corpora: dict[str, Path]) -> int:
     if not shards:
         return 0
     files = _sql_list(shards)
-    cols = ", ".join(SCORE_KEYS)
+    cols = ", ".join(score_keys())
     con.execute(f"""INSERT OR REPLACE INTO head_scores
         SELECT model, dataset, example_id, layer, head, {cols} FROM read_parquet({files})""")
     meta = con.execute(f"""SELECT DISTINCT model, dataset, example_id, n_tokens, bos_first
@@ -234,7 +247,7 @@ def row_counts(con) -> dict[str, int]:
 def checksum(con) -> str:
     """An order-independent digest of head_scores (for 'same database' checks across reruns)."""
     cols = " || '|' || ".join(["model", "dataset", "example", "layer::VARCHAR", "head::VARCHAR"]
-                              + [f"{k}::VARCHAR" for k in SCORE_KEYS])
+                              + [f"{k}::VARCHAR" for k in score_keys()])
     return str(con.execute(f"SELECT bit_xor(hash({cols})) FROM head_scores").fetchone()[0])
 
 

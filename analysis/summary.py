@@ -7,7 +7,7 @@ import polars as pl
 
 from analysis.database import TABLES, connect, query, row_counts
 from analysis.render import markdown, write_figure, write_table
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import check_score_key
 from analysis.core.io import write_bytes
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -25,8 +25,7 @@ def score_summary(con) -> pl.DataFrame:
 
 def ecdf(con, score_fn: str, points: int = 101) -> pl.DataFrame:
     """Quantile function of ``score_fn`` per (model, domain) on a grid of ``points`` probabilities."""
-    if score_fn not in SCORE_KEYS:
-        raise ValueError(f"unknown score function {score_fn!r}")
+    check_score_key(score_fn)
     grid = ", ".join(f"{i / (points - 1):.4f}" for i in range(points))
     return query(con, f"""
         WITH q AS (SELECT s.model, coalesce(e.domain, s.dataset) AS domain,

@@ -1,7 +1,7 @@
 """Per-example loss change from ablating one attention head, with that head's first-token attention.
 
 For every example and every given (layer, head): the mean next-token loss (nats/token over positions
-1..P-1) of the unablated model, its 13 head scores from the same forward pass (``recording``), and the
+1..P-1) of the unablated model, its head scores from the same forward pass (``recording``), and the
 loss with the head's slice of the output projection's input zeroed (SPEC §9: the head's ``O`` at every
 position). With ``mean=True`` also the loss with that slice replaced, at every position, by its mean over
 every position of every given example (mean ablation, SPEC §4's option): it keeps the head's average
@@ -16,7 +16,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import score_keys
 
 from extract.engine import hooks
 from extract.engine.ablation import head_output_means
@@ -56,18 +56,18 @@ def head_loss_changes(model, tokenizer, examples: Sequence[dict], heads: Sequenc
         ids = torch.tensor([seq], device=device)
         with recording(model) as rec:
             base = _loss(model(input_ids=ids, use_cache=False).logits, ids)
-        runs.append((ex, ids, base, rec.scores()[0]))  # scores: (layers, heads, 13)
+        runs.append((ex, ids, base, rec.scores()[0]))  # scores: (layers, heads, n_scores)
     # the sweep's mean ablation (SPEC §4): each head's output averaged over every position of every example
     means = head_output_means(model, [ids[0] for _, ids, _, _ in runs]).float() if mean and runs else None
-    rows = []
+    rows, keys = [], score_keys()
     for ex, ids, base, scores in tqdm(runs, desc="head ablation", disable=not progress):
         for layer, head in heads:
             with zero_head(model, layer, head):
                 abl = _loss(model(input_ids=ids, use_cache=False).logits, ids)
             row = {"dataset": ex.get("corpus", ""), "example": str(ex["id"]), "domain": ex.get("domain"),
                    "n_tokens": ids.shape[1], "layer": layer, "head": head,
-                   "awft": float(scores[layer, head, SCORE_KEYS.index("awft")]),
-                   "ahon_ln": float(scores[layer, head, SCORE_KEYS.index("ahon_ln")]),
+                   "awft": float(scores[layer, head, keys.index("awft")]),
+                   "ahon_ln": float(scores[layer, head, keys.index("ahon_ln")]),
                    "loss_base": base, "loss_ablated": abl, "delta_loss": abl - base}
             if mean:
                 with replace_head(model, layer, head, means[layer, head]):

@@ -39,7 +39,7 @@ class EvalResult:
     chat_template: bool
     scoring: str  # "letter" (SPEC §5) or "cloze"
     predictions: pl.DataFrame  # id, task, sha256, answer, predicted, correct, n_choices, n_tokens (prompt), loglik
-    scores: torch.Tensor | None = None  # (questions, layers, heads, 13) float64, SCORE_KEYS order
+    scores: torch.Tensor | None = None  # (questions, layers, heads, n_scores) float64, score_keys() order
 
     @property
     def n_questions(self) -> int:
@@ -141,7 +141,7 @@ def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: 
 
     k_shot: shots from the task's held-out pool (the first k). chat_template: None = the chat template for
     instruct models. batch_tokens: padded tokens per forward pass. calibrate: also record every head's
-    13 scores on each question's prompt, in the same forward passes (``result.scores``; with multi-token
+    scores on each question's prompt, in the same forward passes (``result.scores``; with multi-token
     continuations, the row of the first choice). scoring: "letter" (SPEC §5) or "cloze" (module doc).
     """
     if scoring not in SCORINGS:

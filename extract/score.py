@@ -3,8 +3,9 @@
 Input: a JSON-lines file, one example per line with ``id`` (str) and ``text`` (str), optionally ``domain``
 and ``max_tokens`` (per-example truncation, e.g. the paper's uniform length draw). Shard ``i`` of ``n`` is
 the examples whose line index ``k`` has ``k % n == i``. Output: one row per (example, layer, head) with
-``model, dataset, example_id, example`` (line index), ``n_tokens, bos_first, layer, head`` and the 13
-scores; written to a temporary name beside ``out`` and renamed, so a killed job leaves no partial file.
+``model, dataset, example_id, example`` (line index), ``n_tokens, bos_first, layer, head`` and the
+scores (``score_keys()``); written to a temporary name beside ``out`` and renamed, so a killed job leaves
+no partial file.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from analysis.core.io import write_parquet
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import score_keys
 
 
 def read_examples(path: Path) -> list[dict]:
@@ -67,10 +68,10 @@ def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: 
     }, schema_overrides={"example": pl.Int64, "example_index": pl.Int64, "n_tokens": pl.Int64})
     if df is None:
         df = pl.DataFrame(schema={"example": pl.Int64, "layer": pl.Int32, "head": pl.Int32,
-                                  **{k: pl.Float64 for k in SCORE_KEYS}})
+                                  **{k: pl.Float64 for k in score_keys()}})
     df = df.join(meta, on="example", how="left").with_columns(
         pl.lit(info["model"]).alias("model"), pl.lit(dataset).alias("dataset"))
     df = df.drop("example").rename({"example_index": "example"}).select(
-        "model", "dataset", "example_id", "example", "n_tokens", "bos_first", "layer", "head", *SCORE_KEYS)
+        "model", "dataset", "example_id", "example", "n_tokens", "bos_first", "layer", "head", *score_keys())
     write_parquet(df, out)
     return df

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import polars as pl
 from tqdm.auto import tqdm
 
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import score_keys
 from analysis.core.thresholds import TARGET_FRACTIONS, thresholds
 
 from extract.engine.ablation import ablate
@@ -47,13 +47,13 @@ def pooled(tasks: list[TaskData], name: str) -> TaskData:
 
 
 def calibration_frame(model_name: str, data: TaskData, scores) -> pl.DataFrame:
-    """Wide frame of the calibration scores: ``model, task, question_task, question, layer, head`` + 13."""
+    """Wide frame of the calibration scores: ``model, task, question_task, question, layer, head`` + the scores."""
     questions = pl.DataFrame({"example": range(len(data.questions)),
                               "question_task": [q.task for q in data.questions],
                               "question": [q.id for q in data.questions]}, schema_overrides={"example": pl.Int64})
     frame = scores_frame(scores.numpy()).join(questions, on="example", how="left", maintain_order="left")
     return frame.select(pl.lit(model_name).alias("model"), pl.lit(data.name).alias("task"), "question_task",
-                        "question", "layer", "head", *SCORE_KEYS)
+                        "question", "layer", "head", *score_keys())
 
 
 @dataclass
@@ -64,10 +64,13 @@ class SweepResult:
     timing: dict = field(default_factory=dict)
 
 
-def run_sweep(model, tokenizer, data: TaskData, *, score_fns=SCORE_KEYS, fractions=TARGET_FRACTIONS,
+def run_sweep(model, tokenizer, data: TaskData, *, score_fns=None, fractions=TARGET_FRACTIONS,
               seed: int = 0, k_shot: int = 0, batch_tokens: int = 8192, chat_template: bool | None = None,
               progress: bool = True) -> SweepResult:
-    """Calibrate, threshold and sweep ``data`` (see module doc); accuracy in points (0–100)."""
+    """Calibrate, threshold and sweep ``data`` (see module doc); accuracy in points (0–100).
+
+    score_fns: the functions to sweep (default: every registered one, ``score_keys()``)."""
+    score_fns = score_keys() if score_fns is None else score_fns
     name = model_info(model)["model"]
     kw = dict(k_shot=k_shot, batch_tokens=batch_tokens, chat_template=chat_template, progress=False)
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import score_keys
 
 
 @contextlib.contextmanager
@@ -24,7 +24,7 @@ def attention_modules(model):
 
 
 def reference_scores(model, ids: list[int]) -> torch.Tensor:
-    """Scores ``(layers, heads, 13)`` float64 of one unpadded sequence, SPEC §2 literally."""
+    """The 13 built-in scores ``(layers, heads, 13)`` float64 of one unpadded sequence, SPEC §2 literally."""
     cfg = model.config
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
@@ -44,7 +44,7 @@ def reference_scores(model, ids: list[int]) -> torch.Tensor:
         A = attn[layer][0].double()  # (H, S, S)
         V = values[layer][0].double().view(S, KV, D)
         O = o_inputs[layer][0].double().view(S, H, D)
-        raw = []
+        a, e, v0, vm, ol, om = [], [], [], [], [], []  # per head: the quantities SPEC §2 names
         for h in range(H):
             Ah = A[h]
             ent = torch.zeros(S, dtype=torch.float64)
@@ -59,13 +59,15 @@ def reference_scores(model, ids: list[int]) -> torch.Tensor:
                 ent[q] = -(others * others.log()).sum() - (1 - rest) * torch.log1p(-rest)
             Vh = V[:, h // (H // KV)]
             Oh = O[:, h]
-            raw.append([Ah[:, 0].mean(), ent.mean(), Vh[0].norm(), Vh.norm(dim=-1).mean(),
-                        Oh[-1].norm(), Oh.norm(dim=-1).mean()])
-        raw = torch.tensor(raw, dtype=torch.float64)  # (H, 6)
-        a, e, v0, vm, ol, om = raw.T
-        scores = [a, a / a.mean(), e, e / e.mean(), v0, v0 / v0.mean(), vm, vm / vm.mean(),
-                  ol, ol / om.mean(), ol / om, om, om / om.mean()]
-        rows.append(torch.stack(scores, -1))
-    out = torch.stack(rows)
-    assert out.shape[-1] == len(SCORE_KEYS)
-    return out
+            a.append(Ah[:, 0].mean())
+            e.append(ent.mean())
+            v0.append(Vh[0].norm())
+            vm.append(Vh.norm(dim=-1).mean())
+            ol.append(Oh[-1].norm())
+            om.append(Oh.norm(dim=-1).mean())
+        a, e, v0, vm, ol, om = (torch.stack(x) for x in (a, e, v0, vm, ol, om))
+        scores = {"awft": a, "awft_ln": a / a.mean(), "aeqd": e, "aeqd_ln": e / e.mean(), "ftvvn": v0,
+                  "ftvvn_ln": v0 / v0.mean(), "avvn": vm, "avvn_ln": vm / vm.mean(), "lthon": ol,
+                  "lthon_ln": ol / om.mean(), "lthon_hn": ol / om, "ahon": om, "ahon_ln": om / om.mean()}
+        rows.append(torch.stack([scores[k] for k in score_keys()], -1))
+    return torch.stack(rows)

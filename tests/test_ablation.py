@@ -191,9 +191,9 @@ def test_real_model_mid_threshold_matches_reference(zoo_model):
     assert (valid_logits(got, am) - valid_logits(ref_logits, am)).abs().max() <= 1e-3
 
 
-@pytest.mark.parametrize("fn", __import__("analysis.core.score_functions", fromlist=["SCORE_KEYS"]).SCORE_KEYS)
+@pytest.mark.parametrize("fn", __import__("analysis.core.score_functions", fromlist=["score_keys"]).score_keys())
 def test_layer0_masks_follow_each_function_and_direction(fn):
-    from analysis.core.score_functions import INACTIVE_WHEN
+    from analysis.core.score_functions import get_score_function
 
     model = tiny_model("qwen2", seed=13)
     seqs, ids, am = batch(8, n=6)
@@ -201,5 +201,5 @@ def test_layer0_masks_follow_each_function_and_direction(fn):
     v = scores.filter(scores["layer"] == 0).sort("example", "head")[fn].to_numpy().reshape(len(seqs), -1)
     tau = float(np.median(v))
     ab, _ = logits_under(model, ids, am, score_fn=fn, threshold=tau)
-    want = v > tau if INACTIVE_WHEN[fn] == ">" else v < tau
+    want = v > tau if get_score_function(fn).inactive_side == "above" else v < tau
     np.testing.assert_array_equal(ab.mask[:, 0, :], want)

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from analysis.database import build, checksum, connect, ingest, query, row_counts
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import score_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def fake_shard(path, model="m", dataset="d", n_examples=3, layers=2, heads=3, se
             for h in range(heads):
                 rows.append({"model": model, "dataset": dataset, "example_id": f"{dataset}/{e}", "example": e,
                              "n_tokens": 10 + e, "bos_first": True, "layer": l, "head": h,
-                             **{k: float(rng.random()) for k in SCORE_KEYS}})
+                             **{k: float(rng.random()) for k in score_keys()}})
     df = pl.DataFrame(rows).with_columns(pl.col("layer", "head").cast(pl.Int32))
     df.write_parquet(path)
     return df
@@ -49,8 +49,8 @@ def test_ingest_roundtrip_and_idempotence(tmp_path):
     con = connect(db, read_only=True)
     first = checksum(con)
     got = query(con, "SELECT * FROM head_scores ORDER BY example, layer, head")
-    np.testing.assert_array_equal(got.select(SCORE_KEYS).to_numpy(),
-                                  df.sort("example", "layer", "head").select(SCORE_KEYS).to_numpy())
+    np.testing.assert_array_equal(got.select(score_keys()).to_numpy(),
+                                  df.sort("example", "layer", "head").select(score_keys()).to_numpy())
     dom = query(con, "SELECT DISTINCT domain, max_tokens FROM examples").rows()
     assert dom == [("news", 50)]
     con.close()
@@ -58,7 +58,7 @@ def test_ingest_roundtrip_and_idempotence(tmp_path):
     con = connect(db, read_only=True)
     assert checksum(con) == first
     long = query(con, "SELECT score_fn, count(*) AS n FROM head_scores_long GROUP BY 1")
-    assert sorted(long["score_fn"].to_list()) == sorted(SCORE_KEYS) and set(long["n"].to_list()) == {df.height}
+    assert sorted(long["score_fn"].to_list()) == sorted(score_keys()) and set(long["n"].to_list()) == {df.height}
     con.close()
 
 

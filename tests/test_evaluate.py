@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 import torch
 
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import score_keys
 from extract.engine.ablation import ablate
 from extract.cli import main
 from extract.data.tasks import TaskData, load_task, make_question
@@ -134,7 +134,7 @@ def test_calibrate_scores_equal_score_heads(family):
     seqs = [encode_prompt(tok, build_prompt(q, task.shots["toy"][:2], task.descriptions["toy"]), chat=False)
             for q in task.questions]
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
-    ref = score_heads(model, seqs).sort(["example", "layer", "head"]).select(SCORE_KEYS).to_numpy()
+    ref = score_heads(model, seqs).sort(["example", "layer", "head"]).select(score_keys()).to_numpy()
     assert res.scores.shape == (len(seqs), L, H, 13)
     np.testing.assert_allclose(res.scores.numpy().reshape(-1, 13), ref, rtol=1e-5, atol=1e-7)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import score_keys
 from extract.engine.scores import score_heads, scores_from_stats
 from reference import reference_scores
 from tiny import FAMILIES, tiny_model
@@ -11,9 +11,9 @@ from tiny import FAMILIES, tiny_model
 
 def as_array(df, n_examples, model):
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
-    assert df.columns == ["example", "layer", "head", *SCORE_KEYS]
+    assert df.columns == ["example", "layer", "head", *score_keys()]
     assert df.height == n_examples * L * H
-    return df.sort(["example", "layer", "head"]).select(SCORE_KEYS).to_numpy().reshape(n_examples, L, H, 13)
+    return df.sort(["example", "layer", "head"]).select(score_keys()).to_numpy().reshape(n_examples, L, H, -1)
 
 
 def assert_close_to_reference(model, seqs, rtol=1e-4):
@@ -22,7 +22,7 @@ def assert_close_to_reference(model, seqs, rtol=1e-4):
     for i, ids in enumerate(seqs):
         ref = reference_scores(model, ids).numpy()
         rel = np.abs(got[i] - ref) / np.maximum(np.abs(ref), 1e-12)
-        worst = {k: float(rel[..., j].max()) for j, k in enumerate(SCORE_KEYS)}
+        worst = {k: float(rel[..., j].max()) for j, k in enumerate(score_keys())}
         assert max(worst.values()) <= rtol, worst
 
 
@@ -76,7 +76,7 @@ def test_two_token_sequence_is_finite():
 def test_ln_zero_over_zero_is_one():
     stats = torch.zeros(1, 3, 6, dtype=torch.float64)
     s = scores_from_stats(stats)
-    assert torch.equal(s[..., SCORE_KEYS.index("ahon_ln")], torch.ones(1, 3))
+    assert torch.equal(s[..., score_keys().index("ahon_ln")], torch.ones(1, 3))
 
 
 def test_float64_model_matches_reference_tightly():

@@ -5,7 +5,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import score_keys
 from analysis.core.io import write_parquet
 from extract.score import read_examples, score_shard
 
@@ -54,6 +54,6 @@ def test_score_shard_matches_score_heads(tmp_path, zoo_model):
     assert both["bos_first"].all()
     model, tok = zoo_model("smollm2-135m-instruct")
     ref = score_heads(model, encode_texts(tok, texts))
-    got = both.sort("example", "layer", "head").select(SCORE_KEYS).to_numpy()
-    np.testing.assert_allclose(got, ref.sort("example", "layer", "head").select(SCORE_KEYS).to_numpy(), rtol=1e-5)
+    got = both.sort("example", "layer", "head").select(score_keys()).to_numpy()
+    np.testing.assert_allclose(got, ref.sort("example", "layer", "head").select(score_keys()).to_numpy(), rtol=1e-5)
     assert pl.read_parquet(tmp_path / "s1.parquet").equals(parts[1])

@@ -1,31 +1,33 @@
 """Dynamic thresholds (SPEC §3) and their stability across tasks.
 
 One empirical distribution per (model, task, score function), pooled over layers, heads and examples of a
-calibration run; τ is its p-quantile (the (1-p)-quantile for ``awft``/``awft_ln``, whose inactive side is
-``>``), linearly interpolated (NumPy's default "linear" method). One scalar per (model, task, fn, p).
+calibration run; τ is its p-quantile (the (1-p)-quantile for the functions inactive above τ, e.g.
+``awft``/``awft_ln``), linearly interpolated (NumPy's default "linear" method). One scalar per (model, task, fn, p).
 """
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
 
-from analysis.core.score_functions import INACTIVE_WHEN, SCORE_KEYS
+from analysis.core.score_functions import get_score_function, score_keys
 
 TARGET_FRACTIONS = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
 
 
 def threshold(scores: np.ndarray, p: float, score_fn: str) -> float:
     """τ for target fraction ``p`` of pooled ``scores`` (1-D) of ``score_fn``."""
-    q = 1.0 - p if INACTIVE_WHEN[score_fn] == ">" else p
+    q = 1.0 - p if get_score_function(score_fn).higher_is_inactive else p
     return float(np.quantile(np.asarray(scores, dtype=np.float64), q))
 
 
-def thresholds(scores: pl.DataFrame, fractions=TARGET_FRACTIONS, score_fns=SCORE_KEYS) -> pl.DataFrame:
+def thresholds(scores: pl.DataFrame, fractions=TARGET_FRACTIONS, score_fns=None) -> pl.DataFrame:
     """Thresholds table from a wide calibration frame.
 
     scores: columns ``model, task`` and the score columns (one row per example, layer, head).
+    score_fns: the functions to threshold (default: every registered one, ``score_keys()``).
     Returns ``model, task, score_fn, target_fraction, threshold, n_scores``.
     """
+    score_fns = score_keys() if score_fns is None else score_fns
     rows = []
     for (model, task), g in scores.group_by(["model", "task"], maintain_order=True):
         for fn in score_fns:

@@ -24,7 +24,7 @@ from analysis.distributions.figures import (effects_chart, ecdf_chart, ecdf_fram
 from analysis.distributions.stats import Settings, compare
 from analysis.render import write_figure, write_table
 from analysis.distributions.score_matrix import ScoreMatrix, load_scores, split_halves
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import score_keys
 
 KEY_FUNCTIONS = ("awft", "aeqd", "ahon", "ahon_ln")
 
@@ -55,7 +55,7 @@ def run_comparisons(scores: dict[str, dict[str, ScoreMatrix]], series, null_mode
     frames = []
     for kind, a, b in tqdm(jobs, desc="comparisons", disable=not progress):
         if kind == "null":
-            first = scores[a][SCORE_KEYS[0]] if SCORE_KEYS[0] in scores[a] else next(iter(scores[a].values()))
+            first = scores[a][score_keys()[0]] if score_keys()[0] in scores[a] else next(iter(scores[a].values()))
             h1, h2 = split_halves(first.examples, settings.seed)
             frames.append(compare({fn: m.rows(h1) for fn, m in scores[a].items()},
                                   {fn: m.rows(h2) for fn, m in scores[a].items()},
@@ -133,7 +133,7 @@ def run(db: Path, out: Path, series: list[tuple[str, list[str]]], *, null_models
     for kind, a, b in pairs(series) + [("null", m, m) for m in null_models]:
         name = null_name(a) if kind == "null" else f"{a} vs {b}"
         if kind == "null":
-            h1, h2 = split_halves(scores[a][SCORE_KEYS[0]].examples, seed)
+            h1, h2 = split_halves(scores[a][score_keys()[0]].examples, seed)
             sa = {fn: m.rows(h1) for fn, m in scores[a].items()}
             sb = {fn: m.rows(h2) for fn, m in scores[a].items()}
             la, lb = f"{a} (half 1)", f"{a} (half 2)"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis.database import query
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import score_keys
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,9 @@ class ScoreMatrix:
         return (self.n_layers, self.n_heads) == (other.n_layers, other.n_heads)
 
 
-def load_scores(con, model: str, score_fns=SCORE_KEYS) -> dict[str, ScoreMatrix]:
-    """Every ``head_scores`` row of ``model`` as one :class:`ScoreMatrix` per score function."""
+def load_scores(con, model: str, score_fns=None) -> dict[str, ScoreMatrix]:
+    """Every ``head_scores`` row of ``model`` as one :class:`ScoreMatrix` per score function (default: all)."""
+    score_fns = score_keys() if score_fns is None else score_fns
     shape = query(con, "SELECT n_layers, n_heads FROM models WHERE model = ?", [model])
     if shape.height == 0:
         known = query(con, "SELECT model FROM models ORDER BY model")["model"].to_list()

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from analysis.core.score_functions import INACTIVE_WHEN
+from analysis.core.score_functions import get_score_function
 from analysis.distributions.score_matrix import ScoreMatrix
 from analysis.core.thresholds import threshold
 
@@ -64,7 +64,7 @@ class Settings:
 
 def inactive(x: np.ndarray, tau: float, score_fn: str) -> np.ndarray:
     """Boolean mask of scores on the inactive side of ``tau`` (SPEC §2 direction of ``score_fn``)."""
-    return x > tau if INACTIVE_WHEN[score_fn] == ">" else x < tau
+    return get_score_function(score_fn).is_inactive(x, tau)
 
 
 class TwoSample:

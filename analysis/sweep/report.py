@@ -11,7 +11,7 @@ from analysis.sweep.stats import auc_ranks, rank_correlation, selection_overlap,
 from analysis.sweep.figures import accuracy_curves, figure3
 from analysis.database import connect, query
 from analysis.render import write_figure, write_table
-from analysis.core.score_functions import INACTIVE_WHEN, SCORE_KEYS
+from analysis.core.score_functions import SCORE_FUNCTIONS
 from analysis.core.thresholds import stability
 
 
@@ -19,12 +19,11 @@ def selected_heads(con, task: str, fraction: float) -> pl.DataFrame:
     """(model, score_fn, example, layer, head) that each function's τ at ``fraction`` selects on the
     calibration scores (the undisturbed forward pass) of ``task``."""
     parts = []
-    for fn in SCORE_KEYS:
-        op = ">" if INACTIVE_WHEN[fn] == ">" else "<"
-        parts.append(f"""SELECT c.model, '{fn}' AS score_fn, t.target_fraction, c.question AS example, c.layer, c.head
+    for fn in SCORE_FUNCTIONS.values():
+        parts.append(f"""SELECT c.model, '{fn.key}' AS score_fn, t.target_fraction, c.question AS example, c.layer, c.head
             FROM calibration_scores c JOIN thresholds t ON t.model = c.model AND t.task = c.task
-            WHERE t.score_fn = '{fn}' AND t.target_fraction = {fraction} AND c.task = '{task}'
-              AND c.{fn} {op} t.threshold""")
+            WHERE t.score_fn = '{fn.key}' AND t.target_fraction = {fraction} AND c.task = '{task}'
+              AND {fn.sql_predicate(f"c.{fn.key}", "t.threshold")}""")
     return query(con, " UNION ALL ".join(parts))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import score_keys
 
 BUDGET = 1.0  # accuracy points below baseline
 
@@ -131,7 +131,7 @@ def selection_overlap(selected: pl.DataFrame) -> pl.DataFrame:
     for (model, p), g in selected.group_by(["model", "target_fraction"], maintain_order=True):
         sets = {fn: set(sg.select("example", "layer", "head").iter_rows())
                 for (fn,), sg in g.group_by(["score_fn"], maintain_order=True)}
-        fns = [f for f in SCORE_KEYS if f in sets]
+        fns = [f for f in score_keys() if f in sets]
         for a in fns:
             for b in fns:
                 if a == b:

@@ -63,14 +63,14 @@ def _scatter(args: argparse.Namespace) -> int:
 
 def add_domains_parser(subparsers) -> None:
     """``dormant domains candidates`` (no torch), ``ablate`` (one model), ``scatter`` (no torch)."""
-    from analysis.core.score_functions import SCORE_KEYS
+    from analysis.core.score_functions import score_keys
 
     p = subparsers.add_parser("domains", help="heads dormant on one domain and active on another (SPEC §7)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser("candidates", help="per-domain head means, candidate table and figures from the database")
     c.add_argument("--db", type=Path, default=Path("results/db/core.duckdb"))
     c.add_argument("--out", type=Path, default=Path("results"))
-    c.add_argument("--score-fn", default="awft", choices=SCORE_KEYS)
+    c.add_argument("--score-fn", default="awft", choices=score_keys())
     c.add_argument("--top", type=int, default=5, help="candidate heads per model")
     c.add_argument("--fraction", type=float, default=0.15,
                    help="target fraction p of the SPEC §3 threshold that marks a head dormant on an example")

@@ -143,7 +143,7 @@ def add_sweep_parser(subparsers) -> None:
     """``dormant sweep``: calibration, thresholds and the ablation sweep of one model on a task suite."""
     from pathlib import Path
 
-    from analysis.core.score_functions import SCORE_KEYS
+    from analysis.core.score_functions import score_keys
     from analysis.core.thresholds import TARGET_FRACTIONS
 
     p = subparsers.add_parser("sweep", help="calibrate, threshold and run the ablation sweep for one model")
@@ -153,7 +153,7 @@ def add_sweep_parser(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="questions per task")
     p.add_argument("--k-shot", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--score-fns", nargs="+", default=list(SCORE_KEYS), choices=SCORE_KEYS)
+    p.add_argument("--score-fns", nargs="+", default=list(score_keys()), choices=score_keys())
     p.add_argument("--fractions", nargs="+", type=float, default=list(TARGET_FRACTIONS))
     p.add_argument("--batch-tokens", type=int, default=8192)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])

@@ -22,12 +22,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from analysis.core.score_functions import INACTIVE_WHEN, SCORE_KEYS, check_score_key
+from analysis.core.score_functions import check_score_key, get_score_function
 
 from extract.engine import attention
 
 from extract.engine import capture, hooks
-from extract.engine.scores import pad_id, pad_right, scores_from_stats
+from extract.engine.scores import pad_id, pad_right, score_from_stats
 
 
 class Ablation:
@@ -52,11 +52,10 @@ class Ablation:
 
 
 def _threshold_rule(key: str, tau: float):
-    j, greater = SCORE_KEYS.index(key), INACTIVE_WHEN[key] == ">"
+    fn = get_score_function(key)
 
-    def rule(layer: int, stats: torch.Tensor) -> torch.Tensor:
-        s = scores_from_stats(stats)[..., j]
-        return s > tau if greater else s < tau
+    def rule(layer: int, stats: torch.Tensor) -> torch.Tensor:  # stats (B, H, n_stats) -> inactive (B, H)
+        return fn.is_inactive(score_from_stats(stats, fn), tau)
 
     return rule
 
@@ -111,7 +110,8 @@ def ablate(model, score_fn: str, *, threshold: float | None = None, p: float | N
             raise ValueError(f"score_fn={score_fn!r} needs a threshold (see SPEC §3 / analysis.core.thresholds)")
         rule = _threshold_rule(score_fn, float(threshold))
     # only the entropy scores need the second attention pass
-    cap = capture.Capture(rule=rule, mode=mode, means=means, need_entropy=score_fn in ("aeqd", "aeqd_ln"))
+    cap = capture.Capture(rule=rule, mode=mode, means=means,
+                          need_entropy=score_fn != "random" and get_score_function(score_fn).needs_entropy)
     with inputs, capture.capturing(cap):
         yield Ablation(cap)
 

@@ -8,7 +8,7 @@ are the family's business) and calls this function; nothing of the model classes
 * No capture session active (see :mod:`extract.engine.capture`): plain SDPA (the chunked kernel when the family
   soft-caps logits, which SDPA cannot do).
 * Session active: :func:`extract.engine.kernels.attend` computes the output and per-query statistics in one
-  memory-bounded pass; the six raw per-head stats go to the session, which may return heads to ablate;
+  memory-bounded pass; the raw per-head stats go to the session, which may return heads to ablate;
   their output ``O`` (all positions) is zeroed or replaced by a mean before the output projection.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from analysis.core.score_functions import ordered_stats
 
 from extract.engine import capture
 
@@ -60,7 +62,7 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 def head_stats(out: torch.Tensor, value: torch.Tensor, p_first: torch.Tensor, entropy: torch.Tensor,
                valid: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """The six raw stats (``capture.RAW_STATS``) per (example, query head): ``(B, H, 6)`` float64.
+    """The raw stats per (example, query head): ``(B, H, len(RAW_STATS))`` float64, ``RAW_STATS`` order.
 
     ``value`` is ``(B, KV, S, D)``: query head h reads KV head ``h // (H / KV)``.
     """
@@ -78,7 +80,9 @@ def head_stats(out: torch.Tensor, value: torch.Tensor, p_first: torch.Tensor, en
     vn = torch.linalg.vector_norm(value, dim=-1, dtype=work).double()
     vn = vn.repeat_interleave(H // value.shape[1], dim=1)
     on = torch.linalg.vector_norm(out, dim=-1, dtype=work).double()
-    return torch.stack([mean_t(p_first), mean_t(entropy), at(vn, first), mean_t(vn), at(on, last), mean_t(on)], -1)
+    stats = {"p_first": mean_t(p_first), "entropy": mean_t(entropy), "v_first_norm": at(vn, first),
+             "v_norm": mean_t(vn), "o_last_norm": at(on, last), "o_norm": mean_t(on)}
+    return torch.stack(ordered_stats(stats), -1)
 
 
 def _mask_layout(attention_mask, B, S, query, cap):

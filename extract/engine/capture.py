@@ -6,7 +6,7 @@ when it carries an ablation ``rule``, returns the ``(batch, heads)`` bool mask o
 ``O`` is replaced before the output projection. Outside any session the attention is plain SDPA.
 
 Capture points (named, family-agnostic): ``Capture.stats[layer]`` (raw stats of the current forward),
-``Capture.forward_stats`` (one ``(batch, layers, heads, 6)`` tensor per finished forward when
+``Capture.forward_stats`` (one ``(batch, layers, heads, n_stats)`` tensor per finished forward when
 ``keep_stats``), ``Capture.forward_masks`` (one ``(batch, layers, heads)`` ablation mask per forward).
 """
 from __future__ import annotations
@@ -18,16 +18,14 @@ from typing import Callable, Iterator
 
 import torch
 
-RAW_STATS = ("p_first", "entropy", "v_first_norm", "v_norm", "o_last_norm", "o_norm")
-"""Per (example, head): mean A[q, first] over valid queries; mean row entropy (nats); ‖V[first]‖;
-mean ‖V[t]‖; ‖O[last]‖; mean ‖O[t]‖ (L2 over head_dim, t over valid positions)."""
+from analysis.core.score_functions import RAW_STATS  # noqa: F401  (the one definition of the stats' order)
 
 Rule = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class Capture:
-    rule: Rule | None = None  # (layer, stats (B, H, 6)) -> bool (B, H): heads to ablate
+    rule: Rule | None = None  # (layer, stats (B, H, n_stats)) -> bool (B, H): heads to ablate
     mode: str = "zero"  # "zero" or "mean"
     means: torch.Tensor | None = None  # (layers, heads, head_dim) replacement outputs for mode "mean"
     chunk_size: int = 256  # query chunk of the portable kernel
@@ -48,7 +46,7 @@ class Capture:
         return cls(**options)
 
     def record(self, layer: int, stats: torch.Tensor) -> torch.Tensor | None:
-        """Store ``stats`` (B, H, 6) of ``layer``; return the heads to ablate (B, H) or None."""
+        """Store ``stats`` (B, H, n_stats) of ``layer``; return the heads to ablate (B, H) or None."""
         if layer in self.stats:  # a new forward pass started
             self.end_forward()
         self.stats[layer] = stats
@@ -68,7 +66,7 @@ class Capture:
         self._mask_cache = {}
 
     def stacked_stats(self) -> torch.Tensor:
-        """Raw stats of the current forward, ``(B, layers, H, 6)`` float64 on CPU."""
+        """Raw stats of the current forward, ``(B, layers, H, n_stats)`` float64 on CPU."""
         return _by_layer(self.stats)
 
     def all_stats(self) -> list[torch.Tensor]:

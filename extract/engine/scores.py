@@ -1,8 +1,9 @@
 """Per-head, per-example scores (SPEC §2) as a by-product of one forward pass.
 
 ``score_heads(model, sequences)`` runs the decoder stack (no LM head) under a capture session and turns
-the six raw stats of every (example, layer, head) into the 13 scores. Sequences are sorted by length,
-batched under a token budget and right-padded; padding never changes a score.
+the raw stats of every (example, layer, head) into the registered scores (``score_functions``: the 13 of
+SPEC §2, plus any user-registered). Sequences are sorted by length, batched under a token budget and
+right-padded; padding never changes a score.
 
 BOS: the ``awft``/``ftvvn`` scores look at position 0, which is meant to be the BOS token. Token-id
 sequences are scored as given (a warning names the sequences not starting with the model's BOS id);
@@ -20,30 +21,40 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from analysis.core.score_functions import SCORE_KEYS
+from analysis.core.score_functions import SCORE_FUNCTIONS, ScoreFunction, score_keys, stats_by_key
 
 from extract.engine import attention
 
 from extract.engine import capture
 
 
+def _ratio(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return torch.where((x == 0) & (d == 0), torch.ones_like(x), x / d)
+
+
+def _score(by_stat: dict[str, torch.Tensor], fn: ScoreFunction) -> torch.Tensor:
+    x = by_stat[fn.stat]
+    if fn.normalisation == "none":
+        return x
+    d = by_stat[fn.norm_stat]
+    if fn.normalisation == "layer":  # mean over the heads of the same layer and example
+        d = d.mean(-1, keepdim=True).expand_as(x)
+    return _ratio(x, d)
+
+
+def score_from_stats(stats: torch.Tensor, fn: ScoreFunction) -> torch.Tensor:
+    """Raw stats ``(..., heads, n_stats)`` -> the score ``fn`` ``(..., heads)`` float64 (see :class:`ScoreFunction`)."""
+    return _score(stats_by_key(stats.double().unbind(-1)), fn)
+
+
 def scores_from_stats(stats: torch.Tensor) -> torch.Tensor:
-    """Raw stats ``(..., heads, 6)`` -> the 13 scores ``(..., heads, 13)`` in ``SCORE_KEYS`` order.
+    """Raw stats ``(..., heads, n_stats)`` -> every registered score ``(..., heads, n_scores)``, ``score_keys()`` order.
 
-    LN variants divide by the mean over the heads of the same layer and example; a ratio 0/0 (every head
-    of the layer exactly zero) is defined as 1.0.
+    Normalised scores divide by a layer mean (over the heads of the same layer and example) or by another
+    stat of the same head; a ratio 0/0 (e.g. every head of the layer exactly zero) is defined as 1.0.
     """
-    a, e, v0, vm, ol, om = stats.double().unbind(-1)
-
-    def ratio(x, d):
-        return torch.where((x == 0) & (d == 0), torch.ones_like(x), x / d)
-
-    def ln(x):
-        return ratio(x, x.mean(-1, keepdim=True).expand_as(x))
-
-    lthon_ln = ratio(ol, om.mean(-1, keepdim=True).expand_as(ol))
-    cols = [a, ln(a), e, ln(e), v0, ln(v0), vm, ln(vm), ol, lthon_ln, ratio(ol, om), om, ln(om)]
-    return torch.stack(cols, -1)
+    by_stat = stats_by_key(stats.double().unbind(-1))
+    return torch.stack([_score(by_stat, fn) for fn in SCORE_FUNCTIONS.values()], -1)
 
 
 def _as_lists(sequences: Sequence) -> list[list[int]]:
@@ -106,7 +117,7 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 def raw_head_stats(model, sequences: Sequence, *, batch_tokens: int = 8192, chunk_size: int = 256,
                    progress: bool = False) -> torch.Tensor:
-    """Raw stats ``(examples, layers, heads, 6)`` float64 (``capture.RAW_STATS``), in input order."""
+    """Raw stats ``(examples, layers, heads, n_stats)`` float64 (``RAW_STATS`` order), in input order."""
     seqs = _as_lists(sequences)
     attention.use(model)
     cfg = model.config
@@ -140,25 +151,26 @@ def raw_head_stats(model, sequences: Sequence, *, batch_tokens: int = 8192, chun
 
 def score_heads(model, sequences: Sequence, *, batch_tokens: int = 8192, chunk_size: int = 256,
                 progress: bool = False) -> pl.DataFrame:
-    """The 13 scores for every (example, layer, head).
+    """Every registered score for every (example, layer, head).
 
     sequences: token-id sequences (lists of ints or 1-D tensors) of any lengths >= 2.
     batch_tokens: padded tokens per forward pass (memory budget). chunk_size: query chunk of the
     portable kernel. Returns one row per (example, layer, head): ``example`` (index into
-    ``sequences``), ``layer``, ``head``, then ``SCORE_KEYS`` as float64.
+    ``sequences``), ``layer``, ``head``, then ``score_keys()`` as float64.
     """
     stats = raw_head_stats(model, sequences, batch_tokens=batch_tokens, chunk_size=chunk_size, progress=progress)
     return scores_frame(scores_from_stats(stats).numpy())
 
 
 def scores_frame(scores: np.ndarray) -> pl.DataFrame:
-    """``(examples, layers, heads, 13)`` array -> the long frame of :func:`score_heads`."""
+    """``(examples, layers, heads, n_scores)`` array -> the long frame of :func:`score_heads`."""
     E, L, H, _ = scores.shape
     ex, la, he = np.meshgrid(np.arange(E), np.arange(L), np.arange(H), indexing="ij")
     cols = {"example": ex.ravel().astype(np.int64), "layer": la.ravel().astype(np.int32),
             "head": he.ravel().astype(np.int32)}
-    flat = scores.reshape(-1, len(SCORE_KEYS))
-    cols.update({k: flat[:, j].astype(np.float64) for j, k in enumerate(SCORE_KEYS)})
+    keys = score_keys()
+    flat = scores.reshape(-1, len(keys))
+    cols.update({k: flat[:, j].astype(np.float64) for j, k in enumerate(keys)})
     return pl.DataFrame(cols)
 
 
@@ -190,14 +202,14 @@ class Recording:
         self._cap = cap
 
     def raw_stats(self) -> torch.Tensor:
-        """``(examples, layers, heads, 6)`` float64, forward passes concatenated in call order."""
+        """``(examples, layers, heads, n_stats)`` float64, forward passes concatenated in call order."""
         parts = self._cap.all_stats()
         if not parts:
             raise RuntimeError("no forward pass ran inside recording()")
         return torch.cat(parts, 0)
 
     def scores(self) -> torch.Tensor:
-        """``(examples, layers, heads, 13)`` float64 in ``SCORE_KEYS`` order."""
+        """``(examples, layers, heads, n_scores)`` float64 in ``score_keys()`` order."""
         return scores_from_stats(self.raw_stats())
 
     def frame(self) -> pl.DataFrame:
@@ -207,7 +219,7 @@ class Recording:
 
 @contextmanager
 def recording(model, *, chunk_size: int = 256) -> Iterator[Recording]:
-    """Record the 13 scores of every head in every full forward pass run inside the block.
+    """Record the scores of every head in every full forward pass run inside the block.
 
     For calibration: run the evaluation as usual (any forward of ``model`` or its decoder, padded
     batches included) and read ``rec.scores()`` afterwards; rows follow the batches in call order.
