@@ -5,24 +5,9 @@ Ingestion runs in one transaction per call and upserts by primary key: ingesting
 changes nothing, and a killed ingest leaves the previous contents. ``build()`` writes a fresh database to
 a temporary file and renames it, so the workflow's database is never half-written.
 
-Tables (primary keys in brackets):
-
-* ``models`` [model]: the ``extract.models.load.model_info`` fields.
-* ``examples`` [model, dataset, example]: domain, tokens seen by that model, BOS-first flag, content hash.
-* ``head_scores`` [model, dataset, example, layer, head]: the raw scores, one column per score function (SPEC §2).
-* ``thresholds`` [model, task, score_fn, target_fraction]: τ per SPEC §3.
-* ``ablation_results`` [model, task, score_fn, target_fraction]: realized %, accuracy (SPEC §4–5).
-* ``calibration_scores`` [model, task, question, layer, head]: the same scores on the evaluation prompts.
-* ``distribution_tests`` [comparison, score_fn, depth_bin, statistic]: SPEC §6 statistics with bootstrap CIs.
-* ``finetune_log`` [model, step, split]: training / held-out loss of the SPEC §6 finetune (nats per token).
-* ``bb_metrics`` [run, step, metric]: Bigram-Backcopy toy-model training metrics (SPEC §7).
-* ``domain_head_ablation`` [model, dataset, example, layer, head]: loss change (nats/token) from zeroing one
-  dormant-by-domain candidate head, with its per-example ``awft`` and ``ahon_ln`` (SPEC §7).
-* ``maps_scores`` [model, layer, head, operation]: MAPS static and suppression scores (SPEC §8).
-* ``maps_salient`` [model, layer, head, rank]: each head's most salient tokens and their top targets (SPEC §8).
-* ``maps_dynamic`` [model, layer, head, operation, template, context]: MAPS dynamic scores from prompts.
-* ``maps_correlations`` [model, operation, context]: Pearson r of static vs dynamic scores.
-* ``maps_causal`` [model, operation, selection, n_heads, draw]: accuracy with heads ablated at the last position.
+Tables: declared once, with their columns, types and primary keys, in :mod:`analysis.core.tables`
+(``python -m analysis.core.tables`` prints them); the list at the end of this docstring is generated
+from there.
 
 Views: ``head_scores_long`` (one row per score function) and ``head_summary`` (per model, function,
 layer, head: mean, median, quantiles, fraction of examples on the inactive side of each threshold).
@@ -36,90 +21,43 @@ from typing import Iterable
 
 import duckdb
 
+from analysis.core import tables
 from analysis.core.io import atomic_path
 
-from analysis.core.score_functions import SCORE_FUNCTIONS, score_keys
+from analysis.core.score_functions import INACTIVE_WHEN, SCORE_KEYS
 
-# one DOUBLE column per registered score function (those registered later: added by connect())
-_SCORES = ", ".join(f"{k} DOUBLE" for k in score_keys())
-_SCORE_TABLES = ("head_scores", "calibration_scores")
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS models (
-  model VARCHAR PRIMARY KEY, upstream VARCHAR, family VARCHAR, variant VARCHAR, quantisation VARCHAR,
-  n_params BIGINT, n_layers INTEGER, n_heads INTEGER, n_kv_heads INTEGER, head_dim INTEGER,
-  d_model INTEGER, source_sha256 VARCHAR);
-CREATE TABLE IF NOT EXISTS examples (
-  model VARCHAR, dataset VARCHAR, example VARCHAR, domain VARCHAR, n_tokens INTEGER, max_tokens INTEGER,
-  bos_first BOOLEAN, sha256 VARCHAR, PRIMARY KEY (model, dataset, example));
-CREATE TABLE IF NOT EXISTS head_scores (
-  model VARCHAR, dataset VARCHAR, example VARCHAR, layer INTEGER, head INTEGER, {_SCORES},
-  PRIMARY KEY (model, dataset, example, layer, head));
-CREATE TABLE IF NOT EXISTS thresholds (
-  model VARCHAR, task VARCHAR, score_fn VARCHAR, target_fraction DOUBLE, threshold DOUBLE,
-  n_scores BIGINT, PRIMARY KEY (model, task, score_fn, target_fraction));
-CREATE TABLE IF NOT EXISTS ablation_results (
-  model VARCHAR, task VARCHAR, score_fn VARCHAR, target_fraction DOUBLE, threshold DOUBLE,
-  realized_percent DOUBLE, accuracy DOUBLE, n_questions INTEGER,
-  PRIMARY KEY (model, task, score_fn, target_fraction));
-CREATE TABLE IF NOT EXISTS calibration_scores (
-  model VARCHAR, task VARCHAR, question_task VARCHAR, question VARCHAR, layer INTEGER, head INTEGER, {_SCORES},
-  PRIMARY KEY (model, task, question, layer, head));
-CREATE TABLE IF NOT EXISTS distribution_tests (
-  comparison VARCHAR, score_fn VARCHAR, depth_bin VARCHAR, statistic VARCHAR, value DOUBLE, ci_low DOUBLE,
-  ci_high DOUBLE, p_value DOUBLE, n_examples INTEGER, kind VARCHAR, model_a VARCHAR, model_b VARCHAR,
-  PRIMARY KEY (comparison, score_fn, depth_bin, statistic));
-CREATE TABLE IF NOT EXISTS finetune_log (
-  model VARCHAR, step INTEGER, split VARCHAR, loss DOUBLE, tokens INTEGER, lr DOUBLE, seconds DOUBLE,
-  PRIMARY KEY (model, step, split));
-CREATE TABLE IF NOT EXISTS bb_metrics (
-  run VARCHAR, step INTEGER, metric VARCHAR, value DOUBLE, PRIMARY KEY (run, step, metric));
-CREATE TABLE IF NOT EXISTS domain_head_ablation (
-  model VARCHAR, dataset VARCHAR, example VARCHAR, domain VARCHAR, n_tokens INTEGER, layer INTEGER, head INTEGER,
-  awft DOUBLE, ahon_ln DOUBLE, loss_base DOUBLE, loss_ablated DOUBLE, delta_loss DOUBLE,
-  loss_mean_ablated DOUBLE, delta_loss_mean DOUBLE,  -- NULL unless mean ablation was run
-  PRIMARY KEY (model, dataset, example, layer, head));
-CREATE TABLE IF NOT EXISTS maps_scores (
-  model VARCHAR, layer INTEGER, head INTEGER, operation VARCHAR, category VARCHAR, k INTEGER, score DOUBLE,
-  suppression_score DOUBLE, n_pairs INTEGER, PRIMARY KEY (model, layer, head, operation));
-CREATE TABLE IF NOT EXISTS maps_salient (
-  model VARCHAR, layer INTEGER, head INTEGER, rank INTEGER, token_id BIGINT, token VARCHAR, saliency DOUBLE,
-  top_targets VARCHAR, PRIMARY KEY (model, layer, head, rank));
-CREATE TABLE IF NOT EXISTS maps_dynamic (
-  model VARCHAR, layer INTEGER, head INTEGER, operation VARCHAR, template INTEGER, context VARCHAR, score DOUBLE,
-  n_prompts INTEGER, PRIMARY KEY (model, layer, head, operation, template, context));
-CREATE TABLE IF NOT EXISTS maps_correlations (
-  model VARCHAR, operation VARCHAR, context VARCHAR, pearson DOUBLE, n INTEGER, max_static DOUBLE,
-  max_dynamic DOUBLE, PRIMARY KEY (model, operation, context));
-CREATE TABLE IF NOT EXISTS maps_causal (
-  model VARCHAR, operation VARCHAR, selection VARCHAR, n_heads INTEGER, draw INTEGER, accuracy DOUBLE,
-  base_accuracy DOUBLE, n_prompts INTEGER, PRIMARY KEY (model, operation, selection, n_heads, draw));
-CREATE TABLE IF NOT EXISTS score_functions (
-  score_fn VARCHAR PRIMARY KEY, inactive_when VARCHAR);
-"""
-# Columns added after their table first shipped: a database built before gets them on its next writable open.
-MIGRATIONS = """
-ALTER TABLE domain_head_ablation ADD COLUMN IF NOT EXISTS loss_mean_ablated DOUBLE;
-ALTER TABLE domain_head_ablation ADD COLUMN IF NOT EXISTS delta_loss_mean DOUBLE;
-"""
+__doc__ = (__doc__ or "") + "\nTables (primary keys in brackets):\n\n" + tables.describe()
+
+def _create(table: tables.Table) -> str:
+    cols = ", ".join(f"{c.name} {c.sql_type}" for c in table.columns)
+    return f"CREATE TABLE IF NOT EXISTS {table.name} (\n  {cols},\n  PRIMARY KEY ({', '.join(table.key)}));"
 
 
-def views() -> str:
-    """SQL of the views, one branch per registered score function."""
-    fns = SCORE_FUNCTIONS.values()
-    long = " UNION ALL ".join(
-        f"SELECT model, dataset, example, layer, head, '{f.key}' AS score_fn, {f.key} AS score FROM head_scores"
-        for f in fns)
-    inactive = "\n           ".join(
-        f"WHEN '{f.key}' THEN ({f.sql_predicate('s.score', 't.threshold')})::INT" for f in fns)
-    return f"""
-CREATE OR REPLACE VIEW head_scores_long AS {long};
+def schema() -> str:
+    """DDL of every table of :mod:`analysis.core.tables` (``CREATE TABLE IF NOT EXISTS``, in declaration order),
+    with one DOUBLE column per score function registered now."""
+    return "\n".join(_create(t) for t in tables.all_tables()) + "\n"
+
+
+def migrations() -> str:
+    """The columns added after their table first shipped (``Table.added``): a database built before gets them
+    on its next writable open."""
+    return "".join(f"ALTER TABLE {t.name} ADD COLUMN IF NOT EXISTS {c.name} {c.sql_type};\n"
+                   for t in tables.all_tables() for c in t.columns if c.name in t.added)
+
+_LONG = " UNION ALL ".join(
+    f"SELECT model, dataset, example, layer, head, '{k}' AS score_fn, {k} AS score FROM head_scores"
+    for k in SCORE_KEYS)
+VIEWS = f"""
+CREATE OR REPLACE VIEW head_scores_long AS {_LONG};
 CREATE OR REPLACE VIEW head_summary AS
 SELECT s.model, s.score_fn, s.layer, s.head, count(*) AS n_examples,
   avg(s.score) AS mean, median(s.score) AS median,
   quantile_cont(s.score, 0.05) AS q05, quantile_cont(s.score, 0.25) AS q25,
   quantile_cont(s.score, 0.75) AS q75, quantile_cont(s.score, 0.95) AS q95,
   t.task, t.target_fraction, t.threshold,
-  avg(CASE s.score_fn {inactive} END) AS fraction_inactive
+  avg(CASE WHEN f.inactive_when = '>' THEN (s.score > t.threshold)::INT
+           ELSE (s.score < t.threshold)::INT END) AS fraction_inactive
 FROM head_scores_long s
 JOIN score_functions f USING (score_fn)
 LEFT JOIN thresholds t ON t.model = s.model AND t.score_fn = s.score_fn
@@ -129,22 +67,16 @@ GROUP BY ALL;
 
 def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """Open the database; a writable connection creates the schema and views if missing (and adds the columns
-    of :data:`MIGRATIONS` to an older database)."""
+    of :func:`migrations` to an older database)."""
     if read_only:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no database at {path}; run the workflow first (bash scripts/run.sh)")
         return duckdb.connect(str(path), read_only=True)
     con = duckdb.connect(str(path))
-    con.execute(SCHEMA)
-    con.execute(MIGRATIONS)
-    for table in _SCORE_TABLES:  # score functions registered after this database (or this module) was made
-        have = {d[0] for d in con.execute(f"SELECT * FROM {table} LIMIT 0").description}
-        for k in score_keys():
-            if k not in have:
-                con.execute(f"ALTER TABLE {table} ADD COLUMN {k} DOUBLE")
-    con.executemany("INSERT OR REPLACE INTO score_functions VALUES (?, ?)",
-                    [(f.key, f.inactive_when) for f in SCORE_FUNCTIONS.values()])
-    con.execute(views())
+    con.execute(schema())
+    con.execute(migrations())
+    con.executemany("INSERT OR REPLACE INTO score_functions VALUES (?, ?)", list(INACTIVE_WHEN.items()))
+    con.execute(VIEWS)
     return con
 
 
@@ -156,8 +88,7 @@ def ingest_models(con, model_jsons: Iterable[Path]) -> int:
     rows = [json.loads(Path(p).read_text()) for p in model_jsons]
     if not rows:
         return 0
-    cols = ["model", "upstream", "family", "variant", "quantisation", "n_params", "n_layers", "n_heads",
-            "n_kv_heads", "head_dim", "d_model", "source_sha256"]
+    cols = tables.column_names("models")
     con.executemany(f"INSERT OR REPLACE INTO models VALUES ({', '.join('?' * len(cols))})",
                     [[r.get(c) for c in cols] for r in rows])
     return len(rows)
@@ -168,7 +99,7 @@ def ingest_scores(con, shards: list[Path], corpora: dict[str, Path]) -> int:
     if not shards:
         return 0
     files = _sql_list(shards)
-    cols = ", ".join(score_keys())
+    cols = ", ".join(SCORE_KEYS)
     con.execute(f"""INSERT OR REPLACE INTO head_scores
         SELECT model, dataset, example_id, layer, head, {cols} FROM read_parquet({files})""")
     meta = con.execute(f"""SELECT DISTINCT model, dataset, example_id, n_tokens, bos_first
@@ -247,7 +178,7 @@ def row_counts(con) -> dict[str, int]:
 def checksum(con) -> str:
     """An order-independent digest of head_scores (for 'same database' checks across reruns)."""
     cols = " || '|' || ".join(["model", "dataset", "example", "layer::VARCHAR", "head::VARCHAR"]
-                              + [f"{k}::VARCHAR" for k in score_keys()])
+                              + [f"{k}::VARCHAR" for k in SCORE_KEYS])
     return str(con.execute(f"SELECT bit_xor(hash({cols})) FROM head_scores").fetchone()[0])
 
 

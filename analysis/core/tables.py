@@ -1,0 +1,232 @@
+"""Every table of the score database, declared once: ordered columns with their types, primary key, a doc.
+
+``analysis.database`` builds the DuckDB DDL and the migrations from these declarations, and producers that
+build a frame for a table take its polars schema from here (:func:`polars_schema`), so a table's columns are
+written in one place. Column types use one small vocabulary (:data:`TYPES`) that maps to both DuckDB SQL
+types and polars dtypes: ``str``, ``int32``, ``int64``, ``float64``, ``bool``.
+
+The score columns of ``head_scores`` and ``calibration_scores`` (one DOUBLE per score function, after the
+key columns) are not listed here: they are the registered score functions of
+:mod:`analysis.core.score_functions`, read each time a table's columns are asked for, so a function
+registered later appears too. ``added``: columns added after the table first shipped; a database built
+before gets them on its next writable open (``analysis.database.migrations``).
+
+Standard library only (polars is imported inside :func:`polars_dtype`): importable anywhere.
+``python -m analysis.core.tables`` prints every table with its columns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from analysis.core import score_functions
+
+# vocabulary type -> (DuckDB SQL type, polars dtype name)
+TYPES: dict[str, tuple[str, str]] = {
+    "str": ("VARCHAR", "String"),
+    "int32": ("INTEGER", "Int32"),
+    "int64": ("BIGINT", "Int64"),
+    "float64": ("DOUBLE", "Float64"),
+    "bool": ("BOOLEAN", "Boolean"),
+}
+SCORES = "*scores"  # in a column list: one float64 column per registered score function, in registry order
+
+
+def sql_type(type_: str) -> str:
+    """The DuckDB type of a vocabulary type (``"int32"`` -> ``"INTEGER"``)."""
+    return TYPES[type_][0]
+
+
+def polars_dtype(type_: str):
+    """The polars dtype of a vocabulary type (``"int32"`` -> ``pl.Int32``)."""
+    import polars as pl
+
+    return getattr(pl, TYPES[type_][1])
+
+
+def score_keys() -> tuple[str, ...]:
+    """The registered score functions' keys, in order, read now (the score columns)."""
+    if hasattr(score_functions, "score_keys"):
+        return tuple(score_functions.score_keys())
+    return tuple(score_functions.SCORE_KEYS)
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # a TYPES key
+    doc: str = ""
+
+    def __post_init__(self):
+        if self.type not in TYPES:
+            raise ValueError(f"column {self.name}: type {self.type!r} is not one of {', '.join(TYPES)}")
+
+    @property
+    def sql_type(self) -> str:
+        return sql_type(self.type)
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table: ``spec`` holds its :class:`Column` s in order (and :data:`SCORES` where the score columns go)."""
+    name: str
+    key: tuple[str, ...]
+    doc: str
+    spec: tuple[Column | str, ...]
+    added: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        fixed = [c.name for c in self.spec if isinstance(c, Column)]
+        if any(c != SCORES for c in self.spec if not isinstance(c, Column)):
+            raise ValueError(f"table {self.name}: a column spec is a Column or SCORES")
+        if len(set(fixed)) != len(fixed):
+            raise ValueError(f"table {self.name}: repeated column names")
+        for what, names in (("key", self.key), ("added", self.added)):
+            if missing := [n for n in names if n not in fixed]:
+                raise ValueError(f"table {self.name}: {what} column(s) {missing} are not columns")
+
+    @property
+    def columns(self) -> tuple[Column, ...]:
+        """Every column in order, the score columns as registered now."""
+        out: list[Column] = []
+        for c in self.spec:
+            if isinstance(c, Column):
+                out.append(c)
+            else:
+                out += [Column(k, "float64", "raw score (analysis.core.score_functions)") for k in score_keys()]
+        return tuple(out)
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    @property
+    def has_scores(self) -> bool:
+        return SCORES in self.spec
+
+
+def _columns(spec: str, **docs: str) -> tuple[Column | str, ...]:
+    """``"name type, name type, *scores, ..."`` -> column specs; ``docs``: column name -> doc."""
+    out: list[Column | str] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if item == SCORES:
+            out.append(SCORES)
+            continue
+        name, type_ = item.split()
+        out.append(Column(name, type_, docs.pop(name, "")))
+    if docs:
+        raise ValueError(f"docs for unknown columns: {', '.join(docs)}")
+    return tuple(out)
+
+
+def _key(names: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in names.split(","))
+
+
+# The tables, in the order they are created.
+_TABLES: dict[str, Table] = {t.name: t for t in [
+    Table("models", _key("model"), "the ``extract.models.load.model_info`` fields.", _columns(
+        "model str, upstream str, family str, variant str, quantisation str, n_params int64, n_layers int32, "
+        "n_heads int32, n_kv_heads int32, head_dim int32, d_model int32, source_sha256 str")),
+    Table("examples", _key("model, dataset, example"),
+          "domain, tokens seen by that model, BOS-first flag, content hash.", _columns(
+              "model str, dataset str, example str, domain str, n_tokens int32, max_tokens int32, bos_first bool, "
+              "sha256 str")),
+    Table("head_scores", _key("model, dataset, example, layer, head"),
+          "the raw scores, one column per score function (SPEC §2).", _columns(
+              "model str, dataset str, example str, layer int32, head int32, *scores")),
+    Table("thresholds", _key("model, task, score_fn, target_fraction"), "τ per SPEC §3.", _columns(
+        "model str, task str, score_fn str, target_fraction float64, threshold float64, n_scores int64")),
+    Table("ablation_results", _key("model, task, score_fn, target_fraction"),
+          "realized %, accuracy (SPEC §4–5).", _columns(
+              "model str, task str, score_fn str, target_fraction float64, threshold float64, "
+              "realized_percent float64, accuracy float64, n_questions int32")),
+    Table("calibration_scores", _key("model, task, question, layer, head"),
+          "the same scores on the evaluation prompts.", _columns(
+              "model str, task str, question_task str, question str, layer int32, head int32, *scores")),
+    Table("distribution_tests", _key("comparison, score_fn, depth_bin, statistic"),
+          "SPEC §6 statistics with bootstrap CIs.", _columns(
+              "comparison str, score_fn str, depth_bin str, statistic str, value float64, ci_low float64, "
+              "ci_high float64, p_value float64, n_examples int32, kind str, model_a str, model_b str")),
+    Table("finetune_log", _key("model, step, split"),
+          "training / held-out loss of the SPEC §6 finetune (nats per token).", _columns(
+              "model str, step int32, split str, loss float64, tokens int32, lr float64, seconds float64")),
+    Table("bb_metrics", _key("run, step, metric"), "Bigram-Backcopy toy-model training metrics (SPEC §7).",
+          _columns("run str, step int32, metric str, value float64")),
+    Table("domain_head_ablation", _key("model, dataset, example, layer, head"),
+          "loss change (nats/token) from zeroing one dormant-by-domain candidate head, with its per-example "
+          "``awft`` and ``ahon_ln`` (SPEC §7).", _columns(
+              "model str, dataset str, example str, domain str, n_tokens int32, layer int32, head int32, "
+              "awft float64, ahon_ln float64, loss_base float64, loss_ablated float64, delta_loss float64, "
+              "loss_mean_ablated float64, delta_loss_mean float64",
+              loss_mean_ablated="NULL unless mean ablation was run",
+              delta_loss_mean="NULL unless mean ablation was run"),
+          added=("loss_mean_ablated", "delta_loss_mean")),
+    Table("maps_scores", _key("model, layer, head, operation"), "MAPS static and suppression scores (SPEC §8).",
+          _columns("model str, layer int32, head int32, operation str, category str, k int32, score float64, "
+                   "suppression_score float64, n_pairs int32")),
+    Table("maps_salient", _key("model, layer, head, rank"),
+          "each head's most salient tokens and their top targets (SPEC §8).", _columns(
+              "model str, layer int32, head int32, rank int32, token_id int64, token str, saliency float64, "
+              "top_targets str")),
+    Table("maps_dynamic", _key("model, layer, head, operation, template, context"),
+          "MAPS dynamic scores from prompts.", _columns(
+              "model str, layer int32, head int32, operation str, template int32, context str, score float64, "
+              "n_prompts int32")),
+    Table("maps_correlations", _key("model, operation, context"), "Pearson r of static vs dynamic scores.",
+          _columns("model str, operation str, context str, pearson float64, n int32, max_static float64, "
+                   "max_dynamic float64")),
+    Table("maps_causal", _key("model, operation, selection, n_heads, draw"),
+          "accuracy with heads ablated at the last position.", _columns(
+              "model str, operation str, selection str, n_heads int32, draw int32, accuracy float64, "
+              "base_accuracy float64, n_prompts int32")),
+    Table("score_functions", _key("score_fn"),
+          "each registered score function and its inactive side (``>`` or ``<``), written on every writable "
+          "open.", _columns("score_fn str, inactive_when str")),
+]}
+
+
+def all_tables() -> tuple[Table, ...]:
+    """Every table, in creation order."""
+    return tuple(_TABLES.values())
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_TABLES)
+
+
+def get(name: str) -> Table:
+    if name not in _TABLES:
+        raise ValueError(f"unknown table {name!r}; tables: {', '.join(_TABLES)}")
+    return _TABLES[name]
+
+
+def columns(name: str) -> tuple[Column, ...]:
+    """The columns of table ``name`` in order (score columns as registered now)."""
+    return get(name).columns
+
+
+def column_names(name: str) -> list[str]:
+    return list(get(name).column_names)
+
+
+def polars_schema(name: str, columns: tuple[str, ...] | list[str] | None = None) -> dict:
+    """``{column: polars dtype}`` of table ``name``, in table order, or of ``columns`` in the order given
+    (for a frame that holds some of the table's columns, or holds them in another order)."""
+    cols = {c.name: c for c in get(name).columns}
+    picked = list(cols) if columns is None else list(columns)
+    if missing := [c for c in picked if c not in cols]:
+        raise ValueError(f"table {name} has no column(s) {', '.join(missing)}")
+    return {c: polars_dtype(cols[c].type) for c in picked}
+
+
+def describe() -> str:
+    """The list of tables as reStructuredText bullets: name, primary key in brackets, doc."""
+    return "\n".join(f"* ``{t.name}`` [{', '.join(t.key)}]: {t.doc}" for t in _TABLES.values()) + "\n"
+
+
+if __name__ == "__main__":
+    for t in all_tables():
+        print(f"{t.name} [{', '.join(t.key)}]: {t.doc}")
+        for c in t.columns:
+            print(f"    {c.name:<20} {c.type:<8} {c.doc}")
