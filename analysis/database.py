@@ -24,7 +24,9 @@ import duckdb
 from analysis.core import tables
 from analysis.core.io import atomic_path
 
-from analysis.core.score_functions import INACTIVE_WHEN, SCORE_KEYS
+from analysis.core.score_functions import SCORE_FUNCTIONS, score_keys
+
+_SCORE_TABLES = ("head_scores", "calibration_scores")
 
 __doc__ = (__doc__ or "") + "\nTables (primary keys in brackets):\n\n" + tables.describe()
 
@@ -45,19 +47,24 @@ def migrations() -> str:
     return "".join(f"ALTER TABLE {t.name} ADD COLUMN IF NOT EXISTS {c.name} {c.sql_type};\n"
                    for t in tables.all_tables() for c in t.columns if c.name in t.added)
 
-_LONG = " UNION ALL ".join(
-    f"SELECT model, dataset, example, layer, head, '{k}' AS score_fn, {k} AS score FROM head_scores"
-    for k in SCORE_KEYS)
-VIEWS = f"""
-CREATE OR REPLACE VIEW head_scores_long AS {_LONG};
+
+def views() -> str:
+    """SQL of the views, one branch per registered score function."""
+    fns = SCORE_FUNCTIONS.values()
+    long = " UNION ALL ".join(
+        f"SELECT model, dataset, example, layer, head, '{f.key}' AS score_fn, {f.key} AS score FROM head_scores"
+        for f in fns)
+    inactive = "\n           ".join(
+        f"WHEN '{f.key}' THEN ({f.sql_predicate('s.score', 't.threshold')})::INT" for f in fns)
+    return f"""
+CREATE OR REPLACE VIEW head_scores_long AS {long};
 CREATE OR REPLACE VIEW head_summary AS
 SELECT s.model, s.score_fn, s.layer, s.head, count(*) AS n_examples,
   avg(s.score) AS mean, median(s.score) AS median,
   quantile_cont(s.score, 0.05) AS q05, quantile_cont(s.score, 0.25) AS q25,
   quantile_cont(s.score, 0.75) AS q75, quantile_cont(s.score, 0.95) AS q95,
   t.task, t.target_fraction, t.threshold,
-  avg(CASE WHEN f.inactive_when = '>' THEN (s.score > t.threshold)::INT
-           ELSE (s.score < t.threshold)::INT END) AS fraction_inactive
+  avg(CASE s.score_fn {inactive} END) AS fraction_inactive
 FROM head_scores_long s
 JOIN score_functions f USING (score_fn)
 LEFT JOIN thresholds t ON t.model = s.model AND t.score_fn = s.score_fn
@@ -75,8 +82,14 @@ def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConn
     con = duckdb.connect(str(path))
     con.execute(schema())
     con.execute(migrations())
-    con.executemany("INSERT OR REPLACE INTO score_functions VALUES (?, ?)", list(INACTIVE_WHEN.items()))
-    con.execute(VIEWS)
+    for table in _SCORE_TABLES:  # score functions registered after this database (or this module) was made
+        have = {d[0] for d in con.execute(f"SELECT * FROM {table} LIMIT 0").description}
+        for k in score_keys():
+            if k not in have:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {k} DOUBLE")
+    con.executemany("INSERT OR REPLACE INTO score_functions VALUES (?, ?)",
+                    [(f.key, f.inactive_when) for f in SCORE_FUNCTIONS.values()])
+    con.execute(views())
     return con
 
 
@@ -99,7 +112,7 @@ def ingest_scores(con, shards: list[Path], corpora: dict[str, Path]) -> int:
     if not shards:
         return 0
     files = _sql_list(shards)
-    cols = ", ".join(SCORE_KEYS)
+    cols = ", ".join(score_keys())
     con.execute(f"""INSERT OR REPLACE INTO head_scores
         SELECT model, dataset, example_id, layer, head, {cols} FROM read_parquet({files})""")
     meta = con.execute(f"""SELECT DISTINCT model, dataset, example_id, n_tokens, bos_first
@@ -178,7 +191,7 @@ def row_counts(con) -> dict[str, int]:
 def checksum(con) -> str:
     """An order-independent digest of head_scores (for 'same database' checks across reruns)."""
     cols = " || '|' || ".join(["model", "dataset", "example", "layer::VARCHAR", "head::VARCHAR"]
-                              + [f"{k}::VARCHAR" for k in SCORE_KEYS])
+                              + [f"{k}::VARCHAR" for k in score_keys()])
     return str(con.execute(f"SELECT bit_xor(hash({cols})) FROM head_scores").fetchone()[0])
 
 
