@@ -16,6 +16,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from analysis.core import tables
 from analysis.core.score_functions import score_keys
 
 from extract.engine import hooks
@@ -74,4 +75,4 @@ def head_loss_changes(model, tokenizer, examples: Sequence[dict], heads: Sequenc
                     m = _loss(model(input_ids=ids, use_cache=False).logits, ids)
                 row |= {"loss_mean_ablated": m, "delta_loss_mean": m - base}
             rows.append(row)
-    return pl.DataFrame(rows, schema_overrides={"layer": pl.Int32, "head": pl.Int32, "n_tokens": pl.Int32})
+    return pl.DataFrame(rows, schema_overrides=tables.polars_schema("domain_head_ablation", ("layer", "head", "n_tokens")))

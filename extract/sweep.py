@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import polars as pl
 from tqdm.auto import tqdm
 
+from analysis.core import tables
 from analysis.core.score_functions import score_keys
 from analysis.core.thresholds import TARGET_FRACTIONS, thresholds
 
@@ -32,8 +33,7 @@ from extract.evaluate import evaluate
 from extract.models.load import model_info
 from extract.engine.scores import scores_frame
 
-RESULT_COLUMNS = ["model", "task", "score_fn", "target_fraction", "threshold", "realized_percent", "accuracy",
-                  "n_questions"]
+RESULT_COLUMNS = tables.column_names("ablation_results")
 
 
 def pooled(tasks: list[TaskData], name: str) -> TaskData:
@@ -107,10 +107,7 @@ def run_sweep(model, tokenizer, data: TaskData, *, score_fns=None, fractions=TAR
                      100 * res.accuracy, res.n_questions))
         t_sweep += time.perf_counter() - t0
     plain_eval()
-    results = pl.DataFrame(rows, schema={"model": pl.String, "task": pl.String, "score_fn": pl.String,
-                                         "target_fraction": pl.Float64, "threshold": pl.Float64,
-                                         "realized_percent": pl.Float64, "accuracy": pl.Float64,
-                                         "n_questions": pl.Int32}, orient="row")
+    results = pl.DataFrame(rows, schema=tables.polars_schema("ablation_results"), orient="row")
     unit = statistics.median(t_plain)
     timing = {"configs": len(configs), "plain_eval_s": unit, "plain_eval_runs_s": t_plain, "calibration_s": t_cal,
               "sweep_s": t_sweep, "cost_ratio": t_sweep / (len(configs) * unit) if configs else float("nan"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from analysis.core import tables
 from analysis.core.score_functions import get_score_function, score_keys
 
 TARGET_FRACTIONS = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
@@ -35,9 +36,7 @@ def thresholds(scores: pl.DataFrame, fractions=TARGET_FRACTIONS, score_fns=None)
             if not np.isfinite(v).all():
                 raise ValueError(f"non-finite {fn} scores for {model}/{task}")
             rows += [(model, task, fn, float(p), threshold(v, p, fn), len(v)) for p in fractions]
-    return pl.DataFrame(rows, schema={"model": pl.String, "task": pl.String, "score_fn": pl.String,
-                                      "target_fraction": pl.Float64, "threshold": pl.Float64,
-                                      "n_scores": pl.Int64}, orient="row")
+    return pl.DataFrame(rows, schema=tables.polars_schema("thresholds"), orient="row")
 
 
 def stability(th: pl.DataFrame, p: float = 0.15) -> pl.DataFrame:

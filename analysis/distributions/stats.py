@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from analysis.core import tables
 from analysis.core.score_functions import get_score_function
 from analysis.distributions.score_matrix import ScoreMatrix
 from analysis.core.thresholds import threshold
@@ -45,9 +46,10 @@ POOLED = ("ks_d", "wasserstein", "wasserstein_sd", "overlap", "frac_inactive_b")
 TRIPLES = ("iou_inactive", "precision_inactive")
 HEADS = ("spearman_heads", "flip_fraction")
 PERMUTED = ("ks_d", "wasserstein")
-SCHEMA = {"comparison": pl.String, "kind": pl.String, "model_a": pl.String, "model_b": pl.String,
-          "score_fn": pl.String, "depth_bin": pl.String, "statistic": pl.String, "value": pl.Float64,
-          "ci_low": pl.Float64, "ci_high": pl.Float64, "p_value": pl.Float64, "n_examples": pl.Int32}
+# the distribution_tests table's columns, in the order of this module's rows (and of the report tables)
+SCHEMA = tables.polars_schema("distribution_tests", ("comparison", "kind", "model_a", "model_b", "score_fn",
+                                                     "depth_bin", "statistic", "value", "ci_low", "ci_high",
+                                                     "p_value", "n_examples"))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from analysis.core import tables
 from extract.engine import hooks
 from extract.engine.hooks import head_shape
 from extract.maps.operations import Operation
@@ -168,6 +169,4 @@ def causal_check(model, tok, op: Operation, static: pl.DataFrame, *, model_name:
     base = float(correct[0].mean())
     rows = [(model_name, op.name, sel, n, d, float(correct[c].mean()), base, len(ids))
             for c, (sel, n, d, _) in enumerate(configs)]
-    return pl.DataFrame(rows, orient="row", schema={
-        "model": pl.Utf8, "operation": pl.Utf8, "selection": pl.Utf8, "n_heads": pl.Int32, "draw": pl.Int32,
-        "accuracy": pl.Float64, "base_accuracy": pl.Float64, "n_prompts": pl.Int32})
+    return pl.DataFrame(rows, orient="row", schema=tables.polars_schema("maps_causal"))

@@ -22,6 +22,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from analysis.core import tables
 from extract.engine.hooks import decoder_layers, text_config
 from extract.maps.operations import Operation
 
@@ -217,10 +218,6 @@ def static_scores(model, tok, ops: list[Operation], *, model_name: str, salient_
                 tid = int(cand[int(si[h, r])])
                 sal_rows.append((model_name, layer, h, r + 1, tid, tok.decode([tid]), float(sv[h, r]),
                                  "|".join(tok.decode([int(t)]) for t in tops[r])))
-    scores = pl.DataFrame(score_rows, orient="row", schema={
-        "model": pl.Utf8, "layer": pl.Int32, "head": pl.Int32, "operation": pl.Utf8, "category": pl.Utf8,
-        "k": pl.Int32, "score": pl.Float64, "suppression_score": pl.Float64, "n_pairs": pl.Int32})
-    salient = pl.DataFrame(sal_rows, orient="row", schema={
-        "model": pl.Utf8, "layer": pl.Int32, "head": pl.Int32, "rank": pl.Int32, "token_id": pl.Int64,
-        "token": pl.Utf8, "saliency": pl.Float64, "top_targets": pl.Utf8})
+    scores = pl.DataFrame(score_rows, orient="row", schema=tables.polars_schema("maps_scores"))
+    salient = pl.DataFrame(sal_rows, orient="row", schema=tables.polars_schema("maps_salient"))
     return StaticResult(scores, salient, extra_hit)
