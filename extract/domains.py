@@ -7,39 +7,80 @@ position). With ``mean=True`` also the loss with that slice replaced, at every p
 every position of every given example (mean ablation, SPEC §4's option): it keeps the head's average
 contribution, so what it costs is the head's example-specific computation only. Examples are encoded as
 the scorer encodes them (BOS first, truncated to ``max_tokens``).
+
+:func:`ablate` is one ``dormant domains ablate`` run: a model's top candidates from the candidate table, the
+corpus files, one Parquet file; its settings are :class:`DomainAblationSettings` (the config's
+``mechanism.domains`` run settings, with ``scoring.prepend_bos``). Torch is imported only when a function runs,
+so the settings (and the command line built from them) stay cheap.
 """
 from __future__ import annotations
 
+import functools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import polars as pl
-import torch
 from tqdm.auto import tqdm
 
 from analysis.core import tables
 from analysis.core.score_functions import score_keys
 
-from extract.engine import hooks
-from extract.engine.ablation import head_output_means
-from extract.engine.scores import encode_texts, recording
+
+def _setting(default, help: str):
+    """A field with its ``--help`` text (what :func:`extract.cli.options.add_settings` shows)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class DomainAblationSettings:
+    """How :func:`ablate` ablates a model's candidate heads (``mechanism.domains``: ``heads``, ``limit``,
+    ``max_tokens``, ``mean_ablation``; ``prepend_bos`` is ``scoring.prepend_bos``). 0 means "all" / "none" as
+    in config/schema.yaml."""
+
+    heads: int = _setting(2, "top candidate heads zeroed, one at a time")
+    limit: int = _setting(0, "examples per corpus (0: all)")
+    max_tokens: int = _setting(0, "also truncate every example to this many tokens (0: no extra truncation)")
+    mean_ablation: bool = _setting(False, "also mean-ablate each head (its output set to its mean over every "
+                                          "position of every example)")
+    prepend_bos: bool = _setting(True, "prepend the tokenizer's BOS token, as the scorer does")
+
+
+def _inference_mode(fn):
+    """``torch.inference_mode()`` as a decorator that imports torch only when ``fn`` runs."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def replace_head(model, layer: int, head: int, value: torch.Tensor | None = None):
     """Set head ``head`` of layer ``layer`` (its ``"z"`` output, the slice of the ``o_proj`` input) to ``value``
     ``(head_dim,)`` at every position; ``None`` zeroes it. A context manager."""
+    from extract.engine import hooks
+
     return hooks.replace_heads(model, {layer: [head]}, value)
 
 
 def zero_head(model, layer: int, head: int):
     """Zero head ``head`` of layer ``layer``: its ``"z"`` output at every position. A context manager."""
+    from extract.engine import hooks
+
     return hooks.replace_heads(model, {layer: [head]})
 
 
 def _loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    import torch
+
     return float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]))
 
 
-@torch.inference_mode()
+@_inference_mode
 def head_loss_changes(model, tokenizer, examples: Sequence[dict], heads: Sequence[tuple[int, int]], *,
                       prepend_bos: bool = True, max_tokens: int | None = None, mean: bool = False,
                       progress: bool = True) -> pl.DataFrame:
@@ -47,6 +88,11 @@ def head_loss_changes(model, tokenizer, examples: Sequence[dict], heads: Sequenc
     loss_base, loss_ablated, delta_loss`` (losses in nats/token; ``mean``: also ``loss_mean_ablated,
     delta_loss_mean``). ``examples``: corpus JSON-lines rows (``id, text, domain, corpus, max_tokens``);
     ``max_tokens`` caps every example's own length."""
+    import torch
+
+    from extract.engine.ablation import head_output_means
+    from extract.engine.scores import encode_texts, recording
+
     device = next(model.parameters()).device
     runs = []  # base loss and scores per example
     for ex in tqdm(examples, desc="base pass", disable=not progress):
@@ -76,3 +122,41 @@ def head_loss_changes(model, tokenizer, examples: Sequence[dict], heads: Sequenc
                 row |= {"loss_mean_ablated": m, "delta_loss_mean": m - base}
             rows.append(row)
     return pl.DataFrame(rows, schema_overrides=tables.polars_schema("domain_head_ablation", ("layer", "head", "n_tokens")))
+
+
+def ablate(model_name: str, candidates: str | Path, data: Sequence[str | Path], out: str | Path,
+           settings: DomainAblationSettings = DomainAblationSettings(), *, dtype: str = "float32",
+           device: str = "cpu", progress: bool = True) -> list[Path]:
+    """Zero (and with ``mean_ablation`` mean-ablate) each of ``model_name``'s top ``heads`` candidates of the
+    candidate table ``candidates`` on the examples of the corpus JSON-lines files ``data`` (the first ``limit``
+    per corpus); writes :func:`head_loss_changes`'s rows, with the model id first, to ``out`` and returns
+    ``[out]``."""
+    import torch
+
+    from analysis.core.io import write_parquet
+    from extract.errors import DormantError
+    from extract.models.load import load_model, model_info
+
+    s = settings
+    cands = pl.read_parquet(candidates).sort("rank")
+    model, tok = load_model(model_name, dtype=getattr(torch, dtype), device=device)
+    name = model_info(model)["model"]
+    mine = cands.filter(pl.col("model") == name).head(s.heads)
+    if mine.is_empty():
+        raise DormantError(f"{candidates} has no candidate heads for {name!r}; run `dormant domains candidates` "
+                           "on a database that holds its scores")
+    heads = list(zip(mine["layer"].to_list(), mine["head"].to_list()))
+    examples = [json.loads(line) for f in data for line in open(f, encoding="utf-8") if line.strip()]
+    if s.limit:
+        by_corpus: dict[str, list[dict]] = {}
+        for ex in examples:
+            by_corpus.setdefault(ex.get("corpus", ""), []).append(ex)
+        examples = [ex for group in by_corpus.values() for ex in group[: s.limit]]
+    t0 = time.perf_counter()
+    df = head_loss_changes(model, tok, examples, heads, prepend_bos=s.prepend_bos, max_tokens=s.max_tokens or None,
+                           mean=s.mean_ablation, progress=progress)
+    df = df.with_columns(pl.lit(name).alias("model")).select("model", *[c for c in df.columns if c != "model"])
+    path = write_parquet(df, out)
+    print(f"{name}: heads {', '.join(f'L{l}H{h}' for l, h in heads)} zeroed{' and mean-ablated' * s.mean_ablation} "
+          f"on {len(examples)} examples ({time.perf_counter() - t0:.0f} s) -> {path}")
+    return [path]

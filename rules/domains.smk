@@ -1,12 +1,18 @@
 # Dormant-by-domain heads and the active-dormant scatter (SPEC §7).
 #   default target: the candidate heads per model (table, figures) and, for `ablate_models`, the per-example
 #   loss change from zeroing (and mean-ablating) each candidate, with the scatter against its awft.
-# Config: `mechanism.domains` (config/schema.yaml; cross-checks in rules/common.smk).
+# Config: `mechanism.domains` (config/schema.yaml; cross-checks in rules/common.smk); the ablation's run
+# settings go to results/config/domain_ablate.json, which `domains ablate --config` reads.
 import re as _re
 
 if config.get("mechanism"):
     DOM = config["mechanism"]["domains"]
     DOMAIN_MODELS = {model_key(m): m for m in DOM["ablate_models"]}
+    # the ablation run settings (extract/domains.py DomainAblationSettings): the section minus what the
+    # candidates use, the model list and the job's threads, plus the scorer's BOS choice
+    DOMAIN_ABLATE = settings_file("domain_ablate", {
+        **{k: v for k, v in DOM.items() if k not in ("score_fn", "fraction", "top", "ablate_models", "threads")},
+        "prepend_bos": config["scoring"]["prepend_bos"]})
 
     rule domain_candidates:
         """Heads dormant on one domain and active on another: table, one figure per model, candidates."""
@@ -30,22 +36,18 @@ if config.get("mechanism"):
         input:
             cands="results/domains/candidates.parquet",
             data=expand("results/data/corpora/{corpus}.jsonl", corpus=CORPORA),
+            settings=DOMAIN_ABLATE,
         output: "results/domains/{model}/head_ablation.parquet"
         wildcard_constraints: model="|".join(_re.escape(k) for k in DOMAIN_MODELS) or "^$"
         params:
             name=lambda w: DOMAIN_MODELS[w.model],
-            d=DOM,
-            limit=f"--limit {DOM['limit']}" if DOM.get("limit") else "",
-            max_tokens=f"--max-tokens {DOM['max_tokens']}" if DOM.get("max_tokens") else "",
-            bos="" if config["scoring"]["prepend_bos"] else "--no-bos",
-            mean="--mean" if DOM.get("mean_ablation") else "",
         threads: DOM["threads"]
         resources: mem_mb=config["resources"]["mem_mb"], gpu=config["resources"]["gpu"]
         log: "results/logs/domain_ablate/{model}.log"
         benchmark: "results/benchmarks/domain_ablate/{model}.tsv"
         shell:
             "OMP_NUM_THREADS={threads} {DORMANT} domains ablate --model {params.name:q} --candidates {input.cands:q} "
-            "--data {input.data:q} --heads {params.d[heads]} {params.limit} {params.max_tokens} {params.bos} {params.mean} "
+            "--data {input.data:q} --config {input.settings:q} "
             "--threads {threads} --dtype {config[scoring][dtype]} --device {config[scoring][device]} "
             "--out {output:q} 2> {log:q}"
 

@@ -1,10 +1,14 @@
-"""``dormant domains candidates|ablate|scatter``: dormant-by-domain heads in real LLMs (SPEC §7)."""
+"""``dormant domains candidates|ablate|scatter``: dormant-by-domain heads in real LLMs (SPEC §7).
+
+``ablate`` takes its settings as ``--config domain_ablate.json`` (:class:`extract.domains.DomainAblationSettings`,
+what the workflow writes from ``mechanism.domains``) plus override flags generated from that dataclass.
+"""
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
+
+from extract.cli import options
 
 
 def _candidates(args: argparse.Namespace) -> int:
@@ -13,42 +17,18 @@ def _candidates(args: argparse.Namespace) -> int:
     paths = write_domain_report(args.db, args.out, score_fn=args.score_fn, top=args.top,
                                 fraction=args.fraction, models=args.models)
     print((args.out / "tables" / "domain_heads.md").read_text())
-    print(f"wrote {len(paths)} files under {args.out}")
+    for p in paths:
+        print(f"wrote {p}")
     return 0
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    import polars as pl
-    import torch
+    from extract.domains import DomainAblationSettings, ablate
 
-    from extract.domains import head_loss_changes
-    from extract.errors import DormantError
-    from extract.models.load import load_model, model_info
-    from analysis.core.io import write_parquet
-
-    torch.set_num_threads(args.threads)
-    cands = pl.read_parquet(args.candidates).sort("rank")
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    name = model_info(model)["model"]
-    mine = cands.filter(pl.col("model") == name).head(args.heads)
-    if mine.is_empty():
-        raise DormantError(f"{args.candidates} has no candidate heads for {name!r}; run `dormant domains candidates` "
-                           "on a database that holds its scores")
-    heads = list(zip(mine["layer"].to_list(), mine["head"].to_list()))
-    examples = [json.loads(line) for f in args.data for line in open(f, encoding="utf-8") if line.strip()]
-    if args.limit:
-        by_corpus: dict[str, list[dict]] = {}
-        for ex in examples:
-            by_corpus.setdefault(ex.get("corpus", ""), []).append(ex)
-        examples = [ex for group in by_corpus.values() for ex in group[: args.limit]]
-    t0 = time.perf_counter()
-    df = head_loss_changes(model, tok, examples, heads, prepend_bos=not args.no_bos, max_tokens=args.max_tokens,
-                           mean=args.mean)
-    df = df.with_columns(pl.lit(name).alias("model")).select("model", *[c for c in df.columns if c != "model"])
-    write_parquet(df, args.out)
-    print(f"{name}: heads {', '.join(f'L{l}H{h}' for l, h in heads)} zeroed{' and mean-ablated' * args.mean} "
-          f"on {len(examples)} examples "
-          f"({time.perf_counter() - t0:.0f} s) -> {args.out}")
+    options.set_threads(args.threads)
+    settings = options.settings_from_args(DomainAblationSettings, args)
+    for p in ablate(args.model, args.candidates, args.data, args.out, settings, dtype=args.dtype, device=args.device):
+        print(f"wrote {p}")
     return 0
 
 
@@ -57,12 +37,14 @@ def _scatter(args: argparse.Namespace) -> int:
 
     paths = write_scatter_report(args.ablation, args.out, args.candidates)
     print((args.out / "tables" / "domain_scatter.md").read_text())
-    print(f"wrote {len(paths)} files under {args.out}")
+    for p in paths:
+        print(f"wrote {p}")
     return 0
 
 
 def add_domains_parser(subparsers) -> None:
     """``dormant domains candidates`` (no torch), ``ablate`` (one model), ``scatter`` (no torch)."""
+    from extract.domains import DomainAblationSettings
     from analysis.core.score_functions import score_keys
 
     p = subparsers.add_parser("domains", help="heads dormant on one domain and active on another (SPEC §7)")
@@ -78,19 +60,14 @@ def add_domains_parser(subparsers) -> None:
     c.set_defaults(func=_candidates)
     a = sub.add_parser("ablate", help="per-example loss change from zeroing (and mean-ablating) each of a model's "
                        "top candidate heads")
-    a.add_argument("--model", required=True, help="zoo name, hub id or local directory")
+    options.add_model(a)
     a.add_argument("--candidates", type=Path, default=Path("results/domains/candidates.parquet"))
     a.add_argument("--data", nargs="+", required=True, type=Path, help="corpus JSON-lines files")
-    a.add_argument("--heads", type=int, default=2, help="top candidate heads to zero, one at a time")
-    a.add_argument("--limit", type=int, help="examples per corpus (default all)")
-    a.add_argument("--max-tokens", type=int, help="also truncate every example to this many tokens (cost)")
-    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    a.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    a.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's BOS token")
-    a.add_argument("--mean", action="store_true",
-                   help="also mean-ablate each head (its output set to its mean over every position of every example)")
-    a.add_argument("--threads", type=int, default=1, help="torch threads")
-    a.add_argument("--out", required=True, type=Path, help="Parquet file to write (atomically)")
+    options.add_out(a, "Parquet file to write (atomically)")
+    options.add_dtype(a)
+    options.add_device(a)
+    options.add_threads(a)
+    options.add_settings(a, DomainAblationSettings, doc="domain ablation")
     a.set_defaults(func=_ablate)
     s = sub.add_parser("scatter", help="active-dormant scatter figures and summary table from ablate outputs")
     s.add_argument("--ablation", nargs="+", required=True, type=Path, help="Parquet files of `domains ablate`")
@@ -98,3 +75,7 @@ def add_domains_parser(subparsers) -> None:
                    help="candidate table of `domains candidates` (awft): adds the split at each model's τ")
     s.add_argument("--out", type=Path, default=Path("results"))
     s.set_defaults(func=_scatter)
+
+
+def register(sub) -> None:
+    add_domains_parser(sub)
