@@ -1,4 +1,6 @@
-"""MAPS (SPEC §8): static scores against hand-built and naive full-matrix answers; the pair filter."""
+"""MAPS (SPEC §8): static scores against hand-built and naive full-matrix answers; the pair filter; the
+settings of `maps run` and `domains ablate` (dataclass <-> JSON <-> command line) and what `run` writes."""
+import functools
 import json
 
 import pytest
@@ -151,8 +153,8 @@ def test_tokenisation_filter(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_head_io_matches_values_and_output_projection(family):
-    """Without-context rows are the source's value vectors (GQA-expanded); with-context rows re-assemble the
-    o_proj output at the last position."""
+    """Without-context rows are the source's value vectors (GQA-expanded); with-context rows are the heads'
+    outputs at the last position (attention-weighted values)."""
     from extract.maps.dynamic import head_io
 
     model = tiny_model(family, seed=2)
@@ -160,22 +162,18 @@ def test_head_io_matches_values_and_output_projection(family):
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     ids = torch.randint(4, 100, (3, 7), generator=torch.Generator().manual_seed(1))
     o, v = head_io(model, ids, src_pos=4)
+    # the reference, without hooks: eager attention's weights applied to the value vectors computed by hand
+    model.set_attn_implementation("eager")
     with torch.no_grad():
-        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
-        outs = {}
-        hooks = [layer.self_attn.o_proj.register_forward_hook(
-            lambda m, a, out, i=i: outs.__setitem__(i, out[:, -1])) for i, layer in enumerate(model.model.layers)]
-        model(input_ids=ids)
-        for h in hooks:
-            h.remove()
+        r = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
             hd = attn.o_proj.in_features // H
-            vv = attn.v_proj(layer.input_layernorm(hs[i][:, 4])).view(3, KV, hd)
+            vv = attn.v_proj(layer.input_layernorm(r.hidden_states[i])).view(3, 7, KV, hd)
             for h in range(H):
-                torch.testing.assert_close(v[:, i, h], vv[:, h // (H // KV)])
-            wo = attn.o_proj.weight.view(-1, H, hd)
-            torch.testing.assert_close(torch.einsum("bhk,dhk->bd", o[:, i], wo), outs[i], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(v[:, i, h], vv[:, 4, h // (H // KV)])
+                z = torch.einsum("bs,bsk->bk", r.attentions[i][:, h, -1], vv[:, :, h // (H // KV)])
+                torch.testing.assert_close(o[:, i, h], z, atol=1e-5, rtol=1e-5)
 
 
 def test_report_tables_against_hand_computation():
@@ -199,3 +197,130 @@ def test_report_tables_against_hand_computation():
     assert (j["heads"], j["inactive"], j["no_salient"], j["both"]) == (5, 2, 3, 2)
     assert j["p_no_salient_if_inactive"] == 1.0 and j["p_no_salient_if_active"] == pytest.approx(1 / 3)
     assert j["spearman"] == pytest.approx(spearmanr(heads["max_static"], heads["median_ahon_ln"]).statistic)
+
+
+# ---- settings: dataclass <-> JSON <-> command line; what run() writes ------------------------------------
+
+def _parse(argv):
+    from extract.cli.main import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def test_maps_settings_json_and_flags(tmp_path):
+    from extract.cli import options
+    from extract.maps.run import CausalSettings, DynamicSettings, MapsSettings, SalientSettings
+
+    cfg = tmp_path / "maps.json"
+    cfg.write_text(json.dumps({"seed": 3, "operations": ["name_copying", "adj_comparative"], "max_pairs": 16,
+                               "salient": {"vocab": None, "tokens": 3}, "dynamic": {"pairs": None},
+                               "causal": {"operations": ["name_copying"], "counts": [1, 4], "prompts": None}}))
+    base = ["maps", "run", "--model", "m", "--out-dir", str(tmp_path / "out")]
+    s = options.settings_from_args(MapsSettings, _parse(base + ["--config", str(cfg), "--k-other", "5",
+                                                                "--causal-counts", "2", "8", "--max-pairs", "none"]))
+    assert s == MapsSettings(seed=3, operations=("name_copying", "adj_comparative"), k_other=5, max_pairs=None,
+                             salient=SalientSettings(vocab=None, tokens=3, targets=5),
+                             dynamic=DynamicSettings(operations=None, pairs=None),
+                             causal=CausalSettings(operations=("name_copying",), counts=(2, 8), draws=3,
+                                                   prompts=None, shots=3))
+    # the settings as JSON read back are the same settings; no flags and no file: the defaults
+    cfg.write_text(json.dumps(s.as_dict()))
+    assert options.settings_from_args(MapsSettings, _parse(base + ["--config", str(cfg)])) == s
+    assert options.settings_from_args(MapsSettings, _parse(base)) == MapsSettings()
+    # an empty list flag is the empty list: no causal check
+    assert options.settings_from_args(MapsSettings, _parse(base + ["--causal-operations"])).causal.operations == ()
+    # unknown keys, also inside a section, are an error naming the known ones
+    for bad, named in (({"sed": 1}, "sed; known: causal, data_dir, dynamic, inputs"),
+                       ({"salient": {"voc": 1}}, "salient.voc; known: salient.targets, salient.tokens, salient.vocab")):
+        cfg.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=named):
+            options.settings_from_args(MapsSettings, _parse(base + ["--config", str(cfg)]))
+    # null where None is not allowed, and unknown operation names, are errors naming the setting
+    cfg.write_text(json.dumps({"causal": {"draws": None}}))
+    with pytest.raises(ValueError, match="causal.draws cannot be None"):
+        options.settings_from_args(MapsSettings, _parse(base + ["--config", str(cfg)]))
+    with pytest.raises(ValueError, match="dynamic.operations: unknown operation.*no_such_op"):
+        options.settings_from_args(MapsSettings, _parse(base + ["--dynamic-operations", "no_such_op"]))
+
+
+def test_maps_settings_are_the_config_section():
+    """What rules/maps.smk writes (the `maps` section of each config minus models, join, threads) is exactly
+    a MapsSettings, every field spelled as in the config."""
+    import yaml
+
+    from extract.cli import options
+    from extract.maps.run import MapsSettings
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    for name in ("smoke", "default", "paper"):
+        section = yaml.safe_load((root / "config" / f"{name}.yaml").read_text())["maps"]
+        values = {k: v for k, v in section.items() if k not in ("models", "join", "threads")}
+        s = options.build_settings(MapsSettings, values)
+        got = s.as_dict()
+        for k, v in values.items():
+            assert got[k] == ({**got[k], **v} if isinstance(v, dict) else v), (name, k)
+
+
+def test_maps_cli_passes_settings_to_run(tmp_path, monkeypatch, capsys):
+    import extract.maps.run as maps_run
+    from extract.cli import main
+
+    seen = {}
+
+    def fake_run(model_name, settings, out_dir, *, dtype, device):
+        seen.update(model=model_name, settings=settings, out=out_dir, dtype=dtype, device=device)
+        return [out_dir / "scores.parquet"]
+
+    monkeypatch.setattr(maps_run, "run", fake_run)
+    cfg = tmp_path / "maps.json"
+    cfg.write_text(json.dumps({"k_copy": 2, "dynamic": {"operations": None, "pairs": 0}}))
+    assert main(["maps", "run", "--model", "m", "--out-dir", str(tmp_path), "--config", str(cfg),
+                 "--dynamic-pairs", "4", "--dtype", "bfloat16"]) == 0
+    assert seen["settings"] == maps_run.MapsSettings(k_copy=2, dynamic=maps_run.DynamicSettings(pairs=4))
+    assert (seen["dtype"], seen["device"], seen["model"]) == ("bfloat16", "cpu", "m")
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'scores.parquet'}\n"
+
+
+def test_domain_ablation_settings_json_and_flags(tmp_path):
+    from extract.cli import options
+    from extract.domains import DomainAblationSettings
+
+    cfg = tmp_path / "domain_ablate.json"
+    cfg.write_text(json.dumps({"heads": 3, "limit": 2, "max_tokens": 64, "mean_ablation": True,
+                               "prepend_bos": True}))
+    base = ["domains", "ablate", "--model", "m", "--data", "a.jsonl", "--out", str(tmp_path / "x.parquet")]
+    a = _parse(base + ["--config", str(cfg), "--no-prepend-bos", "--heads", "1"])
+    assert options.settings_from_args(DomainAblationSettings, a) == DomainAblationSettings(
+        heads=1, limit=2, max_tokens=64, mean_ablation=True, prepend_bos=False)
+    assert a.threads is None and _parse(["maps", "run", "--model", "m", "--out-dir", "o"]).threads is None
+    cfg.write_text(json.dumps({"heads": 3, "score_fn": "awft"}))
+    with pytest.raises(ValueError, match="score_fn; known: heads, limit, max_tokens, mean_ablation, prepend_bos"):
+        options.settings_from_args(DomainAblationSettings, _parse(base + ["--config", str(cfg)]))
+
+
+def test_run_returns_exactly_the_files_it_wrote(tmp_path, monkeypatch):
+    """A whole MAPS run (static, salient, dynamic, causal) of a tiny model with one small operation."""
+    from extract.maps import operations
+    from extract.maps.run import PARTS, CausalSettings, DynamicSettings, MapsSettings, SalientSettings, run
+    import polars as pl
+
+    model_dir, data = tmp_path / "model", tmp_path / "ops"
+    tiny_model("llama", seed=0).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    (data / "name_copying").mkdir(parents=True)
+    (data / "name_copying" / "name_copying.json").write_text(json.dumps([[c, c] for c in "ABCDEF"]))
+    # the tiny tokenizer has six single-token words; an operation normally needs 30
+    monkeypatch.setattr(operations, "prepare", functools.partial(operations.prepare, min_pairs=2))
+    s = MapsSettings(operations=("name_copying",), data_dir=str(data), salient=SalientSettings(vocab=None),
+                     dynamic=DynamicSettings(pairs=3),
+                     causal=CausalSettings(operations=("name_copying",), counts=(1, 2), draws=1, prompts=4, shots=2))
+    out = tmp_path / "out"
+    paths = run(str(model_dir), s, out, progress=False)
+    assert paths == [out / f"{p}.parquet" for p in PARTS] + [out / "timing.json"]
+    assert sorted(out.iterdir()) == sorted(paths)
+    L, H = 3, 4
+    assert pl.read_parquet(out / "scores.parquet").height == L * H
+    assert pl.read_parquet(out / "dynamic.parquet").height == L * H * 4 * 2  # templates x contexts
+    assert pl.read_parquet(out / "causal.parquet")["selection"].to_list() == ["none", "top", "random", "top",
+                                                                               "random"]
+    assert set(json.loads((out / "timing.json").read_text())) >= {"load_s", "total_s", "threads"}
