@@ -121,7 +121,8 @@ def head_loss_changes(model, tokenizer, examples: Sequence[dict], heads: Sequenc
                     m = _loss(model(input_ids=ids, use_cache=False).logits, ids)
                 row |= {"loss_mean_ablated": m, "delta_loss_mean": m - base}
             rows.append(row)
-    return pl.DataFrame(rows, schema_overrides=tables.polars_schema("domain_head_ablation", ("layer", "head", "n_tokens")))
+    ints = tables.polars_schema("domain_head_ablation", ("layer", "head", "n_tokens"))
+    return pl.DataFrame(rows, schema_overrides=ints)
 
 
 def ablate(model_name: str, candidates: str | Path, data: Sequence[str | Path], out: str | Path,
