@@ -122,10 +122,13 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def _empty(schema: dict):
+def _empty(table: str):
+    """An empty frame of ``table``'s columns (analysis.core.tables)."""
     import polars as pl
 
-    return pl.DataFrame(schema=schema)
+    from analysis.core import tables
+
+    return pl.DataFrame(schema=tables.polars_schema(table))
 
 
 def run(model_name: str, settings: MapsSettings, out_dir: str | Path, *, dtype: str = "float32",
@@ -177,8 +180,7 @@ def run(model_name: str, settings: MapsSettings, out_dir: str | Path, *, dtype: 
     if frame is not None:
         dyn = dynamic_scores(model_name, frame, res.extra_hit)
     else:
-        dyn = _empty({"model": pl.Utf8, "layer": pl.Int32, "head": pl.Int32, "operation": pl.Utf8,
-                      "template": pl.Int32, "context": pl.Utf8, "score": pl.Float64, "n_prompts": pl.Int32})
+        dyn = _empty("maps_dynamic")
     corr = correlations(res.scores, dyn)
     paths["dynamic"] = write_parquet(dyn, out / "dynamic.parquet")
     paths["correlations"] = write_parquet(corr, out / "correlations.parquet")
@@ -189,9 +191,7 @@ def run(model_name: str, settings: MapsSettings, out_dir: str | Path, *, dtype: 
                                draws=s.causal.draws, prompts=s.causal.prompts, shots=s.causal.shots, seed=s.seed)
                   for o in ops if o.name in s.causal.operations]
     timing["causal_s"] = time.perf_counter() - t
-    causal_df = pl.concat(causal) if causal else _empty({
-        "model": pl.Utf8, "operation": pl.Utf8, "selection": pl.Utf8, "n_heads": pl.Int32, "draw": pl.Int32,
-        "accuracy": pl.Float64, "base_accuracy": pl.Float64, "n_prompts": pl.Int32})
+    causal_df = pl.concat(causal) if causal else _empty("maps_causal")
     paths["causal"] = write_parquet(causal_df, out / "causal.parquet")
     timing["total_s"] = time.perf_counter() - t0
     timing["threads"] = torch.get_num_threads()
