@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from analysis.core import tables
-from analysis.core.score_functions import ScoreFunction, registered
+from analysis.core.score_functions import ScoreFunction, registered, score_keys
 from analysis.database import connect, migrations, schema
 
 # The schema as it shipped before analysis.core.tables (the DDL of analysis/database.py at abe9ea2), written
@@ -192,7 +192,7 @@ def test_polars_types_round_trip_to_the_duckdb_types(tmp_path, fresh):
 def test_thresholds_frame():
     from analysis.core.thresholds import thresholds
 
-    keys = tables.score_keys()
+    keys = score_keys()
     rng = np.random.default_rng(0)
     wide = pl.DataFrame({"model": ["m"] * 20, "task": ["t"] * 20, **{k: rng.random(20) for k in keys}})
     assert thresholds(wide).schema == pl.Schema(tables.polars_schema("thresholds"))

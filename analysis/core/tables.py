@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from analysis.core import score_functions
+from analysis.core.score_functions import score_keys
 
 # vocabulary type -> (DuckDB SQL type, polars dtype name)
 TYPES: dict[str, tuple[str, str]] = {
@@ -41,13 +41,6 @@ def polars_dtype(type_: str):
     import polars as pl
 
     return getattr(pl, TYPES[type_][1])
-
-
-def score_keys() -> tuple[str, ...]:
-    """The registered score functions' keys, in order, read now (the score columns)."""
-    if hasattr(score_functions, "score_keys"):
-        return tuple(score_functions.score_keys())
-    return tuple(score_functions.SCORE_KEYS)
 
 
 @dataclass(frozen=True)
