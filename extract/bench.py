@@ -15,7 +15,7 @@ process per (method, length). Input is real text (Python standard-library source
 """
 from __future__ import annotations
 
-import argparse
+import argparse  # its source is part of the benchmark text
 import json
 import os
 import resource
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from analysis.core.io import write_json
 
 METHODS = ("sdpa_lm", "sdpa_decoder", "score_heads", "naive_eager")
 
@@ -138,7 +137,7 @@ def worker(model_name: str, methods: list[str], n: int, repeats: int) -> list[di
 
 
 def _spawn(model_name: str, methods: list[str], n: int, repeats: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "extract.bench", "--worker", "--model", model_name, "--lengths", str(n),
+    cmd = [sys.executable, "-m", "extract.cli", "bench", "--worker", "--model", model_name, "--lengths", str(n),
            "--repeats", str(repeats), "--methods", *methods]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -174,27 +173,3 @@ def table(rows: list[dict]) -> str:
                      f"{p['score_heads'] / p['sdpa_lm']:.2f}x | {p['score_heads'] / p['sdpa_decoder']:.2f}x | "
                      f"{p['naive_eager'] / p['score_heads']:.2f}x |")
     return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--json", type=Path, help="also write the raw rows here")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    if a.worker:
-        print(json.dumps(worker(a.model, a.methods, a.lengths[0], a.repeats)))
-        return
-    rows = run_all(a.model, a.lengths, a.repeats, a.methods)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(a.json, rows)
-    print(f"model {a.model}, {rows[0]['threads']} threads, median of {a.repeats} runs after a warm-up")
-    print(table(rows))
-
-
-if __name__ == "__main__":
-    main()

@@ -10,6 +10,7 @@ no partial file.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -36,10 +37,20 @@ def read_examples(path: Path) -> list[dict]:
     return rows
 
 
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How a corpus is scored (the config's ``scoring`` section minus the shard count)."""
+    batch_tokens: int = 8192  # padded tokens per forward pass (memory budget)
+    dtype: str = "float32"  # weights and activations
+    device: str = "cpu"
+    prepend_bos: bool = True  # BOS first, so the first-token scores look at a sink token (README: BOS)
+
+
 def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: int = 0, num_shards: int = 1,
-                prepend_bos: bool = True, batch_tokens: int = 8192, dtype: str = "float32",
-                device: str = "cpu", progress: bool = True) -> pl.DataFrame:
+                settings: ScoreSettings = ScoreSettings(), progress: bool = True) -> pl.DataFrame:
     """Score shard ``shard`` of ``num_shards`` of ``data`` with ``model_name``; write ``out``; return the frame."""
+    prepend_bos, batch_tokens, dtype, device = (settings.prepend_bos, settings.batch_tokens, settings.dtype,
+                                                settings.device)
     import torch
 
     from extract.models.load import load_model, model_info

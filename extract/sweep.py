@@ -27,13 +27,24 @@ from analysis.core import tables
 from analysis.core.score_functions import score_keys
 from analysis.core.thresholds import TARGET_FRACTIONS, thresholds
 
-from extract.engine.ablation import ablate
-from extract.data.tasks import TaskData, load_tasks
-from extract.evaluate import evaluate
-from extract.models.load import model_info
-from extract.engine.scores import scores_frame
+from extract.data.tasks import TaskData, load_tasks  # no torch: the CLI reads SweepSettings at start-up
 
 RESULT_COLUMNS = tables.column_names("ablation_results")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The sweep of one model: the config's ``evaluation`` section (less ``models``) and the scoring dtype/device."""
+    tasks: tuple[str, ...] = ()  # task registry names, pooled into one task
+    task_name: str | None = None  # name of the pooled task (default: the names joined by +)
+    limit: int | None = None  # questions per task (None: all)
+    k_shot: int = 0
+    seed: int = 0  # question selection, choice order and the random baseline
+    score_functions: tuple[str, ...] = ()  # () = every registered score function
+    fractions: tuple[float, ...] = TARGET_FRACTIONS  # target fractions p (SPEC §3); 0.0 is the baseline
+    batch_tokens: int = 8192  # padded tokens per forward pass
+    dtype: str = "float32"
+    device: str = "cpu"
 
 
 def pooled(tasks: list[TaskData], name: str) -> TaskData:
@@ -51,6 +62,8 @@ def calibration_frame(model_name: str, data: TaskData, scores) -> pl.DataFrame:
     questions = pl.DataFrame({"example": range(len(data.questions)),
                               "question_task": [q.task for q in data.questions],
                               "question": [q.id for q in data.questions]}, schema_overrides={"example": pl.Int64})
+    from extract.engine.scores import scores_frame
+
     frame = scores_frame(scores.numpy()).join(questions, on="example", how="left", maintain_order="left")
     return frame.select(pl.lit(model_name).alias("model"), pl.lit(data.name).alias("task"), "question_task",
                         "question", "layer", "head", *score_keys())
@@ -71,6 +84,10 @@ def run_sweep(model, tokenizer, data: TaskData, *, score_fns=None, fractions=TAR
 
     score_fns: the functions to sweep (default: every registered one, ``score_keys()``)."""
     score_fns = score_keys() if score_fns is None else score_fns
+    from extract.engine.ablation import ablate
+    from extract.evaluate import evaluate
+    from extract.models.load import model_info
+
     name = model_info(model)["model"]
     kw = dict(k_shot=k_shot, batch_tokens=batch_tokens, chat_template=chat_template, progress=False)
     t0 = time.perf_counter()

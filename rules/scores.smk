@@ -37,26 +37,28 @@ rule corpus:
         "--max-tokens {params.c[max_tokens]} --seed {params.c[seed]} --out {output:q} 2> {log:q}"
 
 
+SCORING = settings_file("scoring", {k: config["scoring"][k] for k in ("batch_tokens", "dtype", "device",
+                                                                      "prepend_bos")})
+
+
 rule score:
-    """The 13 scores of every head on one shard of a corpus (atomic Parquet)."""
+    """The head scores of every head on one shard of a corpus (atomic Parquet)."""
     input:
         info="results/models/{model}.json",
         data="results/data/corpora/{corpus}.jsonl",
+        settings=SCORING,
     output: "results/scores/{model}/{corpus}/shard-{shard}.parquet"
     params:
         name=lambda w: SCORED[w.model],
         i=lambda w: w.shard.split("-of-")[0],
-        s=config["scoring"],
-        bos=lambda w: "" if config["scoring"]["prepend_bos"] else "--no-bos",
     threads: THREADS
     resources: mem_mb=config["resources"]["mem_mb"], gpu=config["resources"]["gpu"]
     log: "results/logs/score/{model}/{corpus}/{shard}.log"
     benchmark: "results/benchmarks/score/{model}/{corpus}/{shard}.tsv"
     shell:
         "OMP_NUM_THREADS={threads} {DORMANT} score --model {params.name:q} --data {input.data:q} "
-        "--dataset {wildcards.corpus} --shard {params.i} --num-shards {NSHARDS} --out {output:q} "
-        "--batch-tokens {params.s[batch_tokens]} --dtype {params.s[dtype]} --device {params.s[device]} "
-        "{params.bos} 2> {log:q}"
+        "--dataset {wildcards.corpus} --shard {params.i} --num-shards {NSHARDS} --config {input.settings:q} "
+        "--out {output:q} 2> {log:q}"
 
 
 rule database_core:

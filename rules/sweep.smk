@@ -6,11 +6,18 @@ ABLATION_FIGURES = (expand("results/figures/{f}.{ext}", f=["figure3_auc_ranks", 
                            ext=["png", "svg"]) if SWEEP_MODELS else [])
 
 
+SWEEP = settings_file("sweep", {"tasks": EV["tasks"], "task_name": EV["task_name"], "limit": EV["limit"],
+                                "k_shot": EV["k_shot"], "seed": EV["seed"], "score_functions": EV["score_functions"],
+                                "fractions": EV["fractions"], "batch_tokens": EV["batch_tokens"],
+                                "dtype": config["scoring"]["dtype"], "device": config["scoring"]["device"]})
+
+
 rule sweep:
     """Calibration (baseline + head scores on the prompts), thresholds, and the ablation sweep of one model."""
     input:
         info="results/models/{model}.json",
         data=rules.fetch_data.output,
+        settings=SWEEP,
     output:
         results=f"{SWEEP_DIR}/{{model}}/ablation_results.parquet",
         thresholds=f"{SWEEP_DIR}/{{model}}/thresholds.parquet",
@@ -18,19 +25,14 @@ rule sweep:
         timing=f"{SWEEP_DIR}/{{model}}/timing.json",
     params:
         name=lambda w: MODELS[w.model],
-        tasks=" ".join(EV["tasks"]),
-        fns=" ".join(EV["score_functions"]),
-        fractions=" ".join(str(f) for f in EV["fractions"]),
         dir=lambda w: f"{SWEEP_DIR}/{w.model}",
     threads: THREADS
     resources: mem_mb=config["resources"]["mem_mb"], gpu=config["resources"]["gpu"]
     log: f"results/logs/sweep/{{model}}.log"
     benchmark: f"results/benchmarks/sweep/{{model}}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {DORMANT} sweep --model {params.name:q} --tasks {params.tasks} "
-        "--task-name {EV[task_name]} --limit {EV[limit]} --k-shot {EV[k_shot]} --seed {EV[seed]} "
-        "--score-fns {params.fns} --fractions {params.fractions} --batch-tokens {EV[batch_tokens]} "
-        "--dtype {config[scoring][dtype]} --device {config[scoring][device]} --out-dir {params.dir:q} 2> {log:q}"
+        "OMP_NUM_THREADS={threads} {DORMANT} sweep --model {params.name:q} --config {input.settings:q} "
+        "--out-dir {params.dir:q} 2> {log:q}"
 
 
 # the sweep's outputs join the analysis tables of the final database

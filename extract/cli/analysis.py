@@ -1,4 +1,4 @@
-"""Command-line handlers of the analysis side (database, SQL); no torch."""
+"""``dormant db build``, ``sql``, ``report``, ``ablation-report``, ``paper``, ``timings``: the analysis side (no torch)."""
 from __future__ import annotations
 
 import argparse
@@ -142,3 +142,7 @@ def add_timings_parser(subparsers) -> None:
 
     p.set_defaults(func=run)
 
+
+def register(sub) -> None:
+    for add in (add_db_parser, add_report_parser, add_ablation_report_parser, add_paper_parser, add_timings_parser):
+        add(sub)

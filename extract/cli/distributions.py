@@ -121,3 +121,7 @@ def add_distribution_parsers(subparsers) -> None:
                                                   "(default OUT/distributions/distribution_tests.parquet)")
     s.add_argument("--explorer", type=Path, help="interactive HTML explorer (default OUT/distribution_explorer.html)")
     s.set_defaults(func=_distributions)
+
+
+def register(sub) -> None:
+    add_distribution_parsers(sub)
