@@ -11,25 +11,25 @@ if DIST:
     if _FT:
         DERIVED[model_key(_FT["name"])] = f"results/derived/{model_key(_FT['name'])}"
 
+        _FT_SETTINGS = settings_file(f"finetune_{model_key(_FT['name'])}",
+                                     {k: v for k, v in _FT.items() if k not in ("base", "name", "threads")})
+
         rule finetune:
             """Supervised finetune of the base model on BIG-bench natural_instructions (a base/finetuned pair)."""
-            input: "results/data/sources.txt"
+            input:
+                data="results/data/sources.txt",
+                settings=_FT_SETTINGS,
             output:
                 model=directory(DERIVED[model_key(_FT["name"])]),
                 log=FINETUNE_LOG,
-            params:
-                f=_FT,
-                subtasks=" ".join(_FT.get("subtasks") or []),
+            params: f=_FT
             threads: _FT["threads"]
             resources: mem_mb=config["resources"]["mem_mb"]
             log: f"results/logs/finetune/{_FT['name']}.log"
             benchmark: f"results/benchmarks/finetune/{_FT['name']}.tsv"
             shell:
-                "OMP_NUM_THREADS={threads} {DORMANT} finetune --base {params.f[base]:q} --name {params.f[name]} "
-                "--out {output.model:q} --log {output.log:q} --n-train {params.f[n_train]} "
-                "--n-heldout {params.f[n_heldout]} --max-tokens {params.f[max_tokens]} "
-                "--batch-size {params.f[batch_size]} --lr {params.f[lr]} --seed {params.f[seed]} --threads {threads} "
-                + ("--subtasks {params.subtasks} " if _FT.get("subtasks") else "") + "2> {log:q}"
+                "OMP_NUM_THREADS={threads} {DORMANT} finetune --base {params.f[base]:q} --name {params.f[name]:q} "
+                "--config {input.settings:q} --threads {threads} --out {output.model:q} --log {output.log:q} 2> {log:q}"
 
     if _PT:
         DERIVED[model_key(_PT["name"])] = f"results/derived/{model_key(_PT['name'])}"
@@ -53,6 +53,8 @@ if DIST:
         input:
             db=CORE_DB,
             logs=[FINETUNE_LOG] if _FT else [],
+            settings=settings_file("distributions", {k: DIST[k] for k in ("n_boot", "n_perm", "depth_bins",
+                                                                          "target_fraction", "seed")}),
         output:
             tests="results/distributions/distribution_tests.parquet",
             tables=[report(f, category="Finetuning and scale") if f.endswith("distribution_tests.csv") else f
@@ -67,7 +69,6 @@ if DIST:
                             for s in DIST["series"]),
             null=("--null " + " ".join(repr(m) for m in DIST["null_models"])) if DIST.get("null_models") is not None
                  else "",
-            d=DIST,
             logs=f"--finetune-log {FINETUNE_LOG!r}" if _FT else "",
         threads: 1
         resources: mem_mb=config["resources"]["mem_mb"]
@@ -75,8 +76,7 @@ if DIST:
         benchmark: "results/benchmarks/distributions.tsv"
         shell:
             "OMP_NUM_THREADS={threads} {DORMANT} distributions --db {input.db:q} --out results {params.series} "
-            "{params.null} --n-boot {params.d[n_boot]} --n-perm {params.d[n_perm]} --depth-bins {params.d[depth_bins]} "
-            "--target-fraction {params.d[target_fraction]} --seed {params.d[seed]} {params.logs} "
+            "{params.null} --config {input.settings:q} {params.logs} "
             "--tests-out {output.tests:q} --explorer {output.explorer:q} > {log:q} 2>&1"
 
     EXTRA_TABLES.setdefault("distribution_tests", []).append(rules.distributions.output.tests)

@@ -5,6 +5,8 @@ import argparse
 import time
 from pathlib import Path
 
+from extract.cli import options
+
 
 def _load_base(name: str, threads: int | None):
     import torch
@@ -25,9 +27,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from analysis.core.io import write_json, write_parquet
 
     t0 = time.perf_counter()
-    cfg = SFTConfig(subtasks=tuple(args.subtasks), n_train=args.n_train, n_heldout=args.n_heldout,
-                    max_tokens=args.max_tokens, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                    eval_every=args.eval_every, seed=args.seed)
+    cfg = options.settings_from_args(SFTConfig, args)
     model, tok, info = _load_base(args.base, args.threads)
     train, heldout = sft_examples(tok, cfg)
     res = finetune(model, tok, train, heldout, cfg)
@@ -62,46 +62,40 @@ def _perturb(args: argparse.Namespace) -> int:
 
 def _distributions(args: argparse.Namespace) -> int:
     from analysis.distributions.report import run
+    from analysis.distributions.stats import Settings
 
     series = [(s[0], s[1:]) for s in args.series or []]
     bad = [s for s in series if len(s[1]) < 2]
     if bad:
         raise ValueError(f"--series {bad[0][0]} needs at least two models (KIND MODEL MODEL ...)")
-    paths = run(args.db, args.out, series, null_models=args.null, n_boot=args.n_boot, n_perm=args.n_perm,
-                depth_bins=args.depth_bins, target_fraction=args.target_fraction, seed=args.seed,
+    st = options.settings_from_args(Settings, args)
+    paths = run(args.db, args.out, series, null_models=args.null, n_boot=st.n_boot, n_perm=st.n_perm,
+                depth_bins=st.depth_bins, target_fraction=st.target_fraction, seed=st.seed,
                 finetune_logs=args.finetune_log, tests_out=args.tests_out, explorer=args.explorer)
-    print(f"wrote {len(paths)} files")
+    print("\n".join(str(p) for p in paths))
     return 0
 
 
 def add_distribution_parsers(subparsers) -> None:
     """``dormant finetune``, ``dormant perturb`` and ``dormant distributions``."""
-    from extract.finetune import DEFAULT_SUBTASKS, SFTConfig
+    from analysis.distributions.stats import Settings
+    from extract.finetune import SFTConfig
 
-    d = SFTConfig()
     f = subparsers.add_parser("finetune", help="supervised finetune on BIG-bench natural_instructions (SPEC §6)")
-    f.add_argument("--base", required=True, help="zoo name, hub id or local directory of the base model")
+    options.add_model(f, flag="--base")
     f.add_argument("--name", required=True, help="model id of the result (its id in the database)")
     f.add_argument("--out", required=True, type=Path, help="local model directory to write")
     f.add_argument("--log", required=True, type=Path, help="Parquet file of the loss per step (train, held-out)")
-    f.add_argument("--subtasks", nargs="+", default=list(DEFAULT_SUBTASKS), help="natural_instructions subtasks")
-    f.add_argument("--n-train", type=int, default=d.n_train, help="training sequences (one epoch)")
-    f.add_argument("--n-heldout", type=int, default=d.n_heldout, help="held-out sequences")
-    f.add_argument("--max-tokens", type=int, default=d.max_tokens, help="longest sequence kept")
-    f.add_argument("--batch-size", type=int, default=d.batch_size)
-    f.add_argument("--lr", type=float, default=d.lr)
-    f.add_argument("--warmup", type=int, default=d.warmup)
-    f.add_argument("--eval-every", type=int, default=d.eval_every)
-    f.add_argument("--seed", type=int, default=d.seed)
-    f.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    options.add_settings(f, SFTConfig, doc="finetune")
+    options.add_threads(f)
     f.set_defaults(func=_finetune)
     p = subparsers.add_parser("perturb", help="copy of a model with seeded noise on q/k projections (positive control)")
-    p.add_argument("--base", required=True)
+    options.add_model(p, flag="--base")
     p.add_argument("--name", required=True, help="model id of the result")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--scale", type=float, default=0.5, help="noise std relative to each weight's rms")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int)
+    options.add_threads(p)
     p.set_defaults(func=_perturb)
     s = subparsers.add_parser("distributions", help="KS / Wasserstein / overlap comparisons, figures, explorer")
     s.add_argument("--db", type=Path, default=Path("results/db/core.duckdb"))
@@ -111,11 +105,7 @@ def add_distribution_parsers(subparsers) -> None:
                         "cross_family, control); repeatable")
     s.add_argument("--null", nargs="*", default=None, metavar="MODEL",
                    help="models compared with themselves on two halves of the examples (default: every first model)")
-    s.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates over examples")
-    s.add_argument("--n-perm", type=int, default=200, help="permutations over examples")
-    s.add_argument("--depth-bins", type=int, default=3, help="relative-depth bins (layer / n_layers)")
-    s.add_argument("--target-fraction", type=float, default=0.15, help="p of the shared threshold τ_A (SPEC §3)")
-    s.add_argument("--seed", type=int, default=0)
+    options.add_settings(s, Settings, doc="distribution statistics")
     s.add_argument("--finetune-log", nargs="*", type=Path, default=[], help="finetune loss Parquet files (figure)")
     s.add_argument("--tests-out", type=Path, help="Parquet file of the distribution_tests rows "
                                                   "(default OUT/distributions/distribution_tests.parquet)")
