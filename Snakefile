@@ -14,12 +14,12 @@ validate(config, "config/schema.yaml")
 #   EXTRA_TARGETS += its default outputs (inputs of `all`), DERIVED[key] = a local model directory it makes
 #   (a finetune, a perturbed copy), scored on every corpus like the configured models.
 include: "rules/common.smk"          # model keys, every config check, shared lists, settings files
-include: "rules/distributions.smk"   # finetune / perturbed copy (DERIVED, scored below) and SPEC §6 statistics
-include: "rules/scores.smk"          # models, corpora, per-shard head scores, the core database (SPEC §2)
-include: "rules/sweep.smk"           # calibration, thresholds, ablation sweep, Table 2 (SPEC §3-5)
-include: "rules/toy.smk"             # Bigram-Backcopy toy models (SPEC §7)
-include: "rules/domains.smk"         # dormant-by-domain heads and the active-dormant scatter (SPEC §7)
-include: "rules/maps.smk"            # MAPS: head functions from parameters (SPEC §8)
+include: "rules/distributions.smk"   # finetune / perturbed copy (DERIVED, scored below) and definitions §6 statistics
+include: "rules/scores.smk"          # models, corpora, per-shard head scores, the core database (definitions §2)
+include: "rules/sweep.smk"           # calibration, thresholds, ablation sweep, Table 2 (definitions §3-5)
+include: "rules/toy.smk"             # Bigram-Backcopy toy models (definitions §7)
+include: "rules/domains.smk"         # dormant-by-domain heads and the active-dormant scatter (definitions §7)
+include: "rules/maps.smk"            # MAPS: head functions from parameters (definitions §8)
 include: "rules/report.smk"          # last: the final database, the summary, the paper (read every module)
 
 

@@ -1,8 +1,8 @@
-"""Dormant-by-domain heads (SPEC §7, last point): heads dormant on one domain and active on another.
+"""Dormant-by-domain heads (definitions §7, last point): heads dormant on one domain and active on another.
 
 From the per-example scores in ``head_scores`` joined with each example's domain (``examples.domain``:
 news, howto, math, code), per (model, layer, head, domain): the mean of one score function and the
-*dormant fraction*, the share of the domain's examples on which the head is inactive under the SPEC §3
+*dormant fraction*, the share of the domain's examples on which the head is inactive under the definitions §3
 threshold τ (one scalar per model: the target-fraction quantile of that model's scores pooled over layers,
 heads and examples). A head is a candidate when it is dormant on most examples of one domain and on few of
 another: its *contrast* is the largest difference of dormant fraction between two domains (dormant on the
@@ -31,7 +31,7 @@ from analysis.core.thresholds import threshold
 
 def domain_means(con, score_fn: str = "awft", fraction: float = 0.15) -> pl.DataFrame:
     """``model, layer, head, domain, mean, dormant_frac, tau, n_examples``: per head and domain the mean score
-    and the fraction of examples inactive under τ (SPEC §3, ``fraction`` = target fraction, per model)."""
+    and the fraction of examples inactive under τ (definitions §3, ``fraction`` = target fraction, per model)."""
     fn = get_score_function(score_fn)
     rows = query(con, f"""SELECT s.model, s.layer, s.head, e.domain, s.{score_fn} AS score
                            FROM head_scores s JOIN examples e USING (model, dataset, example)
@@ -173,7 +173,7 @@ def scatter_summary(abl: pl.DataFrame, taus: dict[str, float] | None = None) -> 
     (p < 0.05) while dormant ones cost at most half as much (|dormant| <= active / 2).
 
     Splits: ``median`` (dormant = awft above the head's median over the examples: both sides populated) and,
-    for models in ``taus``, ``tau`` (dormant = awft above the model's SPEC §3 threshold τ, the definition of
+    for models in ``taus``, ``tau`` (dormant = awft above the model's definitions §3 threshold τ, the definition of
     the candidate table). Ablations: ``zero`` (column ``delta_loss``) and ``mean`` (``delta_loss_mean``, when
     measured). Pearson and Spearman of the loss change with awft over all examples repeat on each split's row.
     """

@@ -1,4 +1,4 @@
-"""MAPS tables and figures (SPEC §8) from the ``dormant maps run`` outputs and the core database (no torch).
+"""MAPS tables and figures (definitions §8) from the ``dormant maps run`` outputs and the core database (no torch).
 
 Tables (results/tables/, CSV + Markdown + LaTeX):
 * ``maps_correlations``: per model and context, the median (min, max) over operations of the Pearson r of

@@ -2,9 +2,9 @@
 
 For every example and every given (layer, head): the mean next-token loss (nats/token over positions
 1..P-1) of the unablated model, its head scores from the same forward pass (``recording``), and the
-loss with the head's slice of the output projection's input zeroed (SPEC §9: the head's ``O`` at every
+loss with the head's slice of the output projection's input zeroed (definitions §9: the head's ``O`` at every
 position). With ``mean=True`` also the loss with that slice replaced, at every position, by its mean over
-every position of every given example (mean ablation, SPEC §4's option): it keeps the head's average
+every position of every given example (mean ablation, definitions §4's option): it keeps the head's average
 contribution, so what it costs is the head's example-specific computation only. Examples are encoded as
 the scorer encodes them (BOS first, truncated to ``max_tokens``).
 
@@ -104,7 +104,7 @@ def head_loss_changes(model, tokenizer, examples: Sequence[dict], heads: Sequenc
         with recording(model) as rec:
             base = _loss(model(input_ids=ids, use_cache=False).logits, ids)
         runs.append((ex, ids, base, rec.scores()[0]))  # scores: (layers, heads, n_scores)
-    # the sweep's mean ablation (SPEC §4): each head's output averaged over every position of every example
+    # the sweep's mean ablation (definitions §4): each head's output averaged over every position of every example
     means = head_output_means(model, [ids[0] for _, ids, _, _ in runs]).float() if mean and runs else None
     rows, keys = [], score_keys()
     for ex, ids, base, scores in tqdm(runs, desc="head ablation", disable=not progress):

@@ -1,4 +1,4 @@
-"""The multiple-choice evaluator (SPEC §5): letter log-likelihoods from batched forward passes.
+"""The multiple-choice evaluator (definitions §5): letter log-likelihoods from batched forward passes.
 
 Prompt: the task's description, then k shots ``"{question}\\nA. {a}\\nB. {b}\\n...\\nAnswer: {letter}\\n\\n"``,
 then ``"{question}\\nA. {a}\\n...\\nAnswer:"``. With the chat template, everything before the final
@@ -37,7 +37,7 @@ class EvalResult:
     model: str
     k_shot: int
     chat_template: bool
-    scoring: str  # "letter" (SPEC §5) or "cloze"
+    scoring: str  # "letter" (definitions §5) or "cloze"
     predictions: pl.DataFrame  # id, task, sha256, answer, predicted, correct, n_choices, n_tokens (prompt), loglik
     scores: torch.Tensor | None = None  # (questions, layers, heads, n_scores) float64, score_keys() order
 
@@ -142,7 +142,7 @@ def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: 
     k_shot: shots from the task's held-out pool (the first k). chat_template: None = the chat template for
     instruct models. batch_tokens: padded tokens per forward pass. calibrate: also record every head's
     scores on each question's prompt, in the same forward passes (``result.scores``; with multi-token
-    continuations, the row of the first choice). scoring: "letter" (SPEC §5) or "cloze" (module doc).
+    continuations, the row of the first choice). scoring: "letter" (definitions §5) or "cloze" (module doc).
     """
     if scoring not in SCORINGS:
         raise ValueError(f"scoring={scoring!r}; choose one of {SCORINGS}")

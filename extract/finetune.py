@@ -1,4 +1,4 @@
-"""A small supervised finetune (SFT) that makes a base → finetuned sibling offline (SPEC §6).
+"""A small supervised finetune (SFT) that makes a base → finetuned sibling offline (definitions §6).
 
 Data: BIG-bench ``natural_instructions`` subtasks (read from the sdist). Each example becomes
 ``"{instruction}\\n\\n{input}\\nAnswer:"`` + ``" {target}<eos>"``; the instruction is the subtask's short

@@ -1,4 +1,4 @@
-"""The ablation sweep (SPEC §3–§5): calibrate, threshold, then evaluate under every ablation config.
+"""The ablation sweep (definitions §3–§5): calibrate, threshold, then evaluate under every ablation config.
 
 1. Calibration: one evaluation without ablation that also records every head score on the evaluation
    prompts (same forward passes); its accuracy is the baseline (``random`` at fraction 0).
@@ -41,7 +41,7 @@ class SweepSettings:
     k_shot: int = 0
     seed: int = 0  # question selection, choice order and the random baseline
     score_functions: tuple[str, ...] = ()  # () = every registered score function
-    fractions: tuple[float, ...] = TARGET_FRACTIONS  # target fractions p (SPEC §3); 0.0 is the baseline
+    fractions: tuple[float, ...] = TARGET_FRACTIONS  # target fractions p (definitions §3); 0.0 is the baseline
     batch_tokens: int = 8192  # padded tokens per forward pass
     dtype: str = "float32"
     device: str = "cpu"

@@ -1,4 +1,4 @@
-# Score distributions (SPEC §6): base vs finetuned, across scales, null and positive-control calibration.
+# Score distributions (definitions §6): base vs finetuned, across scales, null and positive-control calibration.
 #   default target: the finetune and perturbed copy (DERIVED: scored like the config's models), then the
 #   `distributions` rule: distribution_tests (-> results/scores.duckdb), tables, figures, HTML explorer.
 # Config: the `distributions` section (config/schema.yaml; cross-checks in rules/common.smk); left out = no such rules.

@@ -1,4 +1,4 @@
-# Dormant-by-domain heads and the active-dormant scatter (SPEC §7).
+# Dormant-by-domain heads and the active-dormant scatter (definitions §7).
 #   default target: the candidate heads per model (table, figures) and, for `ablate_models`, the per-example
 #   loss change from zeroing (and mean-ablating) each candidate, with the scatter against its awft.
 # Config: `mechanism.domains` (config/schema.yaml; cross-checks in rules/common.smk); the ablation's run

@@ -1,4 +1,4 @@
-# MAPS (SPEC §8): head functions from parameters, checked against inference, joined with inactivity.
+# MAPS (definitions §8): head functions from parameters, checked against inference, joined with inactivity.
 #   default target: `maps.models` (static + salient + dynamic + causal), then tables and figures
 #   snakemake --cores all maps_all     # every model of `models` with the same settings
 # Config: the `maps` section (config/schema.yaml); its run settings go to results/config/maps.json, which

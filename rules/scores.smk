@@ -1,4 +1,4 @@
-# Scoring (SPEC §2): fetch and describe each model, sample the corpora, score every head of every document
+# Scoring (definitions §2): fetch and describe each model, sample the corpora, score every head of every document
 # (one job per model x corpus x shard), and load the shards into the core database.
 SCORED = {**MODELS, **DERIVED}  # every model scored on every corpus (DERIVED: rules/distributions.smk)
 SCORE_FIGURES = expand("results/figures/score_ecdf_{fn}.{ext}", fn=["ahon_ln", "awft", "aeqd"], ext=["png", "svg"])

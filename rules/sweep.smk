@@ -1,4 +1,4 @@
-# The ablation sweep (SPEC §3-5): calibration, thresholds and every score function x target fraction under
+# The ablation sweep (definitions §3-5): calibration, thresholds and every score function x target fraction under
 # dynamic ablation, per model of `evaluation.models`; then Table 2, the AUC ranks and Figures 3/4/10.
 ABLATION_TABLES = (expand("results/tables/{t}.csv", t=sorted(["table2", "auc_ranks", "auc_rank_correlation", "top5_iou"]))
                    if SWEEP_MODELS else [])

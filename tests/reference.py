@@ -24,7 +24,7 @@ def attention_modules(model):
 
 
 def reference_scores(model, ids: list[int]) -> torch.Tensor:
-    """The 13 built-in scores ``(layers, heads, 13)`` float64 of one unpadded sequence, SPEC §2 literally."""
+    """The 13 built-in scores ``(layers, heads, 13)`` float64 of one unpadded sequence, definitions §2 literally."""
     cfg = model.config
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
@@ -44,7 +44,7 @@ def reference_scores(model, ids: list[int]) -> torch.Tensor:
         A = attn[layer][0].double()  # (H, S, S)
         V = values[layer][0].double().view(S, KV, D)
         O = o_inputs[layer][0].double().view(S, H, D)
-        a, e, v0, vm, ol, om = [], [], [], [], [], []  # per head: the quantities SPEC §2 names
+        a, e, v0, vm, ol, om = [], [], [], [], [], []  # per head: the quantities definitions §2 names
         for h in range(H):
             Ah = A[h]
             ent = torch.zeros(S, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""ablate() against independent hook-based implementations of SPEC §4 (eager attention, o_proj pre-hooks)."""
+"""ablate() against independent hook-based implementations of definitions §4 (eager attention, o_proj pre-hooks)."""
 import contextlib
 
 import numpy as np
@@ -31,7 +31,7 @@ def o_proj_hooks(model, fn):
 
 
 def reference_ahon_ln_ablation(model, ids, am, tau):
-    """SPEC §4 literally: per layer, ahon_ln from the o_proj input, zero heads with ahon_ln < tau."""
+    """definitions §4 literally: per layer, ahon_ln from the o_proj input, zero heads with ahon_ln < tau."""
     valid = am.bool()
     masks = []
 

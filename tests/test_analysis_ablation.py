@@ -14,7 +14,7 @@ BASE = 50.0  # budget line at 49
     ([0, 10, 20], [50, 50, 48], 15.0),                       # crossing inside the last segment
     ([0, 10, 20], [50, 49, 47], 10.0),                       # exactly on a point
     ([0, 5, 10, 15, 20], [50, 48, 50, 48, 47], 12.5),       # several crossings: the last one
-    ([0, 10, 20], [50, 49.5, 49.2], 0.0),                   # never crosses -> 0 (SPEC, to the letter)
+    ([0, 10, 20], [50, 49.5, 49.2], 0.0),                   # never crosses -> 0 (definitions §5, to the letter)
     ([20, 0, 10], [48, 50, 50], 15.0),                       # unsorted input is sorted by x first
     ([0, 10, 20], [50, 49, 49], 20.0),                       # running along the line: the last point on it
     ([0, 10, 20], [48, 48, 47], 0.0),                        # always below: no crossing either

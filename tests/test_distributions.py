@@ -1,4 +1,4 @@
-"""SPEC §6 statistics against scipy and naive reimplementations; bootstrap coverage; null vs positive control;
+"""definitions §6 statistics against scipy and naive reimplementations; bootstrap coverage; null vs positive control;
 the explorer in a headless browser; the perturbation and the finetune on real and tiny models."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MAPS (SPEC §8): static scores against hand-built and naive full-matrix answers; the pair filter; the
+"""MAPS (definitions §8): static scores against hand-built and naive full-matrix answers; the pair filter; the
 settings of `maps run` and `domains ablate` (dataclass <-> JSON <-> command line) and what `run` writes."""
 import functools
 import json

@@ -1,10 +1,10 @@
-"""The head-score functions of SPEC §2 as one registry, and the raw per-head statistics they read.
+"""The head-score functions of definitions §2 as one registry, and the raw per-head statistics they read.
 
 ``RAW_STATS`` is the one definition of the raw statistics and of their order: the last axis of every raw-stats
 tensor ``(..., heads, len(RAW_STATS))`` (float64, one value per example, layer and head). A
 :class:`ScoreFunction` reads one raw stat, optionally normalises it, and names the side of a threshold τ
 that means "inactive"; scores are stored raw, the side is metadata. The registry (``SCORE_FUNCTIONS``,
-:func:`score_keys`) holds the 13 built-ins in SPEC order, then any registered by the user; every consumer
+:func:`score_keys`) holds the 13 built-ins in definitions §2 order, then any registered by the user; every consumer
 (scoring, thresholds, ablation, database columns and views, reports) loops over it::
 
     from analysis.core.score_functions import ScoreFunction, register_score_function

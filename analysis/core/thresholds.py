@@ -1,4 +1,4 @@
-"""Dynamic thresholds (SPEC §3) and their stability across tasks.
+"""Dynamic thresholds (definitions §3) and their stability across tasks.
 
 One empirical distribution per (model, task, score function), pooled over layers, heads and examples of a
 calibration run; τ is its p-quantile (the (1-p)-quantile for the functions inactive above τ, e.g.

@@ -1,4 +1,4 @@
-"""One self-contained interactive HTML page to explore head-score distributions (SPEC §6).
+"""One self-contained interactive HTML page to explore head-score distributions (definitions §6).
 
 Pick a model and a score function (drop-downs); the layer × head heatmap shows each head's median over
 examples (tooltip: median, mean, 5%/95% quantiles); click a head to draw the ECDF of its scores over

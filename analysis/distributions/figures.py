@@ -1,4 +1,4 @@
-"""Frames and altair charts of the SPEC §6 report (every frame is aggregated well below 5000 rows per chart
+"""Frames and altair charts of the definitions §6 report (every frame is aggregated well below 5000 rows per chart
 except the per-head heatmaps of large models, which are already one row per head and function)."""
 from __future__ import annotations
 

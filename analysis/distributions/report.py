@@ -1,4 +1,4 @@
-"""SPEC §6 report: run the configured comparisons, write ``distribution_tests`` rows, tables and figures.
+"""definitions §6 report: run the configured comparisons, write ``distribution_tests`` rows, tables and figures.
 
 Comparisons: each series (kind, [m0, m1, ...]) compares consecutive models (m0 vs m1, m1 vs m2, ...);
 each null model is compared with itself on two disjoint halves of its examples (the calibration "null").

@@ -1,4 +1,4 @@
-"""Two-sample comparisons of head-score distributions (SPEC §6); examples are the independent unit.
+"""Two-sample comparisons of head-score distributions (definitions §6); examples are the independent unit.
 
 Model A and model B each give a matrix of scores ``(examples, heads)`` for one score function
 (:class:`analysis.distributions.score_matrix.ScoreMatrix`); the distribution of a model is every entry pooled. Statistics:
@@ -9,7 +9,7 @@ Model A and model B each give a matrix of scores ``(examples, heads)`` for one s
 * ``overlap``: overlap coefficient Σ_b min(p_A(b), p_B(b)) of shared-bin histograms; the bins are
   ``n_bins`` equal-mass bins of the pooled observed scores (so it is invariant to monotone rescaling of a
   score; 1 = identical binned densities, 0 = disjoint).
-* ``frac_inactive_b``: fraction of B's scores on the inactive side of A's threshold τ_A (SPEC §3: the
+* ``frac_inactive_b``: fraction of B's scores on the inactive side of A's threshold τ_A (definitions §3: the
   p-quantile of A's pooled scores, the (1−p)-quantile for ``awft``/``awft_ln``); A's own fraction is p.
 * example- and head-paired only (same documents, same architecture): ``iou_inactive`` and
   ``precision_inactive`` of the (example, layer, head) triples inactive under τ_A (precision: the share of
@@ -65,7 +65,7 @@ class Settings:
 
 
 def inactive(x: np.ndarray, tau: float, score_fn: str) -> np.ndarray:
-    """Boolean mask of scores on the inactive side of ``tau`` (SPEC §2 direction of ``score_fn``)."""
+    """Boolean mask of scores on the inactive side of ``tau`` (definitions §2 direction of ``score_fn``)."""
     return get_score_function(score_fn).is_inactive(x, tau)
 
 

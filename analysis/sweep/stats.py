@@ -1,4 +1,4 @@
-"""Ablation-sweep analyses (SPEC §5): the within-budget rule, normalised AUC, Table 2, AUC ranks,
+"""Ablation-sweep analyses (definitions §5): the within-budget rule, normalised AUC, Table 2, AUC ranks,
 agreement between models and between functions. Input frames have the ``ablation_results`` columns
 ``model, task, score_fn, target_fraction, threshold, realized_percent, accuracy, n_questions``
 (accuracy in points, 0–100; ``score_fn = 'random'`` is the baseline curve, and random at fraction 0 is the
@@ -14,7 +14,7 @@ BUDGET = 1.0  # accuracy points below baseline
 
 
 def within_budget(x, y, baseline: float, budget: float = BUDGET) -> float:
-    """Largest % of heads zeroed within budget, SPEC §5 to the letter.
+    """Largest % of heads zeroed within budget, definitions §5 to the letter.
 
     Sort the points by x, walk the segments, and return the x of the *last* segment crossing of the line
     ``baseline - budget`` by linear interpolation; a point exactly on the line counts; no crossing -> 0.

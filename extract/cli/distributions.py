@@ -1,4 +1,4 @@
-"""``dormant finetune``, ``dormant perturb`` (derived models) and ``dormant distributions`` (SPEC §6)."""
+"""``dormant finetune``, ``dormant perturb`` (derived models) and ``dormant distributions`` (definitions §6)."""
 from __future__ import annotations
 
 import argparse
@@ -81,7 +81,7 @@ def add_distribution_parsers(subparsers) -> None:
     from analysis.distributions.stats import Settings
     from extract.finetune import SFTConfig
 
-    f = subparsers.add_parser("finetune", help="supervised finetune on BIG-bench natural_instructions (SPEC §6)")
+    f = subparsers.add_parser("finetune", help="supervised finetune on BIG-bench natural_instructions (definitions §6)")
     options.add_model(f, flag="--base")
     f.add_argument("--name", required=True, help="model id of the result (its id in the database)")
     f.add_argument("--out", required=True, type=Path, help="local model directory to write")

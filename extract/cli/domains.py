@@ -1,4 +1,4 @@
-"""``dormant domains candidates|ablate|scatter``: dormant-by-domain heads in real LLMs (SPEC §7).
+"""``dormant domains candidates|ablate|scatter``: dormant-by-domain heads in real LLMs (definitions §7).
 
 ``ablate`` takes its settings as ``--config domain_ablate.json`` (:class:`extract.domains.DomainAblationSettings`,
 what the workflow writes from ``mechanism.domains``) plus override flags generated from that dataclass.
@@ -47,7 +47,7 @@ def add_domains_parser(subparsers) -> None:
     from extract.domains import DomainAblationSettings
     from analysis.core.score_functions import score_keys
 
-    p = subparsers.add_parser("domains", help="heads dormant on one domain and active on another (SPEC §7)")
+    p = subparsers.add_parser("domains", help="heads dormant on one domain and active on another (definitions §7)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser("candidates", help="per-domain head means, candidate table and figures from the database")
     c.add_argument("--db", type=Path, default=Path("results/db/core.duckdb"))
@@ -55,7 +55,7 @@ def add_domains_parser(subparsers) -> None:
     c.add_argument("--score-fn", default="awft", choices=score_keys())
     c.add_argument("--top", type=int, default=5, help="candidate heads per model")
     c.add_argument("--fraction", type=float, default=0.15,
-                   help="target fraction p of the SPEC §3 threshold that marks a head dormant on an example")
+                   help="target fraction p of the definitions §3 threshold that marks a head dormant on an example")
     c.add_argument("--models", nargs="*", help="models to draw a figure for (default: every model in the database)")
     c.set_defaults(func=_candidates)
     a = sub.add_parser("ablate", help="per-example loss change from zeroing (and mean-ablating) each of a model's "

@@ -61,9 +61,9 @@ def register(sub) -> None:
                    help="auto: instruct models use their chat template (paper)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
     p.add_argument("--scoring", choices=["letter", "cloze"], default="letter",
-                   help="letter: SPEC §5 (paper); cloze: per-character log-likelihood of each choice's text")
+                   help="letter: definitions §5 (paper); cloze: per-character log-likelihood of each choice's text")
     p.add_argument("--mmlu-dir", type=Path, help="local MMLU CSV directory instead of the hub")
     p.add_argument("--out", type=Path, help="Parquet file of per-question predictions")
     p.add_argument("--calibrate-out", type=Path,
-                   help="also record the 13 head scores per question (SPEC §3 calibration) to this Parquet file")
+                   help="also record the 13 head scores per question (definitions §3 calibration) to this Parquet file")
     p.set_defaults(func=_eval)

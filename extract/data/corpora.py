@@ -1,4 +1,4 @@
-"""Text corpora as a registry of specs (in the style of lm-evaluation-harness; score distributions, SPEC §6).
+"""Text corpora as a registry of specs (in the style of lm-evaluation-harness; score distributions, definitions §6).
 
 One domain each: ``xsum`` (news), ``wikilingua`` (how-to prose), both BIG-bench task files, ``math``
 (BIG-bench's elementary-math word problems with their formula and answer, 16 consecutive problems per

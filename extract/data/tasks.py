@@ -1,4 +1,4 @@
-"""Multiple-choice tasks as a registry of specs (in the style of lm-evaluation-harness; SPEC §5).
+"""Multiple-choice tasks as a registry of specs (in the style of lm-evaluation-harness; definitions §5).
 
 :data:`DEFAULT_SUITE` (ten BIG-bench tasks, see :data:`TASKS`), MMLU from a local directory of the original
 CSV files or the hub dataset ``cais/mmlu``, and any BIG-bench task file as ``bigbench:<task>[/<subtask>]``.

@@ -1,4 +1,4 @@
-"""Dynamic head ablation (SPEC §4) as a context manager.
+"""Dynamic head ablation (definitions §4) as a context manager.
 
 Inside ``with ablate(model, "ahon_ln", threshold=tau) as ab:`` every full forward pass computes, layer by
 layer, the heads' scores on the current input and replaces the output ``O`` (all positions, before the
@@ -107,7 +107,7 @@ def ablate(model, score_fn: str, *, threshold: float | None = None, p: float | N
         inputs = hooks.on_inputs(model, _example_keys(rule))
     else:
         if threshold is None:
-            raise ValueError(f"score_fn={score_fn!r} needs a threshold (see SPEC §3 / analysis.core.thresholds)")
+            raise ValueError(f"score_fn={score_fn!r} needs a threshold (see definitions §3 / analysis.core.thresholds)")
         rule = _threshold_rule(score_fn, float(threshold))
     # only the entropy scores need the second attention pass
     cap = capture.Capture(rule=rule, mode=mode, means=means,

@@ -4,7 +4,7 @@ what flows through them (TransformerLens-style names; users never need a model's
 Points, per decoder layer ``l``, for a batch of ``B`` sequences of ``S`` tokens:
 
 * ``"z"``: the heads' outputs before the output projection, ``(B, S, H, head_dim)`` (the input of
-  ``o_proj``, one slice per query head). Zeroing head ``h`` here is SPEC §9's ablation.
+  ``o_proj``, one slice per query head). Zeroing head ``h`` here is definitions §9's ablation.
 * ``"v"``: the value vectors, ``(B, S, KV, head_dim)`` (the output of ``v_proj``, one slice per KV head).
 * ``"attn_in"``: the attention module's input ``(B, S, d_model)`` (after the pre-attention norm).
 * ``"mlp_out"``: the MLP's output ``(B, S, d_model)``.

@@ -1,8 +1,8 @@
-"""Per-head, per-example scores (SPEC §2) as a by-product of one forward pass.
+"""Per-head, per-example scores (definitions §2) as a by-product of one forward pass.
 
 ``score_heads(model, sequences)`` runs the decoder stack (no LM head) under a capture session and turns
 the raw stats of every (example, layer, head) into the registered scores (``score_functions``: the 13 of
-SPEC §2, plus any user-registered). Sequences are sorted by length, batched under a token budget and
+definitions §2, plus any user-registered). Sequences are sorted by length, batched under a token budget and
 right-padded; padding never changes a score.
 
 BOS: the ``awft``/``ftvvn`` scores look at position 0, which is meant to be the BOS token. Token-id

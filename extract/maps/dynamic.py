@@ -1,4 +1,4 @@
-"""MAPS checks against inference (SPEC §8): dynamic scores from prompts, and a causal ablation check.
+"""MAPS checks against inference (definitions §8): dynamic scores from prompts, and a causal ablation check.
 
 Dynamic: each source word X goes into templates such as "This is a document about X"; at the last
 position every head's output ``O_h[last]`` (the per-head slice of the input of ``o_proj``) is projected

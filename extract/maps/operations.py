@@ -1,4 +1,4 @@
-"""MAPS operations (SPEC §8): the 20 (source, target) pair lists and the single-token filter.
+"""MAPS operations (definitions §8): the 20 (source, target) pair lists and the single-token filter.
 
 An operation is a list of string pairs. For one tokenizer a pair survives when both sides, given a
 leading space, are exactly one token; an operation is used only with at least ``MIN_PAIRS`` survivors.

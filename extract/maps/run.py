@@ -1,4 +1,4 @@
-"""One MAPS run (SPEC §8) for one model: its settings, spelled once, and :func:`run`.
+"""One MAPS run (definitions §8) for one model: its settings, spelled once, and :func:`run`.
 
 :class:`MapsSettings` is the config's ``maps`` section minus what is not a run setting (``models``, ``join``,
 ``threads``): the same names, the same nesting (``salient``, ``dynamic``, ``causal``), ``None`` for "all" /
@@ -88,10 +88,10 @@ class MapsSettings:
     seed: int = _setting(0, "pair sampling, prompts and random head sets")
     operations: tuple[str, ...] | None = _setting(None, "operations scored (none: all 20; each is used only with "
                                                         "≥ 30 single-token pairs)")
-    inputs: str = _setting("mlp", "rows E' for layers ≥ 1: the first layer's MLP output (mlp, SPEC) or raw "
+    inputs: str = _setting("mlp", "rows E' for layers ≥ 1: the first layer's MLP output (mlp, definitions §8) or raw "
                                   "embeddings (raw)")
-    k_copy: int = _setting(1, "top-k of the copying operations (SPEC: 1)")
-    k_other: int = _setting(10, "top-k of the other operations (SPEC: 10)")
+    k_copy: int = _setting(1, "top-k of the copying operations (definitions §8: 1)")
+    k_other: int = _setting(10, "top-k of the other operations (definitions §8: 10)")
     max_pairs: int | None = _setting(None, "seeded cap on pairs per operation (none: every single-token pair)")
     data_dir: str | None = _setting(None, "folder of the operation datasets (none: extract/maps/operations_data/)")
     salient: SalientSettings = field(default_factory=SalientSettings)
@@ -101,7 +101,7 @@ class MapsSettings:
     def __post_init__(self):
         _known_operations(self.operations, "operations")
         if self.inputs not in ("mlp", "raw"):
-            raise ValueError(f"MAPS setting inputs must be 'mlp' (SPEC) or 'raw', got {self.inputs!r}")
+            raise ValueError(f"MAPS setting inputs must be 'mlp' (definitions §8) or 'raw', got {self.inputs!r}")
 
     def as_dict(self) -> dict:
         """The settings as the JSON object ``--config`` reads (sections nested, tuples as lists)."""

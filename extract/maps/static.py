@@ -1,4 +1,4 @@
-"""MAPS static scores (SPEC §8): what each head maps tokens to, read from its parameters alone.
+"""MAPS static scores (definitions §8): what each head maps tokens to, read from its parameters alone.
 
 For query head h of layer l, ``M = E' · W_V^h W_O^h · U`` (vocabulary × vocabulary) is never formed. Rows
 are taken only for the tokens asked about, in the head's value space: ``z = E'[src] W_V^h`` (``head_dim``),
@@ -164,11 +164,11 @@ def static_scores(model, tok, ops: list[Operation], *, model_name: str, salient_
     (:func:`word_like`); the ``salient_tokens`` most salient ones are stored with their
     ``salient_targets`` top tokens through U. ``extra = (z (L, H, Rx, head_dim), targets (Rx,), k (Rx,))``:
     more rows in value space (the dynamic check's head outputs) scanned in the same vocabulary pass.
-    ``inputs``: "mlp" (SPEC: ``E' = MLP_0(E)`` for layers ≥ 1) or "raw" (a named deviation: ``E`` for
+    ``inputs``: "mlp" (definitions §8: ``E' = MLP_0(E)`` for layers ≥ 1) or "raw" (a named deviation: ``E`` for
     every layer).
     """
     if inputs not in ("mlp", "raw"):
-        raise ValueError(f"inputs must be 'mlp' (SPEC) or 'raw', got {inputs!r}")
+        raise ValueError(f"inputs must be 'mlp' (definitions §8) or 'raw', got {inputs!r}")
     cfg = text_config(model)
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     U = unembedding(model)

@@ -1,4 +1,4 @@
-"""Models derived from a loaded model by a rule, and how they are saved (SPEC §6).
+"""Models derived from a loaded model by a rule, and how they are saved (definitions §6).
 
 :func:`save_derived` writes any derived model (the SFT sibling of ``extract.finetune``, the perturbed copy
 below) as a local Hugging Face directory whose ``source.json`` (:func:`derived_source`) names its base and
