@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from extract.cli import options
+
 
 def _db_build(args: argparse.Namespace) -> int:
     from analysis.database import build
@@ -72,9 +74,7 @@ def add_db_parser(subparsers) -> None:
 def _report(args: argparse.Namespace) -> int:
     from analysis.summary import write_reports
 
-    paths = write_reports(args.db, args.out)
-    print((args.out / "summary.md").read_text())
-    print(f"wrote {len(paths)} files under {args.out}")
+    options.print_written(write_reports(args.db, args.out), show=("summary.md",))
     return 0
 
 
@@ -111,11 +111,8 @@ def add_ablation_report_parser(subparsers) -> None:
     def run(args):
         from analysis.sweep.report import write_ablation_reports
 
-        paths = write_ablation_reports(args.db, args.out, args.timings)
-        for p in paths:
-            if p.name.startswith(("table2", "sweep_cost")) and p.suffix == ".md":
-                print(p.read_text())
-        print(f"wrote {len(paths)} files under {args.out}")
+        options.print_written(write_ablation_reports(args.db, args.out, args.timings),
+                              show=("table2.md", "sweep_cost.md"))
         return 0
 
     p.set_defaults(func=run)

@@ -16,9 +16,7 @@ def _candidates(args: argparse.Namespace) -> int:
 
     paths = write_domain_report(args.db, args.out, score_fn=args.score_fn, top=args.top,
                                 fraction=args.fraction, models=args.models)
-    print((args.out / "tables" / "domain_heads.md").read_text())
-    for p in paths:
-        print(f"wrote {p}")
+    options.print_written(paths, show=("domain_heads.md",))
     return 0
 
 
@@ -36,9 +34,7 @@ def _scatter(args: argparse.Namespace) -> int:
     from analysis.domains import write_scatter_report
 
     paths = write_scatter_report(args.ablation, args.out, args.candidates)
-    print((args.out / "tables" / "domain_scatter.md").read_text())
-    for p in paths:
-        print(f"wrote {p}")
+    options.print_written(paths, show=("domain_scatter.md",))
     return 0
 
 

@@ -60,6 +60,17 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def print_written(paths, show: tuple[str, ...] = ()) -> None:
+    """Print the files a report returned: first the text of those whose name is in ``show`` (e.g.
+    ``"table2.md"``), then one ``wrote PATH`` line each. Reports return their paths; nothing is guessed."""
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if p.name in show:
+            print(p.read_text())
+    for p in paths:
+        print(f"wrote {p}")
+
+
 # ---- settings dataclasses <-> command line ------------------------------------------------------------
 #
 # A field whose type is itself a dataclass is a section (the config's nesting): its fields get flags
