@@ -81,6 +81,7 @@ def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConn
         return duckdb.connect(str(path), read_only=True)
     con = duckdb.connect(str(path))
     con.execute(schema())
+    _recreate_rekeyed(con, path)
     con.execute(migrations())
     for table in _SCORE_TABLES:  # score functions registered after this database (or this module) was made
         have = {d[0] for d in con.execute(f"SELECT * FROM {table} LIMIT 0").description}
@@ -91,6 +92,37 @@ def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConn
                     [(f.key, f.inactive_when) for f in SCORE_FUNCTIONS.values()])
     con.execute(views())
     return con
+
+
+def _recreate_rekeyed(con, path) -> None:
+    """A table made before a key column of its declaration existed (``bb_metrics`` before ``layer`` and
+    ``part``) is made again while it is empty (as in a core database, which never holds its rows); with rows,
+    an error: build the database again."""
+    for t in tables.all_tables():
+        have = {d[0] for d in con.execute(f"SELECT * FROM {t.name} LIMIT 0").description}
+        if missing := [k for k in t.key if k not in have]:
+            if con.execute(f"SELECT count(*) FROM {t.name}").fetchone()[0]:
+                raise ValueError(f"{path}: table {t.name} was made before its key column(s) {', '.join(missing)} "
+                                 "existed and holds rows; build the database again")
+            con.execute(f"DROP TABLE {t.name}")
+            con.execute(_create(t))
+
+
+def _sql_literal(v) -> str:
+    return "'" + v.replace("'", "''") + "'" if isinstance(v, str) else str(int(v))
+
+
+def _parquet_select(con, table: str, files: str) -> str:
+    """The SELECT list that upserts Parquet ``files`` into ``table``: every column, NULL in a key column
+    declared with ``null_as`` replaced by that sentinel (a primary key cannot hold NULL; files without the
+    column get the sentinel too)."""
+    subs = [c for c in tables.get(table).columns if c.null_as is not None]
+    if not subs:
+        return "*"
+    have = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet({files}, union_by_name = true)").fetchall()}
+    rep = [f"coalesce({c.name}, {_sql_literal(c.null_as)}) AS {c.name}" for c in subs if c.name in have]
+    add = [f"{_sql_literal(c.null_as)} AS {c.name}" for c in subs if c.name not in have]
+    return "*" + (f" REPLACE ({', '.join(rep)})" if rep else "") + "".join(", " + a for a in add)
 
 
 def _sql_list(paths: Iterable[Path]) -> str:
@@ -137,7 +169,7 @@ def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterab
     """Upsert everything given into the database at ``path`` in one transaction; returns row counts.
 
     ``tables``: table name -> Parquet files to upsert into it (columns matched by name; a column some files
-    lack is NULL in their rows).
+    lack is NULL in their rows, or a key column's ``null_as`` sentinel, as is NULL there).
     """
     con = connect(path)
     try:
@@ -149,7 +181,9 @@ def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterab
                 raise ValueError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
             files = [files] if isinstance(files, (str, Path)) else list(files)
             if files:
-                con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM read_parquet({_sql_list(files)}, union_by_name = true)")
+                sql_files = _sql_list(files)
+                con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT {_parquet_select(con, table, sql_files)} "
+                            f"FROM read_parquet({sql_files}, union_by_name = true)")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")

@@ -13,7 +13,8 @@ from analysis.core.score_functions import ScoreFunction, registered, score_keys
 from analysis.database import connect, migrations, schema
 
 # The schema as it shipped before analysis.core.tables (the DDL of analysis/database.py at abe9ea2), written
-# out by hand: the 13 built-in score columns in SPEC order.
+# out by hand: the 13 built-in score columns in SPEC order. Changed since: bb_metrics has layer and part
+# (key columns; the toy metrics no longer spell them in the metric name).
 BUILTIN_SCORES = ("awft DOUBLE, awft_ln DOUBLE, aeqd DOUBLE, aeqd_ln DOUBLE, ftvvn DOUBLE, ftvvn_ln DOUBLE, "
                   "avvn DOUBLE, avvn_ln DOUBLE, lthon DOUBLE, lthon_ln DOUBLE, lthon_hn DOUBLE, ahon DOUBLE, "
                   "ahon_ln DOUBLE")
@@ -46,7 +47,8 @@ CREATE TABLE finetune_log (
   model VARCHAR, step INTEGER, split VARCHAR, loss DOUBLE, tokens INTEGER, lr DOUBLE, seconds DOUBLE,
   PRIMARY KEY (model, step, split));
 CREATE TABLE bb_metrics (
-  run VARCHAR, step INTEGER, metric VARCHAR, value DOUBLE, PRIMARY KEY (run, step, metric));
+  run VARCHAR, step INTEGER, metric VARCHAR, layer INTEGER, part VARCHAR, value DOUBLE,
+  PRIMARY KEY (run, step, metric, layer, part));
 CREATE TABLE domain_head_ablation (
   model VARCHAR, dataset VARCHAR, example VARCHAR, domain VARCHAR, n_tokens INTEGER, layer INTEGER, head INTEGER,
   awft DOUBLE, ahon_ln DOUBLE, loss_base DOUBLE, loss_ablated DOUBLE, delta_loss DOUBLE,

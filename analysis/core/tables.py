@@ -9,7 +9,10 @@ The score columns of ``head_scores`` and ``calibration_scores`` (one DOUBLE per 
 key columns) are not listed here: they are the registered score functions of
 :mod:`analysis.core.score_functions`, read each time a table's columns are asked for, so a function
 registered later appears too. ``added``: columns added after the table first shipped; a database built
-before gets them on its next writable open (``analysis.database.migrations``).
+before gets them on its next writable open (``analysis.database.migrations``). ``null_as``: a key column
+that is NULL in the producers' frames where it does not apply (``bb_metrics.layer`` of a model-level
+metric) is stored as this sentinel in the database, since a primary key cannot hold NULL; ingestion maps
+NULL to it (``analysis.database.ingest``).
 
 Standard library only (polars is imported inside :func:`polars_dtype`): importable anywhere.
 ``python -m analysis.core.tables`` prints every table with its columns.
@@ -48,6 +51,7 @@ class Column:
     name: str
     type: str  # a TYPES key
     doc: str = ""
+    null_as: str | int | None = None  # a key column's stored value for NULL in a frame (None: never NULL)
 
     def __post_init__(self):
         if self.type not in TYPES:
@@ -76,6 +80,9 @@ class Table:
         for what, names in (("key", self.key), ("added", self.added)):
             if missing := [n for n in names if n not in fixed]:
                 raise ValueError(f"table {self.name}: {what} column(s) {missing} are not columns")
+        if loose := [c.name for c in self.spec if isinstance(c, Column) and c.null_as is not None
+                     and c.name not in self.key]:
+            raise ValueError(f"table {self.name}: null_as on non-key column(s) {loose} (only a key needs one)")
 
     @property
     def columns(self) -> tuple[Column, ...]:
@@ -97,18 +104,20 @@ class Table:
         return SCORES in self.spec
 
 
-def _columns(spec: str, **docs: str) -> tuple[Column | str, ...]:
-    """``"name type, name type, *scores, ..."`` -> column specs; ``docs``: column name -> doc."""
+def _columns(spec: str, *, null_as: dict[str, str | int] | None = None, **docs: str) -> tuple[Column | str, ...]:
+    """``"name type, name type, *scores, ..."`` -> column specs; ``docs``: column name -> doc; ``null_as``:
+    column name -> its stored value for NULL."""
     out: list[Column | str] = []
+    null_as = dict(null_as or {})
     for item in spec.split(","):
         item = item.strip()
         if item == SCORES:
             out.append(SCORES)
             continue
         name, type_ = item.split()
-        out.append(Column(name, type_, docs.pop(name, "")))
-    if docs:
-        raise ValueError(f"docs for unknown columns: {', '.join(docs)}")
+        out.append(Column(name, type_, docs.pop(name, ""), null_as.pop(name, None)))
+    if docs or null_as:
+        raise ValueError(f"docs or null_as for unknown columns: {', '.join([*docs, *null_as])}")
     return tuple(out)
 
 
@@ -144,8 +153,13 @@ _TABLES: dict[str, Table] = {t.name: t for t in [
     Table("finetune_log", _key("model, step, split"),
           "training / held-out loss of the SPEC §6 finetune (nats per token).", _columns(
               "model str, step int32, split str, loss float64, tokens int32, lr float64, seconds float64")),
-    Table("bb_metrics", _key("run, step, metric"), "Bigram-Backcopy toy-model training metrics (SPEC §7).",
-          _columns("run str, step int32, metric str, value float64")),
+    Table("bb_metrics", _key("run, step, metric, layer, part"),
+          "Bigram-Backcopy toy-model training metrics (definitions §7): ``layer`` -1 for a model-level metric, ``part`` "
+          "the zeroed ``attn`` / ``mlp`` of an intervention, else '' (NULL in metrics.parquet).", _columns(
+              "run str, step int32, metric str, layer int32, part str, value float64",
+              layer="the layer of a per-layer metric or intervention; -1 (NULL in the frame): the whole model",
+              part="an intervention's zeroed part of layer (attn, mlp); '' (NULL in the frame): none",
+              null_as={"layer": -1, "part": ""})),
     Table("domain_head_ablation", _key("model, dataset, example, layer, head"),
           "loss change (nats/token) from zeroing one dormant-by-domain candidate head, with its per-example "
           "``awft`` and ``ahon_ln`` (SPEC §7).", _columns(
