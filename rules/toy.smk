@@ -1,58 +1,50 @@
-# Bigram-Backcopy toy transformers (SPEC §7).
+# Bigram-Backcopy toy transformers (definitions §7).
 #   default target: the `core` toy runs (1-layer softmax AdamW) with their tables and figures
 #   snakemake --cores all toy_all     # every toy run (AdamW vs SGD, softmax vs ReLU, 1 vs 3 layers) + bb_metrics DB
 #   snakemake --cores all toy_seeds   # the same runs with the extra seeds of mechanism.toy.seeds: claims per seed
-# Config: `mechanism.toy` (config/schema.yaml; cross-checks in rules/common.smk).
+# Config: `mechanism.toy` (config/schema.yaml; cross-checks in rules/common.smk). Each run's settings
+# (extract/toy/spec.py RunSpec, every field) are written to results/config/toy_<run>.json, the input its
+# training job reads with --config: only that run's settings, so adding or changing a run retrains only it.
 import re as _re
+
+from extract.toy.spec import run_settings, seed_variants  # standard library only
 
 MECH = config.get("mechanism")
 if MECH:
     TOY = MECH["toy"]
     TOY_SETS = {s: list(runs) for s, runs in TOY["sets"].items()}
     # `mechanism.toy.seeds`: every run of the `all` set again with each of these seeds, as <run>_seed<n>
-    TOY_SEED_RUNS = list(TOY_SETS["all"])
-    for _r in TOY_SETS["all"]:
-        for _sd in TOY.get("seeds", []):
-            TOY["runs"][f"{_r}_seed{_sd}"] = {**TOY["runs"][_r], "seed": _sd}
-            TOY_SEED_RUNS.append(f"{_r}_seed{_sd}")
+    # (its run.json holds its base run and seed, which the robustness report groups by)
+    TOY_SEED_RUNS = list(TOY_SETS["all"]) + list(seed_variants(TOY))
+    TOY_RUNS = list(TOY["runs"]) + list(seed_variants(TOY))
+    TOY_SETTINGS = {r: settings_file(f"toy_{r}", run_settings(TOY, r)) for r in TOY_RUNS}
     TOY_TABLES = ["claims", "final", "interventions"]
     TOY_FIGURES = ["dynamics", "compare", "interventions"]
-
-    def _toy_run(run):
-        r = {**TOY["defaults"], **TOY["runs"][run]}
-        betas = " ".join(str(b) for b in r["betas"])
-        return (f"--layers {r['layers']} --attention {r['attention']} --optimizer {r['optimizer']} "
-                f"--width {r['width']} --length {r['length']} --batch {r['batch']} --steps {r['steps']} "
-                f"--lr {r['lr']} --weight-decay {r['weight_decay']} --betas {betas} --momentum {r['momentum']} "
-                f"--checkpoints {r['checkpoints']} --eval-batch {r['eval_batch']} --seed {r['seed']} "
-                f"--init {r.get('init', 'normal')}"
-                + ("" if r.get("bos_loss", True) else " --no-bos-loss"))
 
     def _toy_outputs(toy_set):
         return (expand("results/tables/toy_{s}_{t}.{ext}", s=toy_set, t=TOY_TABLES, ext=["csv", "md", "tex"])
                 + expand("results/figures/toy_{s}_{f}.{ext}", s=toy_set, f=TOY_FIGURES, ext=["png", "svg"]))
 
-    _TOY_RUN = "|".join(_re.escape(r) for r in TOY["runs"])
+    _TOY_RUN = "|".join(_re.escape(r) for r in TOY_RUNS)
     _TOY_SET = "|".join(_re.escape(s) for s in TOY_SETS)
 
     rule toy_train:
         """Train one Bigram-Backcopy toy model: checkpoints at log-spaced steps, metrics (bb_metrics rows)."""
-        input: "results/data/sources.txt"
+        input:
+            sources="results/data/sources.txt",
+            settings=lambda w: TOY_SETTINGS[w.toyrun],
         output: "results/toy/{toyrun}/metrics.parquet"
         wildcard_constraints: toyrun=_TOY_RUN
         params:
-            args=lambda w: _toy_run(w.toyrun),
             dir=lambda w: f"results/toy/{w.toyrun}",
-            t={k: TOY[k] for k in ("corpus", "triggers", "min_count", "device")},  # not the other runs' settings
+            device=TOY["device"],
         threads: TOY["threads"]
         resources: mem_mb=config["resources"]["mem_mb"], gpu=config["resources"]["gpu"] if TOY["device"] != "cpu" else 0
         log: "results/logs/toy_train/{toyrun}.log"
         benchmark: "results/benchmarks/toy_train/{toyrun}.tsv"
         shell:
-            "OMP_NUM_THREADS={threads} {DORMANT} toy train --run {wildcards.toyrun} --out-dir {params.dir:q} "
-            "{params.args} --corpus {params.t[corpus]} --triggers {params.t[triggers]} "
-            "--min-count {params.t[min_count]} --threads {threads} --device {params.t[device]} --quiet "
-            "2> {log:q}"
+            "OMP_NUM_THREADS={threads} {DORMANT} toy train --config {input.settings:q} --out-dir {params.dir:q} "
+            "--threads {threads} --device {params.device} --quiet 2> {log:q}"
 
     rule toy_report:
         """Claims table, final metrics, interventions, and the training-dynamics figures of one set of runs."""

@@ -1,4 +1,4 @@
-"""The Bigram-Backcopy task (SPEC §7): character bigrams of a real corpus, with backcopy after triggers.
+"""The Bigram-Backcopy task (definitions §7): character bigrams of a real corpus, with backcopy after triggers.
 
 Vocabulary: ``<s>`` (id 0) plus every character that occurs at least ``min_count`` times in the corpus
 (rarer characters are dropped from the text before counting bigrams). ``P`` is the row-normalised bigram

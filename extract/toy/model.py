@@ -1,4 +1,4 @@
-"""A small transformer for the Bigram-Backcopy task (SPEC §7), as a transformers ``PreTrainedModel``.
+"""A small transformer for the Bigram-Backcopy task (definitions §7), as a transformers ``PreTrainedModel``.
 
 Pre-LayerNorm blocks, learned absolute positions, ReLU MLP (4x), no biases anywhere, untied output layer.
 Softmax attention goes through transformers' attention registry (``config._attn_implementation``: sdpa,

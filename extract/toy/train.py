@@ -1,15 +1,17 @@
-"""Train one toy model on Bigram-Backcopy (SPEC §7): fresh seeded batches every step, metrics at log-spaced
+"""Train one toy model on Bigram-Backcopy (definitions §7): fresh seeded batches every step, metrics at log-spaced
 checkpoints, interventions at the end.
 
-Writes into ``out_dir``: ``config.json`` (model), ``run.json`` (the run spec), ``step-<n>.safetensors``
-(state dict at every checkpoint) and ``metrics.parquet`` (``run, step, metric, value``: the
-:mod:`extract.toy.metrics` metrics at every checkpoint, ``train_s`` = cumulative training wall time in
-seconds without the metric passes, and the ``zero_*`` intervention risks at the last step).
+Writes into ``out_dir``: ``config.json`` (model), ``run.json`` (the :class:`RunSpec`, every field),
+``step-<n>.safetensors`` (state dict at every checkpoint) and ``metrics.parquet``, the ``bb_metrics`` rows
+(:data:`METRICS_SCHEMA`: ``run, step, metric, layer, part, value``): the :mod:`extract.toy.metrics` metrics at
+every checkpoint (``layer`` null for the model's own metrics, ``part`` null), ``train_s`` = cumulative
+training wall time in seconds without the metric passes, and at the last step the interventions (``part`` =
+the zeroed ``attn`` / ``mlp`` of ``layer``).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,31 +22,16 @@ from tqdm.auto import tqdm
 
 from analysis.core.io import atomic_path, write_json, write_parquet
 
-from extract.toy.data import BigramBackcopy
-from extract.toy.metrics import interventions, measure
+from extract.toy.data import BigramBackcopy, corpus_task
+from extract.toy.metrics import Key, interventions, measure
 from extract.toy.model import toy_model
+from extract.toy.spec import RunSpec
 
+__all__ = ["METRICS_SCHEMA", "RunSpec", "checkpoint_steps", "loss_labels", "make_optimizer", "task_of", "train"]
 
-@dataclass(frozen=True)
-class RunSpec:
-    """One training run. ``optimizer``: ``adamw`` (lr, weight_decay, betas) or ``sgd`` (lr, momentum)."""
-    name: str
-    layers: int = 1
-    attention: str = "softmax"
-    optimizer: str = "adamw"
-    width: int = 128
-    length: int = 128
-    batch: int = 32
-    steps: int = 3000
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    momentum: float = 0.9
-    checkpoints: int = 20
-    eval_batch: int = 64
-    seed: int = 0
-    init: str = "normal"  # weight initialisation, see extract.toy.model.INITS
-    bos_loss: bool = True  # False: the prediction made at <s> (position 0) is left out of the loss
+# the bb_metrics rows (analysis.database: the table; NULL layer / part are stored there as -1 / '')
+METRICS_SCHEMA = {"run": pl.Utf8, "step": pl.Int32, "metric": pl.Utf8, "layer": pl.Int32, "part": pl.Utf8,
+                  "value": pl.Float64}
 
 
 def checkpoint_steps(steps: int, n: int) -> list[int]:
@@ -67,16 +54,23 @@ def loss_labels(x: torch.Tensor, bos_loss: bool = True) -> torch.Tensor:
     return x if bos_loss else x.index_fill(1, torch.tensor([1], device=x.device), -100)
 
 
-def _rows(run: str, step: int, metrics: dict[str, float]) -> list[dict]:
-    return [{"run": run, "step": step, "metric": k, "value": float(v)} for k, v in metrics.items()]
+def task_of(spec: RunSpec) -> BigramBackcopy:
+    """The task ``spec`` names: its corpus's character bigrams, ``triggers`` and ``min_count``."""
+    return corpus_task(spec.corpus, k=spec.triggers, min_count=spec.min_count)
 
 
-def train(spec: RunSpec, task: BigramBackcopy, out_dir: Path, *, device: str = "cpu",
+def _rows(run: str, step: int, values: dict[Key, float]) -> list[dict]:
+    return [{"run": run, "step": step, "metric": m, "layer": layer, "part": part, "value": float(v)}
+            for (m, layer, part), v in values.items()]
+
+
+def train(spec: RunSpec, task: BigramBackcopy | None, out_dir: Path, *, device: str = "cpu",
           progress: bool = True) -> pl.DataFrame:
-    """Train ``spec`` on ``task`` (batches sampled on the CPU, the model on ``device``); write the files of
-    the module doc; return the metrics frame."""
+    """Train ``spec`` on ``task`` (None: :func:`task_of` ``spec``; batches sampled on the CPU, the model on
+    ``device``); write the files of the module doc; return the metrics frame."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    task = task_of(spec) if task is None else task
     model = toy_model(task.vocab_size, width=spec.width, layers=spec.layers, length=spec.length,
                       attention=spec.attention, init=spec.init, seed=spec.seed).to(device)
     model.config.to_json_file(out_dir / "config.json")
@@ -92,7 +86,7 @@ def train(spec: RunSpec, task: BigramBackcopy, out_dir: Path, *, device: str = "
         model.eval()
         with atomic_path(out_dir / f"step-{step:06d}.safetensors") as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        rows.extend(_rows(spec.name, step, measure(model, task, x_eval) | {"train_s": train_s}))
+        rows.extend(_rows(spec.name, step, measure(model, task, x_eval) | {("train_s", None, None): train_s}))
         model.train()
 
     checkpoint(0)
@@ -112,6 +106,6 @@ def train(spec: RunSpec, task: BigramBackcopy, out_dir: Path, *, device: str = "
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     rows.extend(_rows(spec.name, spec.steps, interventions(model, task, x_eval)))
-    df = pl.DataFrame(rows, schema={"run": pl.Utf8, "step": pl.Int32, "metric": pl.Utf8, "value": pl.Float64})
+    df = pl.DataFrame(rows, schema=METRICS_SCHEMA)
     write_parquet(df, out_dir / "metrics.parquet")
     return df
