@@ -23,10 +23,10 @@ import polars as pl
 
 from analysis.core.io import write_parquet
 from analysis.core.names import model_key
-from analysis.database import connect, query
-from analysis.render import write_figure, write_table
 from analysis.core.score_functions import get_score_function
 from analysis.core.thresholds import threshold
+from analysis.database import connect, query
+from analysis.render import write_figure, write_table
 
 
 def domain_means(con, score_fn: str = "awft", fraction: float = 0.15) -> pl.DataFrame:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis.database import connect, query
 from analysis.core.names import model_key
+from analysis.database import connect, query
 from analysis.render import write_figure, write_table
 
 PARTS = ("scores", "salient", "dynamic", "correlations", "causal")

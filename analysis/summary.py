@@ -5,10 +5,10 @@ from pathlib import Path
 
 import polars as pl
 
+from analysis.core.io import write_bytes
+from analysis.core.score_functions import check_score_key
 from analysis.database import TABLES, connect, query, row_counts
 from analysis.render import markdown, write_figure, write_table
-from analysis.core.score_functions import check_score_key
-from analysis.core.io import write_bytes
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

@@ -55,9 +55,8 @@ def _naive_eager(model, ids):
     the ``"v"`` and ``"z"`` capture points, plain tensor ops."""
     import torch
 
-    from extract.engine.scores import scores_from_stats
-
     from extract.engine import hooks
+    from extract.engine.scores import scores_from_stats
 
     _, H, KV, _ = hooks.head_shape(model)
     with hooks.capture(model, "v") as vals, hooks.capture(model, "z") as outs, torch.inference_mode():

@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from extract.data.tasks import LETTERS, Question, TaskData, load_task
-from extract.errors import DormantError
 from extract.engine.scores import batches, pad_id, pad_right, recording
+from extract.errors import DormantError
 
 
 @dataclass

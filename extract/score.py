@@ -53,8 +53,8 @@ def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: 
                                                 settings.device)
     import torch
 
-    from extract.models.load import load_model, model_info
     from extract.engine.scores import encode_texts, score_heads
+    from extract.models.load import load_model, model_info
 
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} is outside 0..{num_shards - 1}")

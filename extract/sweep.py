@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from analysis.core import tables
 from analysis.core.score_functions import score_keys
 from analysis.core.thresholds import TARGET_FRACTIONS, thresholds
-
 from extract.data.tasks import TaskData, load_tasks  # no torch: the CLI reads SweepSettings at start-up
 
 RESULT_COLUMNS = tables.column_names("ablation_results")

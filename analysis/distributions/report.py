@@ -17,14 +17,14 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from analysis.core.score_functions import score_keys
 from analysis.database import connect, query
-from analysis.distributions.figures import (effects_chart, ecdf_chart, ecdf_frame, finetune_chart, head_heatmap_chart,
-                                   head_frame, paired_diff_chart, paired_diff_frame, wasserstein_matrix,
-                                   wasserstein_matrix_chart)
+from analysis.distributions.figures import (ecdf_chart, ecdf_frame, effects_chart, finetune_chart, head_frame,
+                                            head_heatmap_chart, paired_diff_chart, paired_diff_frame,
+                                            wasserstein_matrix, wasserstein_matrix_chart)
+from analysis.distributions.score_matrix import ScoreMatrix, load_scores, split_halves
 from analysis.distributions.stats import Settings, compare
 from analysis.render import write_figure, write_table
-from analysis.distributions.score_matrix import ScoreMatrix, load_scores, split_halves
-from analysis.core.score_functions import score_keys
 
 KEY_FUNCTIONS = ("awft", "aeqd", "ahon", "ahon_ln")
 
@@ -97,8 +97,8 @@ def run(db: Path, out: Path, series: list[tuple[str, list[str]]], *, null_models
         finetune_logs: list[Path] = (), tests_out: Path | None = None, explorer: Path | None = None,
         progress: bool = True) -> list[Path]:
     """Compute the comparisons on the database at ``db`` and write every output; returns the paths."""
-    from analysis.distributions.explorer import write_explorer
     from analysis.core.io import write_parquet
+    from analysis.distributions.explorer import write_explorer
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.database import query
 from analysis.core.score_functions import score_keys
+from analysis.database import query
 
 
 @dataclass(frozen=True)

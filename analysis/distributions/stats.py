@@ -39,8 +39,8 @@ import polars as pl
 
 from analysis.core import tables
 from analysis.core.score_functions import get_score_function
-from analysis.distributions.score_matrix import ScoreMatrix
 from analysis.core.thresholds import threshold
+from analysis.distributions.score_matrix import ScoreMatrix
 
 POOLED = ("ks_d", "wasserstein", "wasserstein_sd", "overlap", "frac_inactive_b")
 TRIPLES = ("iou_inactive", "precision_inactive")

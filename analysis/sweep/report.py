@@ -7,12 +7,12 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis.sweep.stats import auc_ranks, rank_correlation, selection_overlap, table2, top_k_iou
-from analysis.sweep.figures import accuracy_curves, figure3
-from analysis.database import connect, query
-from analysis.render import write_figure, write_table
 from analysis.core.score_functions import SCORE_FUNCTIONS
 from analysis.core.thresholds import stability
+from analysis.database import connect, query
+from analysis.render import write_figure, write_table
+from analysis.sweep.figures import accuracy_curves, figure3
+from analysis.sweep.stats import auc_ranks, rank_correlation, selection_overlap, table2, top_k_iou
 
 
 def selected_heads(con, task: str, fraction: float) -> pl.DataFrame:

@@ -29,9 +29,10 @@ def _db_build(args: argparse.Namespace) -> int:
 
 
 def _sql(args: argparse.Namespace) -> int:
-    from analysis.database import connect, query as db_query
-
     import duckdb
+
+    from analysis.database import connect
+    from analysis.database import query as db_query
 
     query = args.query if args.query != "-" else sys.stdin.read()
     con = connect(args.db, read_only=True)

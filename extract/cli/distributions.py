@@ -22,9 +22,9 @@ def _load_base(name: str, threads: int | None):
 def _finetune(args: argparse.Namespace) -> int:
     import polars as pl
 
+    from analysis.core.io import write_json, write_parquet
     from extract.finetune import SFTConfig, config_dict, finetune, sft_examples
     from extract.models.derived import derived_source, save_derived
-    from analysis.core.io import write_json, write_parquet
 
     t0 = time.perf_counter()
     cfg = options.settings_from_args(SFTConfig, args)

@@ -40,8 +40,8 @@ def _scatter(args: argparse.Namespace) -> int:
 
 def add_domains_parser(subparsers) -> None:
     """``dormant domains candidates`` (no torch), ``ablate`` (one model), ``scatter`` (no torch)."""
-    from extract.domains import DomainAblationSettings
     from analysis.core.score_functions import score_keys
+    from extract.domains import DomainAblationSettings
 
     p = subparsers.add_parser("domains", help="heads dormant on one domain and active on another (definitions §7)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

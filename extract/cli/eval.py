@@ -7,14 +7,15 @@ from pathlib import Path
 
 from extract.cli import options
 
+
 def _eval(args: argparse.Namespace) -> int:
     import polars as pl
 
+    from analysis.core.io import write_parquet
     from extract.data.tasks import DEFAULT_SUITE, load_tasks
+    from extract.engine.scores import scores_frame
     from extract.evaluate import evaluate
     from extract.models.load import load_model
-    from extract.engine.scores import scores_frame
-    from analysis.core.io import write_parquet
 
     names = [n for t in args.task for n in (DEFAULT_SUITE if t == "suite" else [t])]
     tasks = load_tasks(names, limit=args.limit, seed=args.seed, mmlu_dir=args.mmlu_dir)

@@ -32,8 +32,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from analysis.core.io import write_bytes
-from extract.models.fetch import cache_dir, ensure_wheel, is_verified, pip_command, sha256_file, write_sidecar
 from extract.errors import ChecksumError, DormantError, DownloadError
+from extract.models.fetch import cache_dir, ensure_wheel, is_verified, pip_command, sha256_file, write_sidecar
 
 PACKAGE, VERSION = "bigbench", "1.0.0"
 FILENAME = "bigbench-1.0.0.tar.gz"

@@ -23,10 +23,7 @@ import numpy as np
 import torch
 
 from analysis.core.score_functions import check_score_key, get_score_function
-
-from extract.engine import attention
-
-from extract.engine import capture, hooks
+from extract.engine import attention, capture, hooks
 from extract.engine.scores import pad_id, pad_right, score_from_stats
 
 

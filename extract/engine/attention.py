@@ -19,10 +19,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from analysis.core.score_functions import ordered_stats
-
-from extract.engine import capture
-
-from extract.engine import kernels
+from extract.engine import capture, kernels
 
 ATTN_NAME = "dormant"
 

@@ -22,10 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis.core.score_functions import SCORE_FUNCTIONS, ScoreFunction, score_keys, stats_by_key
-
-from extract.engine import attention
-
-from extract.engine import capture
+from extract.engine import attention, capture
 
 
 def _ratio(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

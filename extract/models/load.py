@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from analysis.core.io import atomic_dir
+from extract.errors import ChecksumError, DormantError, HubError, UnknownModelError
 from extract.models.fetch import converted_dir, fetch, licence_files, local_sha256
 from extract.models.zoo import HUB_ID, ZOO, ZooEntry, get_entry, provenance
-from extract.errors import ChecksumError, DormantError, HubError, UnknownModelError
 
 __all__ = ["ZOO", "ZooEntry", "fetch", "convert", "converted_model_dir", "load_model", "model_info",
            "guess_variant", "DormantError", "ChecksumError", "UnknownModelError", "HubError"]
