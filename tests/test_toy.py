@@ -603,8 +603,10 @@ def _workflow_copy(tmp_path) -> Path:
     return tmp_path
 
 
-def _snakemake(d: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", "config/smoke.yaml", *args]
+def _snakemake(d: Path, *args: str, configs: tuple[str, ...] = ("config/smoke.yaml",)) -> subprocess.CompletedProcess:
+    """``snakemake ARGS --cores 1 --configfile CONFIGS`` in ``d`` (targets before the config files, which
+    take every word after them)."""
+    cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "1", "--configfile", *configs]
     return subprocess.run(cmd, cwd=d, capture_output=True, text=True)
 
 
@@ -618,7 +620,7 @@ def test_workflow_rewrites_only_the_changed_runs_settings_file(tmp_path):
     assert {"toy_adam_1l.json", "toy_relu_1l.json", "toy_adam_1l_seed1.json"} <= set(files)
     assert json.loads(files["toy_relu_1l.json"][0])["attention"] == "relu"
     (d / "extra.yaml").write_text("mechanism:\n  toy:\n    runs:\n      relu_1l: {steps: 7}\n")
-    res = _snakemake(d, "--configfile", "config/smoke.yaml", "extra.yaml", "-n", "toy_all")
+    res = _snakemake(d, "-n", "toy_all", configs=("config/smoke.yaml", "extra.yaml"))
     assert res.returncode == 0, res.stderr[-3000:]
     now = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (d / "results" / "config").glob("toy_*.json")}
     assert {n for n in files if now[n] != files[n]} == {"toy_relu_1l.json", "toy_relu_1l_seed1.json",
