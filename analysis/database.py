@@ -23,7 +23,6 @@ import duckdb
 
 from analysis.core import tables
 from analysis.core.io import atomic_path
-
 from analysis.core.score_functions import SCORE_FUNCTIONS, score_keys
 
 _SCORE_TABLES = ("head_scores", "calibration_scores")

@@ -11,7 +11,7 @@ from extract.data.tasks import TaskData, load_task, make_question
 from extract.errors import DormantError
 from extract.evaluate import build_prompt, encode_prompt, evaluate, format_question
 from extract.engine.scores import score_heads
-from test_datasets import write_mmlu
+from fakes import write_mmlu
 from tiny import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 

@@ -135,23 +135,23 @@ _TABLES: dict[str, Table] = {t.name: t for t in [
               "model str, dataset str, example str, domain str, n_tokens int32, max_tokens int32, bos_first bool, "
               "sha256 str")),
     Table("head_scores", _key("model, dataset, example, layer, head"),
-          "the raw scores, one column per score function (SPEC §2).", _columns(
+          "the raw scores, one column per score function (definitions §2).", _columns(
               "model str, dataset str, example str, layer int32, head int32, *scores")),
-    Table("thresholds", _key("model, task, score_fn, target_fraction"), "τ per SPEC §3.", _columns(
+    Table("thresholds", _key("model, task, score_fn, target_fraction"), "τ per definitions §3.", _columns(
         "model str, task str, score_fn str, target_fraction float64, threshold float64, n_scores int64")),
     Table("ablation_results", _key("model, task, score_fn, target_fraction"),
-          "realized %, accuracy (SPEC §4–5).", _columns(
+          "realized %, accuracy (definitions §4–5).", _columns(
               "model str, task str, score_fn str, target_fraction float64, threshold float64, "
               "realized_percent float64, accuracy float64, n_questions int32")),
     Table("calibration_scores", _key("model, task, question, layer, head"),
           "the same scores on the evaluation prompts.", _columns(
               "model str, task str, question_task str, question str, layer int32, head int32, *scores")),
     Table("distribution_tests", _key("comparison, score_fn, depth_bin, statistic"),
-          "SPEC §6 statistics with bootstrap CIs.", _columns(
+          "definitions §6 statistics with bootstrap CIs.", _columns(
               "comparison str, score_fn str, depth_bin str, statistic str, value float64, ci_low float64, "
               "ci_high float64, p_value float64, n_examples int32, kind str, model_a str, model_b str")),
     Table("finetune_log", _key("model, step, split"),
-          "training / held-out loss of the SPEC §6 finetune (nats per token).", _columns(
+          "training / held-out loss of the definitions §6 finetune (nats per token).", _columns(
               "model str, step int32, split str, loss float64, tokens int32, lr float64, seconds float64")),
     Table("bb_metrics", _key("run, step, metric, layer, part"),
           "Bigram-Backcopy toy-model training metrics (definitions §7): ``layer`` -1 for a model-level metric, ``part`` "
@@ -162,18 +162,18 @@ _TABLES: dict[str, Table] = {t.name: t for t in [
               null_as={"layer": -1, "part": ""})),
     Table("domain_head_ablation", _key("model, dataset, example, layer, head"),
           "loss change (nats/token) from zeroing one dormant-by-domain candidate head, with its per-example "
-          "``awft`` and ``ahon_ln`` (SPEC §7).", _columns(
+          "``awft`` and ``ahon_ln`` (definitions §7).", _columns(
               "model str, dataset str, example str, domain str, n_tokens int32, layer int32, head int32, "
               "awft float64, ahon_ln float64, loss_base float64, loss_ablated float64, delta_loss float64, "
               "loss_mean_ablated float64, delta_loss_mean float64",
               loss_mean_ablated="NULL unless mean ablation was run",
               delta_loss_mean="NULL unless mean ablation was run"),
           added=("loss_mean_ablated", "delta_loss_mean")),
-    Table("maps_scores", _key("model, layer, head, operation"), "MAPS static and suppression scores (SPEC §8).",
+    Table("maps_scores", _key("model, layer, head, operation"), "MAPS static and suppression scores (definitions §8).",
           _columns("model str, layer int32, head int32, operation str, category str, k int32, score float64, "
                    "suppression_score float64, n_pairs int32")),
     Table("maps_salient", _key("model, layer, head, rank"),
-          "each head's most salient tokens and their top targets (SPEC §8).", _columns(
+          "each head's most salient tokens and their top targets (definitions §8).", _columns(
               "model str, layer int32, head int32, rank int32, token_id int64, token str, saliency float64, "
               "top_targets str")),
     Table("maps_dynamic", _key("model, layer, head, operation, template, context"),

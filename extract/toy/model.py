@@ -20,7 +20,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from extract.engine import capture
 from extract.errors import DormantError
 
-
 INITS = {"normal": "every weight N(0, 0.02²), LayerNorm weights 1 (GPT-2 style)",
          "torch": "PyTorch's module defaults: embeddings N(0, 1), linear layers U(±1/√fan_in) (the AD authors' code)"}
 

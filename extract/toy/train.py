@@ -21,7 +21,6 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from analysis.core.io import atomic_path, write_json, write_parquet
-
 from extract.toy.data import BigramBackcopy, corpus_task
 from extract.toy.metrics import Key, interventions, measure
 from extract.toy.model import toy_model

@@ -251,7 +251,7 @@ def test_maps_settings_are_the_config_section():
     from extract.cli import options
     from extract.maps.run import MapsSettings
 
-    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
     for name in ("smoke", "default", "paper"):
         section = yaml.safe_load((root / "config" / f"{name}.yaml").read_text())["maps"]
         values = {k: v for k, v in section.items() if k not in ("models", "join", "threads")}

@@ -29,7 +29,7 @@ from extract.toy.train import METRICS_SCHEMA, RunSpec, checkpoint_steps, train
 
 torch.set_num_threads(1)
 TEXT = "the cat ate the hat. a bat sat at the mat; the rat ate a date! " * 30
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_METRICS = {"loss", "backcopy_risk", "bigram_risk", "train_s"}
 LAYER_METRICS = {"attn_bos", "attn_bos_trig", "attn_prev_trig", "attn_self_bos", "delta_logit", "val_bos",
                  "val_ratio", "res_peak", "res_ratio"}

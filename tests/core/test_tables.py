@@ -13,7 +13,7 @@ from analysis.core.score_functions import ScoreFunction, registered, score_keys
 from analysis.database import connect, migrations, schema
 
 # The schema as it shipped before analysis.core.tables (the DDL of analysis/database.py at abe9ea2), written
-# out by hand: the 13 built-in score columns in SPEC order. Changed since: bb_metrics has layer and part
+# out by hand: the 13 built-in score columns in definitions §2 order. Changed since: bb_metrics has layer and part
 # (key columns; the toy metrics no longer spell them in the metric name).
 BUILTIN_SCORES = ("awft DOUBLE, awft_ln DOUBLE, aeqd DOUBLE, aeqd_ln DOUBLE, ftvvn DOUBLE, ftvvn_ln DOUBLE, "
                   "avvn DOUBLE, avvn_ln DOUBLE, lthon DOUBLE, lthon_ln DOUBLE, lthon_hn DOUBLE, ahon DOUBLE, "

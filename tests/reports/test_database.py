@@ -9,36 +9,12 @@ import numpy as np
 import polars as pl
 import pytest
 
+from fakes import fake_inputs, fake_shard
+
 from analysis.database import build, checksum, connect, ingest, query, row_counts
 from analysis.core.score_functions import score_keys
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def fake_shard(path, model="m", dataset="d", n_examples=3, layers=2, heads=3, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for e in range(n_examples):
-        for l in range(layers):
-            for h in range(heads):
-                rows.append({"model": model, "dataset": dataset, "example_id": f"{dataset}/{e}", "example": e,
-                             "n_tokens": 10 + e, "bos_first": True, "layer": l, "head": h,
-                             **{k: float(rng.random()) for k in score_keys()}})
-    df = pl.DataFrame(rows).with_columns(pl.col("layer", "head").cast(pl.Int32))
-    df.write_parquet(path)
-    return df
-
-
-def fake_inputs(tmp_path):
-    info = tmp_path / "m.json"
-    info.write_text(json.dumps({"model": "m", "family": "llama", "variant": "base", "n_params": 10,
-                                "n_layers": 2, "n_heads": 3, "n_kv_heads": 1, "head_dim": 4, "d_model": 12}))
-    corpus = tmp_path / "d.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"d/{e}", "text": "x", "domain": "news", "max_tokens": 50,
-                                          "sha256": f"h{e}"}) + "\n" for e in range(3)))
-    shard = tmp_path / "s.parquet"
-    df = fake_shard(shard)
-    return dict(model_jsons=[info], shards=[shard], corpora={"d": corpus}), df
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ingest_roundtrip_and_idempotence(tmp_path):

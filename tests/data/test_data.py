@@ -15,6 +15,7 @@ from extract.data.tasks import SHOT_POOL, load_task, load_tasks
 from analysis.core.io import write_jsonl
 from extract.errors import ChecksumError, DormantError
 from extract.score import read_examples
+from fakes import write_mmlu
 
 ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks"
 
@@ -226,16 +227,6 @@ def test_registry_subtask_and_description(bb_tar):
 def test_default_suite_prefers_four_or_more_choices():
     assert len(tasks.DEFAULT_SUITE) == 10
     assert all(tasks.TASKS[n].source == "bigbench" for n in tasks.DEFAULT_SUITE)
-
-
-def write_mmlu(root, subjects=("astronomy", "high_school_physics"), n_test=6, n_dev=5):
-    for split, n in (("dev", n_dev), ("test", n_test)):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for s in subjects:
-            rows = [f'"{s} {split} question {i}, with a comma and ""quotes""?",a{i},b{i},"c, {i}",d{i},{"ABCD"[i % 4]}'
-                    for i in range(n)]
-            (root / split / f"{s}_{split}.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def test_mmlu_csv_loader(tmp_path):

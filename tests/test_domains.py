@@ -40,7 +40,7 @@ def test_domain_candidates_orientation_and_contrast():
 
 
 def test_domain_means_dormant_fraction_against_numpy(tmp_path):
-    """τ is the SPEC §3 quantile of each model's pooled scores; the dormant fraction per domain counts the
+    """τ is the definitions §3 quantile of each model's pooled scores; the dormant fraction per domain counts the
     examples beyond it, computed here independently with NumPy."""
     from analysis.database import connect
     from analysis.domains import domain_means

@@ -13,7 +13,7 @@ from analysis.database import build, connect, ingest, query
 from extract.engine import attention, capture
 from extract.engine.ablation import ablate
 from extract.engine.scores import raw_head_stats, score_heads, scores_from_stats
-from test_database import fake_inputs, fake_shard
+from fakes import fake_inputs, fake_shard
 from tiny import tiny_model
 
 BUILTIN = ("awft", "awft_ln", "aeqd", "aeqd_ln", "ftvvn", "ftvvn_ln", "avvn", "avvn_ln", "lthon", "lthon_ln",
