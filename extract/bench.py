@@ -55,6 +55,7 @@ def _naive_eager(model, ids):
     the ``"v"`` and ``"z"`` capture points, plain tensor ops."""
     import torch
 
+    from analysis.core.score_functions import ordered_stats
     from extract.engine import hooks
     from extract.engine.scores import scores_from_stats
 
@@ -69,7 +70,9 @@ def _naive_eager(model, ids):
         O = outs[i][0]
         ent = -(A * torch.log(A.clamp_min(1e-30))).sum(-1).mean(-1)
         on, vn = O.norm(dim=-1), V.norm(dim=-1)
-        stats.append(torch.stack([A[:, :, 0].mean(-1), ent, vn[0], vn.mean(0), on[-1], on.mean(0)], -1).double())
+        by_name = {"p_first": A[:, :, 0].mean(-1), "entropy": ent, "v_first_norm": vn[0], "v_norm": vn.mean(0),
+                   "o_last_norm": on[-1], "o_norm": on.mean(0)}
+        stats.append(torch.stack(ordered_stats(by_name), -1).double())
     return scores_from_stats(torch.stack(stats))
 
 
