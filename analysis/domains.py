@@ -43,7 +43,7 @@ def domain_means(con, score_fn: str = "awft", fraction: float = 0.15) -> pl.Data
     taus = pl.DataFrame([{"model": m, "tau": threshold(g["score"].to_numpy(), fraction, score_fn)}
                          for (m,), g in rows.group_by(["model"], maintain_order=True)])
     inactive = fn.is_inactive(pl.col("score"), pl.col("tau"))
-    return (rows.join(taus, on="model").group_by("model", "layer", "head", "domain")
+    return (rows.join(taus, on="model").group_by("model", "layer", "head", "domain", maintain_order=True)
             .agg(pl.col("score").mean().alias("mean"), inactive.mean().alias("dormant_frac"),
                  pl.col("tau").first(), pl.len().alias("n_examples"))
             .sort("model", "layer", "head", "domain"))
@@ -95,8 +95,8 @@ def heads_figure(means: pl.DataFrame, cands: pl.DataFrame, model: str, score_fn:
     ranked = cands.filter(pl.col("model") == model).select("layer", "head", "rank")
     panels = []
     for xs, ys, xt, yt in pairs:
-        x = m.filter(pl.col("domain").is_in(xs)).group_by("layer", "head").agg(pl.col("mean").mean().alias("x"))
-        y = m.filter(pl.col("domain").is_in(ys)).group_by("layer", "head").agg(pl.col("mean").mean().alias("y"))
+        x = m.filter(pl.col("domain").is_in(xs)).group_by("layer", "head", maintain_order=True).agg(pl.col("mean").mean().alias("x"))
+        y = m.filter(pl.col("domain").is_in(ys)).group_by("layer", "head", maintain_order=True).agg(pl.col("mean").mean().alias("y"))
         d = x.join(y, on=["layer", "head"]).join(ranked, on=["layer", "head"], how="left")
         d = d.with_columns(pl.format("L{}H{}", "layer", "head").alias("name"))
         lo, hi = float(min(d["x"].min(), d["y"].min())), float(max(d["x"].max(), d["y"].max()))

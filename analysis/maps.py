@@ -41,7 +41,7 @@ def correlation_table(corr: pl.DataFrame) -> pl.DataFrame:
     """Median / min / max over operations of Pearson r, per (model, context)."""
     if not corr.height:
         return pl.DataFrame({"model": [], "context": []})
-    return (corr.drop_nulls("pearson").filter(pl.col("pearson").is_not_nan()).group_by("model", "context")
+    return (corr.drop_nulls("pearson").filter(pl.col("pearson").is_not_nan()).group_by("model", "context", maintain_order=True)
             .agg(pl.col("pearson").median().alias("median_r"), pl.col("pearson").min().alias("min_r"),
                  pl.col("pearson").max().alias("max_r"), pl.len().alias("operations"))
             .sort("model", "context"))
@@ -52,7 +52,7 @@ def causal_table(causal: pl.DataFrame) -> pl.DataFrame:
     if not causal.height:
         return pl.DataFrame({"model": [], "operation": []})
     c = causal.filter(pl.col("selection") != "none")
-    return (c.group_by("model", "operation", "n_heads")
+    return (c.group_by("model", "operation", "n_heads", maintain_order=True)
             .agg(pl.col("base_accuracy").first().alias("base"),
                  pl.col("accuracy").filter(pl.col("selection") == "top").first().alias("top_heads"),
                  pl.col("accuracy").filter(pl.col("selection") == "random").mean().alias("random_heads"),
@@ -80,7 +80,7 @@ def join_table(heads: pl.DataFrame, inactive_below: float, salient_min: float) -
         (pl.col("max_static") < salient_min).alias("no_salient"))
     if not h.height:
         return pl.DataFrame({"model": []})
-    return (h.group_by("model")
+    return (h.group_by("model", maintain_order=True)
             .agg(pl.len().alias("heads"), pl.col("inactive").sum().alias("inactive"),
                  pl.col("no_salient").sum().alias("no_salient"),
                  (pl.col("inactive") & pl.col("no_salient")).sum().alias("both"),
@@ -93,7 +93,7 @@ def join_table(heads: pl.DataFrame, inactive_below: float, salient_min: float) -
 def heatmap(scores: pl.DataFrame, model: str):
     import altair as alt
 
-    df = (scores.filter(pl.col("model") == model).group_by("layer", "head", "category")
+    df = (scores.filter(pl.col("model") == model).group_by("layer", "head", "category", maintain_order=True)
           .agg(pl.col("score").max().alias("max_static")))
     return alt.Chart(df).mark_rect().encode(
         x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"),
@@ -120,7 +120,7 @@ def join_chart(heads: pl.DataFrame, inactive_below: float):
 def causal_chart(causal: pl.DataFrame):
     import altair as alt
 
-    df = (causal.filter(pl.col("selection") != "none").group_by("model", "operation", "selection", "n_heads")
+    df = (causal.filter(pl.col("selection") != "none").group_by("model", "operation", "selection", "n_heads", maintain_order=True)
           .agg(pl.col("accuracy").mean()))
     return alt.Chart(df).mark_line(point=True).encode(
         x=alt.X("n_heads:Q", title="heads ablated", scale=alt.Scale(type="log", base=2)),
@@ -144,7 +144,7 @@ def write_maps_reports(dirs: list[Path], core_db: Path | None, out: Path, *, ina
     if con is not None:
         con.close()
     paths += write_table(join_table(heads, inactive_below, salient_min), out / "tables" / "maps_join")
-    best = (d["scores"].group_by("model", "operation", "category")
+    best = (d["scores"].group_by("model", "operation", "category", maintain_order=True)
             .agg(pl.col("score").max().alias("best_static"), pl.col("suppression_score").max().alias("best_suppression"),
                  pl.col("n_pairs").first()).sort("model", "category", "operation"))
     paths += write_table(best, out / "tables" / "maps_best_by_operation")

@@ -37,7 +37,7 @@ def read_benchmarks(root: str | Path) -> pl.DataFrame:
 
 def rule_timings(jobs: pl.DataFrame) -> pl.DataFrame:
     """Per rule: job count, summed wall and CPU seconds, largest peak RSS; a ``total`` row last."""
-    per = (jobs.group_by("rule").agg(pl.len().alias("jobs"), pl.col("wall_s").sum(), pl.col("cpu_s").sum(),
+    per = (jobs.group_by("rule", maintain_order=True).agg(pl.len().alias("jobs"), pl.col("wall_s").sum(), pl.col("cpu_s").sum(),
                                      pl.col("max_rss_mib").max())
            .sort("wall_s", descending=True))
     total = jobs.select(pl.lit("total").alias("rule"), pl.len().alias("jobs"), pl.col("wall_s").sum(),

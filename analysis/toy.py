@@ -99,7 +99,7 @@ def series(df: pl.DataFrame, run: str, metric: str, layer: int | None = None) ->
     sel = df.filter((pl.col("run") == run) & (pl.col("metric") == metric) & pl.col("part").is_null())
     if layer is not None:
         sel = sel.filter(pl.col("layer") == layer)
-    return sel.group_by("step").agg(pl.col("value").max()).sort("step")
+    return sel.group_by("step", maintain_order=True).agg(pl.col("value").max()).sort("step")
 
 
 def _at(s: pl.DataFrame, step: int) -> float:
@@ -112,7 +112,7 @@ def early_step(df: pl.DataFrame, run: str, total: int) -> int:
     d = df.filter((pl.col("run") == run) & (pl.col("step") > 0))
     steps = sorted(set(d["step"]))
     risk = d.filter(pl.col("metric").is_in(RISKS) & pl.col("layer").is_null() & pl.col("part").is_null())
-    ok = risk.group_by("step").agg(pl.col("value").max()).filter(pl.col("value") <= LEARNED)
+    ok = risk.group_by("step", maintain_order=True).agg(pl.col("value").max()).filter(pl.col("value") <= LEARNED)
     if not ok.is_empty() and int(ok["step"].min()) < steps[-1]:
         return int(ok["step"].min())
     target = math.log(max(total / 10, 1))
@@ -252,7 +252,7 @@ def compare_figure(df: pl.DataFrame, specs: dict[str, dict]):
 
 def interventions_table(df: pl.DataFrame) -> pl.DataFrame:
     """Final excess risks per run: none, and each layer's attention or MLP zeroed (``zeroed``: "attn L0")."""
-    last = df.group_by("run").agg(pl.col("step").max().alias("last"))
+    last = df.group_by("run", maintain_order=True).agg(pl.col("step").max().alias("last"))
     d = df.join(last, on="run").filter(pl.col("step") == pl.col("last"))
     base = d.filter(pl.col("metric").is_in(RISKS) & pl.col("layer").is_null() & pl.col("part").is_null()
                     ).with_columns(pl.lit("none").alias("zeroed"))

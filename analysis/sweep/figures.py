@@ -10,7 +10,7 @@ def figure3(ranks: pl.DataFrame):
     """Heatmap of each function's AUC rank per model (1 = best), functions ordered by mean rank."""
     import altair as alt
 
-    order = ranks.group_by("score_fn").agg(pl.col("rank").mean()).sort("rank")["score_fn"].to_list()
+    order = ranks.group_by("score_fn", maintain_order=True).agg(pl.col("rank").mean()).sort("rank")["score_fn"].to_list()
     base = alt.Chart(ranks).encode(x=alt.X("score_fn:N", sort=order, title="score function"),
                                    y=alt.Y("model:N", title=None))
     heat = base.mark_rect().encode(color=alt.Color("rank:Q", scale=alt.Scale(scheme="viridis", reverse=True),

@@ -51,7 +51,7 @@ def write_ablation_reports(db: Path, out: Path, timings: list[Path] = (), overla
         sel = selected_heads(con, task, overlap_fraction)
         ov = selection_overlap(sel)
         if not ov.is_empty():
-            summary = (ov.group_by("model").agg(pl.col("iou").max().alias("max_iou"),
+            summary = (ov.group_by("model", maintain_order=True).agg(pl.col("iou").max().alias("max_iou"),
                                                 pl.col("precision").max().alias("max_precision")).sort("model"))
             written += write_table(summary, tables / f"function_overlap_max{sfx}", digits=3)
             written += write_table(ov.sort("model", "fn_a", "fn_b"), tables / f"function_overlap{sfx}", digits=3)
