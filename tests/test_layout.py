@@ -107,3 +107,18 @@ def test_every_command_is_in_the_readme():
         commands = [f"{name} {c}" for c in subsub[0].choices] if subsub else [name]
         missing += [c for c in commands if f"dormant {c}" not in readme]
     assert not missing, f"commands missing from the README's command list: {missing}"
+
+
+def test_maps_operations_are_package_data():
+    """Every file of extract/maps/operations_data is matched by pyproject's package-data globs (so a
+    non-editable install carries the MAPS operations), and the loader reads them from the package."""
+    import tomllib
+
+    from extract.maps import operations
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["extract.maps"]
+    pkg = ROOT / "extract" / "maps"
+    files = {p.relative_to(pkg) for p in (pkg / "operations_data").rglob("*") if p.is_file()}
+    matched = {p.relative_to(pkg) for g in globs for p in pkg.glob(g) if p.is_file()}
+    assert files and files == matched, f"not package data: {sorted(map(str, files - matched))}"
+    assert operations.DATA_DIR == pkg / "operations_data"
