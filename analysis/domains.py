@@ -16,6 +16,7 @@ compare each example's loss change with that head's first-token attention (``awf
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,14 @@ def heads_figure(means: pl.DataFrame, cands: pl.DataFrame, model: str, score_fn:
                                                                                    ).encode(x="x:Q", y="y:Q")
         panels.append((diag + pts + ring + lab).properties(width=320, height=300))
     return alt.hconcat(*panels).properties(title=f"{model}: per-head {score_fn} by domain (red: top candidates)")
+
+
+@dataclass(frozen=True)
+class CandidateSettings:
+    """How dormant-by-domain candidates are picked (the config's ``mechanism.domains`` score_fn, fraction, top)."""
+    score_fn: str = "awft"  # the score whose per-domain means are contrasted
+    fraction: float = 0.15  # target fraction p of the definitions §3 threshold that marks a head dormant
+    top: int = 5  # candidate heads per model
 
 
 def write_domain_report(db: Path, out: Path, *, score_fn: str = "awft", top: int = 5, fraction: float = 0.15,

@@ -14,6 +14,7 @@ operation category), ``maps_static_vs_inactive`` (best static score vs median ah
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -127,6 +128,13 @@ def causal_chart(causal: pl.DataFrame):
         y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color=alt.Color("selection:N"),
         column=alt.Column("operation:N", title=None), row=alt.Row("model:N", title=None),
     ).properties(width=140, height=110)
+
+
+@dataclass(frozen=True)
+class JoinSettings:
+    """The join of MAPS functions with inactivity (the config's ``maps.join``)."""
+    inactive_below: float = 0.5  # a head is inactive when its median ahon_ln is below this
+    salient_min: float = 0.2  # a head has a salient operation when its best static score reaches this
 
 
 def write_maps_reports(dirs: list[Path], core_db: Path | None, out: Path, *, inactive_below: float = 0.5,

@@ -36,6 +36,7 @@ if DIST:
 
         rule perturb:
             """The positive control: a copy of the base model with seeded noise on its q/k projections."""
+            input: settings_file(f"perturb_{model_key(_PT['name'])}", {k: _PT[k] for k in ("scale", "seed")})
             output: directory(DERIVED[model_key(_PT["name"])])
             params: p=_PT
             threads: 1
@@ -43,8 +44,8 @@ if DIST:
             log: f"results/logs/perturb/{_PT['name']}.log"
             benchmark: f"results/benchmarks/perturb/{_PT['name']}.tsv"
             shell:
-                "OMP_NUM_THREADS={threads} {DORMANT} perturb --base {params.p[base]:q} --name {params.p[name]} "
-                "--scale {params.p[scale]} --seed {params.p[seed]} --threads {threads} --out {output:q} 2> {log:q}"
+                "OMP_NUM_THREADS={threads} {DORMANT} perturb --base {params.p[base]:q} --name {params.p[name]:q} "
+                "--config {input:q} --threads {threads} --out {output:q} 2> {log:q}"
 
     _DIST_FIGS = ["dist_effects", "dist_wasserstein_matrix"] + (["finetune_loss"] if _FT else [])
 

@@ -16,20 +16,20 @@ if config.get("mechanism"):
 
     rule domain_candidates:
         """Heads dormant on one domain and active on another: table, one figure per model, candidates."""
-        input: CORE_DB
+        input:
+            db=CORE_DB,
+            settings=settings_file("domain_candidates", {k: DOM[k] for k in ("score_fn", "fraction", "top")}),
         output:
             cands="results/domains/candidates.parquet",
             tables=multiext("results/tables/domain_heads", ".csv", ".md", ".tex"),
             figures=[report(f, category="Active-dormant mechanism") if f.endswith(".png") else f
                      for f in expand("results/figures/domain_heads_{model}.{ext}", model=MODELS, ext=["png", "svg"])],
-        params:
-            models=" ".join(f"{m!r}" for m in MODELS.values()),
-            d=DOM,
+        params: models=" ".join(f"{m!r}" for m in MODELS.values())
         log: "results/logs/domain_candidates.log"
         benchmark: "results/benchmarks/domain_candidates.tsv"
         shell:
-            "{DORMANT} domains candidates --db {input:q} --out results --score-fn {params.d[score_fn]} "
-            "--top {params.d[top]} --fraction {params.d[fraction]} --models {params.models} > {log:q} 2>&1"
+            "{DORMANT} domains candidates --db {input.db:q} --config {input.settings:q} --out results "
+            "--models {params.models} > {log:q} 2>&1"
 
     rule domain_ablate:
         """Per-example loss change from zeroing (and mean-ablating) each of one model's top candidate heads."""

@@ -36,34 +36,36 @@ if MAPS_CFG:
             "OMP_NUM_THREADS={threads} {DORMANT} maps run --model {params.name:q} --config {input.settings:q} "
             "--out-dir {params.dir:q} --threads {threads} --device {config[scoring][device]} > {log:q} 2>&1"
 
+    MAPS_JOIN = settings_file("maps_join", MAPS_CFG["join"])
+
     rule maps_report:
         """MAPS tables (correlations, causal, join with ahon_ln) and figures (heatmaps, join, causal)."""
         input:
             runs=[f"results/maps/{m}/{p}.parquet" for m in MAPS_MODELS for p in MAPS_PARTS],
             db=CORE_DB,
+            settings=MAPS_JOIN,
         output: "results/maps/report.txt"
         params:
             dirs=" ".join(f"results/maps/{m}" for m in MAPS_MODELS),
-            j=MAPS_CFG["join"],
         log: "results/logs/maps_report.log"
         benchmark: "results/benchmarks/maps_report.tsv"
         resources: mem_mb=config["resources"]["mem_mb"]
         shell:
             "{DORMANT} maps report --maps-dirs {params.dirs} --core-db {input.db:q} --out results "
-            "--inactive-below {params.j[inactive_below]} --salient-min {params.j[salient_min]} > {output:q} 2> {log:q}"
+            "--config {input.settings:q} > {output:q} 2> {log:q}"
 
     rule maps_all:
         """MAPS for every model of `models` (same settings), then the tables and figures over all of them."""
         input:
             runs=expand("results/maps/{model}/{part}.parquet", model=list(MODELS), part=MAPS_PARTS),
             db=CORE_DB,
+            settings=MAPS_JOIN,
         output: "results/maps/report_all.txt"
         params:
             dirs=" ".join(f"results/maps/{m}" for m in MODELS),
-            j=MAPS_CFG["join"],
         log: "results/logs/maps_all.log"
         benchmark: "results/benchmarks/maps_all.tsv"
         resources: mem_mb=config["resources"]["mem_mb"]
         shell:
             "{DORMANT} maps report --maps-dirs {params.dirs} --core-db {input.db:q} --out results "
-            "--inactive-below {params.j[inactive_below]} --salient-min {params.j[salient_min]} > {output:q} 2> {log:q}"
+            "--config {input.settings:q} > {output:q} 2> {log:q}"

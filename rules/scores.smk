@@ -26,15 +26,17 @@ rule fetch_data:
     shell: "{DORMANT} data fetch > {output:q} 2> {log:q}"
 
 
+CORPUS = settings_file("corpora", {k: config["corpora"][k] for k in ("n", "min_tokens", "max_tokens", "seed")})
+
+
 rule corpus:
     """N documents of a corpus with seeded lengths in [min_tokens, max_tokens]."""
-    input: rules.fetch_data.output
+    input:
+        sources=rules.fetch_data.output,
+        settings=CORPUS,
     output: "results/data/corpora/{corpus}.jsonl"
-    params: c=config["corpora"]
     log: "results/logs/corpus/{corpus}.log"
-    shell:
-        "{DORMANT} data corpus {wildcards.corpus} --n {params.c[n]} --min-tokens {params.c[min_tokens]} "
-        "--max-tokens {params.c[max_tokens]} --seed {params.c[seed]} --out {output:q} 2> {log:q}"
+    shell: "{DORMANT} data corpus {wildcards.corpus} --config {input.settings:q} --out {output:q} 2> {log:q}"
 
 
 SCORING = settings_file("scoring", {k: config["scoring"][k] for k in ("batch_tokens", "dtype", "device",

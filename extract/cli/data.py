@@ -5,6 +5,8 @@ import argparse
 import time
 from pathlib import Path
 
+from extract.cli import options
+
 MB = 1e6  # bytes per MB in printed sizes
 
 def _data_fetch(args: argparse.Namespace) -> int:
@@ -23,13 +25,14 @@ def _data_fetch(args: argparse.Namespace) -> int:
 
 def _data_corpus(args: argparse.Namespace) -> int:
     from analysis.core.io import write_jsonl
-    from extract.data.corpora import sample_corpus
+    from extract.data.corpora import CorpusSettings, sample_corpus
 
-    rows = sample_corpus(args.name, args.n, args.min_tokens, args.max_tokens, args.seed)
+    c = options.settings_from_args(CorpusSettings, args)
+    rows = sample_corpus(args.name, c.n, c.min_tokens, c.max_tokens, c.seed)
     write_jsonl(args.out, rows)
     chars = sum(len(r["text"]) for r in rows)
-    print(f"{args.name}: {len(rows)} documents, lengths drawn in [{args.min_tokens}, {args.max_tokens}] "
-          f"(seed {args.seed}), {chars / MB:.2f} MB of text -> {args.out}")
+    print(f"{args.name}: {len(rows)} documents, lengths drawn in [{c.min_tokens}, {c.max_tokens}] "
+          f"(seed {c.seed}), {chars / MB:.2f} MB of text -> {args.out}")
     return 0
 
 
@@ -61,19 +64,18 @@ def _data_tasks(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from extract.data.corpora import CorpusSettings
+
     p = sub.add_parser("data", help="text corpora and multiple-choice tasks: fetch, corpus, tasks")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("fetch", help="download and verify BIG-bench and the code sdist into the cache"
+    cmds = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cmds.add_parser("fetch", help="download and verify BIG-bench and the code sdist into the cache"
                    ).set_defaults(func=_data_fetch)
-    c = sub.add_parser("corpus", help="sample a text corpus (paper protocol) into a JSON-lines file")
+    c = cmds.add_parser("corpus", help="sample a text corpus (paper protocol) into a JSON-lines file")
     c.add_argument("name", metavar="NAME", help="xsum, wikilingua or code")
-    c.add_argument("--n", type=int, default=100, help="documents (paper: 100)")
-    c.add_argument("--min-tokens", type=int, default=10, help="shortest drawn length (paper: 10)")
-    c.add_argument("--max-tokens", type=int, default=3000, help="longest drawn length (paper: 3000)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", type=Path, required=True, help="JSON-lines file to write (atomically)")
+    options.add_out(c, "JSON-lines file to write (atomically)")
+    options.add_settings(c, CorpusSettings, doc="corpus")
     c.set_defaults(func=_data_corpus)
-    t = sub.add_parser("tasks", help="the multiple-choice task registry with choice and question counts")
+    t = cmds.add_parser("tasks", help="the multiple-choice task registry with choice and question counts")
     t.add_argument("--mmlu-dir", type=Path, help="local MMLU CSV directory (dev/, test/) to include MMLU")
     t.add_argument("--all", action="store_true", help="list every task path of the BIG-bench tar instead")
     t.set_defaults(func=_data_tasks)

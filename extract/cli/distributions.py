@@ -48,12 +48,13 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _perturb(args: argparse.Namespace) -> int:
-    from extract.models.derived import derived_source, perturb_attention, save_derived
+    from extract.models.derived import PerturbSettings, derived_source, perturb_attention, save_derived
 
+    st = options.settings_from_args(PerturbSettings, args)
     model, tok, info = _load_base(args.base, args.threads)
-    rel = perturb_attention(model, args.scale, args.seed)
-    recipe = {"method": "gaussian noise on q_proj/k_proj weights, std = scale * rms(W)", "scale": args.scale,
-              "seed": args.seed, "mean_relative_norm": sum(rel.values()) / len(rel)}
+    rel = perturb_attention(model, st.scale, st.seed)
+    recipe = {"method": "gaussian noise on q_proj/k_proj weights, std = scale * rms(W)", "scale": st.scale,
+              "seed": st.seed, "mean_relative_norm": sum(rel.values()) / len(rel)}
     save_derived(model, tok, args.out, derived_source(info, args.name, "perturbed", recipe))
     print(f"{args.name}: {len(rel)} q/k weights perturbed, mean |dW|/|W| = {recipe['mean_relative_norm']:.3f} "
           f"-> {args.out}")
@@ -76,12 +77,13 @@ def _distributions(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_distribution_parsers(subparsers) -> None:
+def register(sub) -> None:
     """``dormant finetune``, ``dormant perturb`` and ``dormant distributions``."""
     from analysis.distributions.stats import Settings
     from extract.finetune import SFTConfig
+    from extract.models.derived import PerturbSettings
 
-    f = subparsers.add_parser("finetune", help="supervised finetune on BIG-bench natural_instructions (definitions §6)")
+    f = sub.add_parser("finetune", help="supervised finetune on BIG-bench natural_instructions (definitions §6)")
     options.add_model(f, flag="--base")
     f.add_argument("--name", required=True, help="model id of the result (its id in the database)")
     f.add_argument("--out", required=True, type=Path, help="local model directory to write")
@@ -89,15 +91,14 @@ def add_distribution_parsers(subparsers) -> None:
     options.add_settings(f, SFTConfig, doc="finetune")
     options.add_threads(f)
     f.set_defaults(func=_finetune)
-    p = subparsers.add_parser("perturb", help="copy of a model with seeded noise on q/k projections (positive control)")
+    p = sub.add_parser("perturb", help="copy of a model with seeded noise on q/k projections (positive control)")
     options.add_model(p, flag="--base")
     p.add_argument("--name", required=True, help="model id of the result")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--scale", type=float, default=0.5, help="noise std relative to each weight's rms")
-    p.add_argument("--seed", type=int, default=0)
+    options.add_settings(p, PerturbSettings, doc="perturbation")
     options.add_threads(p)
     p.set_defaults(func=_perturb)
-    s = subparsers.add_parser("distributions", help="KS / Wasserstein / overlap comparisons, figures, explorer")
+    s = sub.add_parser("distributions", help="KS / Wasserstein / overlap comparisons, figures, explorer")
     s.add_argument("--db", type=Path, default=Path("results/db/core.duckdb"))
     s.add_argument("--out", type=Path, default=Path("results"), help="root of tables/, figures/, distributions/")
     s.add_argument("--series", nargs="+", action="append", metavar="KIND MODEL",
@@ -111,7 +112,3 @@ def add_distribution_parsers(subparsers) -> None:
                                                   "(default OUT/distributions/distribution_tests.parquet)")
     s.add_argument("--explorer", type=Path, help="interactive HTML explorer (default OUT/distribution_explorer.html)")
     s.set_defaults(func=_distributions)
-
-
-def register(sub) -> None:
-    add_distribution_parsers(sub)

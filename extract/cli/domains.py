@@ -12,10 +12,13 @@ from extract.cli import options
 
 
 def _candidates(args: argparse.Namespace) -> int:
-    from analysis.domains import write_domain_report
+    from analysis.core.score_functions import check_score_key
+    from analysis.domains import CandidateSettings, write_domain_report
 
-    paths = write_domain_report(args.db, args.out, score_fn=args.score_fn, top=args.top,
-                                fraction=args.fraction, models=args.models)
+    st = options.settings_from_args(CandidateSettings, args)
+    check_score_key(st.score_fn)
+    paths = write_domain_report(args.db, args.out, score_fn=st.score_fn, top=st.top, fraction=st.fraction,
+                                models=args.models)
     options.print_written(paths, show=("domain_heads.md",))
     return 0
 
@@ -38,23 +41,20 @@ def _scatter(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_domains_parser(subparsers) -> None:
+def register(sub) -> None:
     """``dormant domains candidates`` (no torch), ``ablate`` (one model), ``scatter`` (no torch)."""
-    from analysis.core.score_functions import score_keys
+    from analysis.domains import CandidateSettings
     from extract.domains import DomainAblationSettings
 
-    p = subparsers.add_parser("domains", help="heads dormant on one domain and active on another (definitions §7)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    c = sub.add_parser("candidates", help="per-domain head means, candidate table and figures from the database")
+    p = sub.add_parser("domains", help="heads dormant on one domain and active on another (definitions §7)")
+    cmds = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = cmds.add_parser("candidates", help="per-domain head means, candidate table and figures from the database")
     c.add_argument("--db", type=Path, default=Path("results/db/core.duckdb"))
     c.add_argument("--out", type=Path, default=Path("results"))
-    c.add_argument("--score-fn", default="awft", choices=score_keys())
-    c.add_argument("--top", type=int, default=5, help="candidate heads per model")
-    c.add_argument("--fraction", type=float, default=0.15,
-                   help="target fraction p of the definitions §3 threshold that marks a head dormant on an example")
+    options.add_settings(c, CandidateSettings, doc="candidate")
     c.add_argument("--models", nargs="*", help="models to draw a figure for (default: every model in the database)")
     c.set_defaults(func=_candidates)
-    a = sub.add_parser("ablate", help="per-example loss change from zeroing (and mean-ablating) each of a model's "
+    a = cmds.add_parser("ablate", help="per-example loss change from zeroing (and mean-ablating) each of a model's "
                        "top candidate heads")
     options.add_model(a)
     a.add_argument("--candidates", type=Path, default=Path("results/domains/candidates.parquet"))
@@ -65,13 +65,9 @@ def add_domains_parser(subparsers) -> None:
     options.add_threads(a)
     options.add_settings(a, DomainAblationSettings, doc="domain ablation")
     a.set_defaults(func=_ablate)
-    s = sub.add_parser("scatter", help="active-dormant scatter figures and summary table from ablate outputs")
+    s = cmds.add_parser("scatter", help="active-dormant scatter figures and summary table from ablate outputs")
     s.add_argument("--ablation", nargs="+", required=True, type=Path, help="Parquet files of `domains ablate`")
     s.add_argument("--candidates", type=Path,
                    help="candidate table of `domains candidates` (awft): adds the split at each model's τ")
     s.add_argument("--out", type=Path, default=Path("results"))
     s.set_defaults(func=_scatter)
-
-
-def register(sub) -> None:
-    add_domains_parser(sub)

@@ -59,12 +59,12 @@ def _models_info(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("models", help="the model zoo: list, fetch, info")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("list", help="zoo models and what the cache holds of them").set_defaults(func=_models_list)
-    f = sub.add_parser("fetch", help="download, assemble, verify and convert zoo models")
+    cmds = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cmds.add_parser("list", help="zoo models and what the cache holds of them").set_defaults(func=_models_list)
+    f = cmds.add_parser("fetch", help="download, assemble, verify and convert zoo models")
     f.add_argument("names", nargs="*", metavar="NAME")
     f.add_argument("--all", action="store_true", help="every zoo model")
     f.set_defaults(func=_models_fetch)
-    i = sub.add_parser("info", help="load a model and print its description as JSON")
+    i = cmds.add_parser("info", help="load a model and print its description as JSON")
     i.add_argument("name", metavar="NAME", help=options.MODEL_HELP)
     i.set_defaults(func=_models_info)

@@ -54,14 +54,14 @@ def _robustness(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_toy_parser(subparsers) -> None:
+def register(sub) -> None:
     """``dormant toy train`` (one run: checkpoints + metrics.parquet), ``report`` and ``robustness``."""
     from extract.toy.spec import RunSpec
 
-    p = subparsers.add_parser("toy", help="Bigram-Backcopy toy transformers: train, report, robustness over seeds "
+    p = sub.add_parser("toy", help="Bigram-Backcopy toy transformers: train, report, robustness over seeds "
                               "(definitions §7)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    t = sub.add_parser("train", help="train one toy model; metrics at log-spaced checkpoints")
+    cmds = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = cmds.add_parser("train", help="train one toy model; metrics at log-spaced checkpoints")
     t.add_argument("--out-dir", required=True, type=Path, help="checkpoints, config.json, run.json, metrics.parquet")
     t.add_argument("--task-file", type=Path, help="task JSON: read if it exists, else built from the run's corpus, "
                    "triggers and min_count and written")
@@ -70,18 +70,14 @@ def add_toy_parser(subparsers) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     options.add_settings(t, RunSpec, doc="toy run")
     t.set_defaults(func=_train)
-    r = sub.add_parser("report", help="training-dynamics figures and the claims table from metrics files")
+    r = cmds.add_parser("report", help="training-dynamics figures and the claims table from metrics files")
     r.add_argument("--metrics", nargs="+", required=True, type=Path, help="metrics.parquet files (bb_metrics rows)")
     r.add_argument("--out", type=Path, default=Path("results"))
     r.add_argument("--name", default="toy", help="prefix of the written tables and figures")
     r.set_defaults(func=_report)
-    b = sub.add_parser("robustness", help="every claim over the seeds each run was trained with (a run pools with "
+    b = cmds.add_parser("robustness", help="every claim over the seeds each run was trained with (a run pools with "
                        "the runs whose run.json names it as their base)")
     b.add_argument("--metrics", nargs="+", required=True, type=Path, help="metrics.parquet files (bb_metrics rows)")
     b.add_argument("--out", type=Path, default=Path("results"))
     b.add_argument("--name", default="toy_seeds", help="prefix of the written table")
     b.set_defaults(func=_robustness)
-
-
-def register(sub) -> None:
-    add_toy_parser(sub)

@@ -139,6 +139,19 @@ def assign_documents(chars: Sequence[int], lengths: Sequence[int], rng: random.R
     return picked
 
 
+@dataclass(frozen=True)
+class CorpusSettings:
+    """The sampling protocol of a corpus (the config's ``corpora`` section less ``names``; paper: 100, 10, 3000)."""
+    n: int = 100  # documents
+    min_tokens: int = 10  # shortest drawn length (tokens of each model's own tokenisation)
+    max_tokens: int = 3000  # longest drawn length
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) > max_tokens ({self.max_tokens})")
+
+
 def sample_corpus(name: str, n: int, min_tokens: int, max_tokens: int, seed: int = 0, *,
                   tar: Path | str | None = None, progress: bool = True) -> list[dict]:
     """N examples of a corpus under the truncation protocol (module doc), as JSON-lines rows.

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from analysis.core.io import atomic_dir
 from extract.errors import DormantError
@@ -24,8 +23,17 @@ from extract.errors import DormantError
 TARGETS = ("q_proj", "k_proj")
 
 
+@dataclass(frozen=True)
+class PerturbSettings:
+    """The positive control's noise (the config's ``distributions.perturb`` less ``base`` and ``name``)."""
+    scale: float = 0.5  # noise std relative to each weight's rms
+    seed: int = 0
+
+
 def perturb_attention(model, scale: float, seed: int = 0, targets: tuple[str, ...] = TARGETS) -> dict[str, float]:
     """Add the noise in place; returns ``{parameter name: ‖ΔW‖_F / ‖W‖_F}`` (float32 or wider weights)."""
+    import torch
+
     if scale < 0:
         raise DormantError(f"perturbation scale must be >= 0, got {scale}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
