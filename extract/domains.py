@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,11 +27,7 @@ from tqdm.auto import tqdm
 
 from analysis.core import tables
 from analysis.core.score_functions import score_keys
-
-
-def _setting(default, help: str):
-    """A field with its ``--help`` text (what :func:`extract.cli.options.add_settings` shows)."""
-    return field(default=default, metadata={"help": help})
+from analysis.core.settings import setting
 
 
 @dataclass(frozen=True)
@@ -40,12 +36,12 @@ class DomainAblationSettings:
     ``max_tokens``, ``mean_ablation``; ``prepend_bos`` is ``scoring.prepend_bos``). 0 means "all" / "none" as
     in config/schema.yaml."""
 
-    heads: int = _setting(2, "top candidate heads zeroed, one at a time")
-    limit: int = _setting(0, "examples per corpus (0: all)")
-    max_tokens: int = _setting(0, "also truncate every example to this many tokens (0: no extra truncation)")
-    mean_ablation: bool = _setting(False, "also mean-ablate each head (its output set to its mean over every "
+    heads: int = setting(2, "top candidate heads zeroed, one at a time")
+    limit: int = setting(0, "examples per corpus (0: all)")
+    max_tokens: int = setting(0, "also truncate every example to this many tokens (0: no extra truncation)")
+    mean_ablation: bool = setting(False, "also mean-ablate each head (its output set to its mean over every "
                                           "position of every example)")
-    prepend_bos: bool = _setting(True, "prepend the tokenizer's BOS token, as the scorer does")
+    prepend_bos: bool = setting(True, "prepend the tokenizer's BOS token, as the scorer does")
 
 
 def _inference_mode(fn):

@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from analysis.core.settings import add_settings, settings_from_args
 from extract.cli import options
 
 MB = 1e6  # bytes per MB in printed sizes
@@ -27,7 +28,7 @@ def _data_corpus(args: argparse.Namespace) -> int:
     from analysis.core.io import write_jsonl
     from extract.data.corpora import CorpusSettings, sample_corpus
 
-    c = options.settings_from_args(CorpusSettings, args)
+    c = settings_from_args(CorpusSettings, args)
     rows = sample_corpus(args.name, c.n, c.min_tokens, c.max_tokens, c.seed)
     write_jsonl(args.out, rows)
     chars = sum(len(r["text"]) for r in rows)
@@ -73,7 +74,7 @@ def register(sub) -> None:
     c = cmds.add_parser("corpus", help="sample a text corpus (paper protocol) into a JSON-lines file")
     c.add_argument("name", metavar="NAME", help="xsum, wikilingua or code")
     options.add_out(c, "JSON-lines file to write (atomically)")
-    options.add_settings(c, CorpusSettings, doc="corpus")
+    add_settings(c, CorpusSettings, doc="corpus")
     c.set_defaults(func=_data_corpus)
     t = cmds.add_parser("tasks", help="the multiple-choice task registry with choice and question counts")
     t.add_argument("--mmlu-dir", type=Path, help="local MMLU CSV directory (dev/, test/) to include MMLU")

@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from analysis.core.settings import add_settings, settings_from_args
 from extract.cli import options
 
 
@@ -27,7 +28,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from extract.models.derived import derived_source, save_derived
 
     t0 = time.perf_counter()
-    cfg = options.settings_from_args(SFTConfig, args)
+    cfg = settings_from_args(SFTConfig, args)
     model, tok, info = _load_base(args.base, args.threads)
     train, heldout = sft_examples(tok, cfg)
     res = finetune(model, tok, train, heldout, cfg)
@@ -50,7 +51,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _perturb(args: argparse.Namespace) -> int:
     from extract.models.derived import PerturbSettings, derived_source, perturb_attention, save_derived
 
-    st = options.settings_from_args(PerturbSettings, args)
+    st = settings_from_args(PerturbSettings, args)
     model, tok, info = _load_base(args.base, args.threads)
     rel = perturb_attention(model, st.scale, st.seed)
     recipe = {"method": "gaussian noise on q_proj/k_proj weights, std = scale * rms(W)", "scale": st.scale,
@@ -69,7 +70,7 @@ def _distributions(args: argparse.Namespace) -> int:
     bad = [s for s in series if len(s[1]) < 2]
     if bad:
         raise ValueError(f"--series {bad[0][0]} needs at least two models (KIND MODEL MODEL ...)")
-    st = options.settings_from_args(Settings, args)
+    st = settings_from_args(Settings, args)
     paths = run(args.db, args.out, series, null_models=args.null, n_boot=st.n_boot, n_perm=st.n_perm,
                 depth_bins=st.depth_bins, target_fraction=st.target_fraction, seed=st.seed,
                 finetune_logs=args.finetune_log, tests_out=args.tests_out, explorer=args.explorer)
@@ -88,14 +89,14 @@ def register(sub) -> None:
     f.add_argument("--name", required=True, help="model id of the result (its id in the database)")
     f.add_argument("--out", required=True, type=Path, help="local model directory to write")
     f.add_argument("--log", required=True, type=Path, help="Parquet file of the loss per step (train, held-out)")
-    options.add_settings(f, SFTConfig, doc="finetune")
+    add_settings(f, SFTConfig, doc="finetune")
     options.add_threads(f)
     f.set_defaults(func=_finetune)
     p = sub.add_parser("perturb", help="copy of a model with seeded noise on q/k projections (positive control)")
     options.add_model(p, flag="--base")
     p.add_argument("--name", required=True, help="model id of the result")
     p.add_argument("--out", required=True, type=Path)
-    options.add_settings(p, PerturbSettings, doc="perturbation")
+    add_settings(p, PerturbSettings, doc="perturbation")
     options.add_threads(p)
     p.set_defaults(func=_perturb)
     s = sub.add_parser("distributions", help="KS / Wasserstein / overlap comparisons, figures, explorer")
@@ -106,7 +107,7 @@ def register(sub) -> None:
                         "cross_family, control); repeatable")
     s.add_argument("--null", nargs="*", default=None, metavar="MODEL",
                    help="models compared with themselves on two halves of the examples (default: every first model)")
-    options.add_settings(s, Settings, doc="distribution statistics")
+    add_settings(s, Settings, doc="distribution statistics")
     s.add_argument("--finetune-log", nargs="*", type=Path, default=[], help="finetune loss Parquet files (figure)")
     s.add_argument("--tests-out", type=Path, help="Parquet file of the distribution_tests rows "
                                                   "(default OUT/distributions/distribution_tests.parquet)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from analysis.core.settings import add_settings, settings_from_args
 from extract.cli import options
 
 
@@ -15,7 +16,7 @@ def _candidates(args: argparse.Namespace) -> int:
     from analysis.core.score_functions import check_score_key
     from analysis.domains import CandidateSettings, write_domain_report
 
-    st = options.settings_from_args(CandidateSettings, args)
+    st = settings_from_args(CandidateSettings, args)
     check_score_key(st.score_fn)
     paths = write_domain_report(args.db, args.out, score_fn=st.score_fn, top=st.top, fraction=st.fraction,
                                 models=args.models)
@@ -27,7 +28,7 @@ def _ablate(args: argparse.Namespace) -> int:
     from extract.domains import DomainAblationSettings, ablate
 
     options.set_threads(args.threads)
-    settings = options.settings_from_args(DomainAblationSettings, args)
+    settings = settings_from_args(DomainAblationSettings, args)
     for p in ablate(args.model, args.candidates, args.data, args.out, settings, dtype=args.dtype, device=args.device):
         print(f"wrote {p}")
     return 0
@@ -51,7 +52,7 @@ def register(sub) -> None:
     c = cmds.add_parser("candidates", help="per-domain head means, candidate table and figures from the database")
     c.add_argument("--db", type=Path, default=Path("results/db/core.duckdb"))
     c.add_argument("--out", type=Path, default=Path("results"))
-    options.add_settings(c, CandidateSettings, doc="candidate")
+    add_settings(c, CandidateSettings, doc="candidate")
     c.add_argument("--models", nargs="*", help="models to draw a figure for (default: every model in the database)")
     c.set_defaults(func=_candidates)
     a = cmds.add_parser("ablate", help="per-example loss change from zeroing (and mean-ablating) each of a model's "
@@ -63,7 +64,7 @@ def register(sub) -> None:
     options.add_dtype(a)
     options.add_device(a)
     options.add_threads(a)
-    options.add_settings(a, DomainAblationSettings, doc="domain ablation")
+    add_settings(a, DomainAblationSettings, doc="domain ablation")
     a.set_defaults(func=_ablate)
     s = cmds.add_parser("scatter", help="active-dormant scatter figures and summary table from ablate outputs")
     s.add_argument("--ablation", nargs="+", required=True, type=Path, help="Parquet files of `domains ablate`")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from analysis.core.settings import add_settings, settings_from_args
 from extract.cli import options
 
 
@@ -18,7 +19,7 @@ def _run(args: argparse.Namespace) -> int:
     from extract.maps.run import MapsSettings, run
 
     options.set_threads(args.threads)
-    settings = options.settings_from_args(MapsSettings, args)
+    settings = settings_from_args(MapsSettings, args)
     for p in run(args.model, settings, args.out_dir, dtype=args.dtype, device=args.device):
         print(f"wrote {p}")
     return 0
@@ -27,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from analysis.maps import JoinSettings, write_maps_reports
 
-    st = options.settings_from_args(JoinSettings, args)
+    st = settings_from_args(JoinSettings, args)
     paths = write_maps_reports(args.maps_dirs, args.core_db, args.out, inactive_below=st.inactive_below,
                                salient_min=st.salient_min)
     for p in paths:
@@ -51,11 +52,11 @@ def register(sub) -> None:
     options.add_dtype(r)
     options.add_device(r)
     options.add_threads(r)
-    options.add_settings(r, MapsSettings, doc="MAPS")
+    add_settings(r, MapsSettings, doc="MAPS")
     r.set_defaults(func=_run)
     q = cmds.add_parser("report", help="MAPS tables and figures from the run outputs and the core database")
     q.add_argument("--maps-dirs", nargs="+", required=True, type=Path, help="output folders of `maps run`")
     q.add_argument("--core-db", type=Path, help="database with head_scores (for the join with ahon_ln)")
     q.add_argument("--out", type=Path, default=Path("results"))
-    options.add_settings(q, JoinSettings, doc="join")
+    add_settings(q, JoinSettings, doc="join")
     q.set_defaults(func=_report)

@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from analysis.core.settings import add_settings, settings_from_args
 from extract.cli import options
 
 
@@ -12,7 +13,7 @@ def _score(args: argparse.Namespace) -> int:
     from extract.score import ScoreSettings, score_shard
 
     t0 = time.perf_counter()
-    settings = options.settings_from_args(ScoreSettings, args)
+    settings = settings_from_args(ScoreSettings, args)
     df = score_shard(args.model, args.data, args.dataset, args.out, shard=args.shard, num_shards=args.num_shards,
                      settings=settings)
     n_ex = df["example"].n_unique()
@@ -31,5 +32,5 @@ def register(sub) -> None:
     options.add_out(p, "Parquet file to write (atomically)")
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1)
-    options.add_settings(p, ScoreSettings, doc="scoring")
+    add_settings(p, ScoreSettings, doc="scoring")
     p.set_defaults(func=_score)

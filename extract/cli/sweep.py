@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from analysis.core.settings import add_settings, settings_from_args
 from extract.cli import options
 
 
@@ -12,7 +13,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from extract.models.load import load_model
     from extract.sweep import SweepSettings, load_suite, run_sweep
 
-    s = options.settings_from_args(SweepSettings, args)
+    s = settings_from_args(SweepSettings, args)
     if not s.tasks:
         raise ValueError("no tasks: give --tasks NAME ... or `tasks` in --config")
     fns = [check_score_key(f) for f in s.score_functions] or list(score_keys())
@@ -39,5 +40,5 @@ def register(sub) -> None:
     options.add_model(p)
     options.add_out(p, "directory of calibration/thresholds/ablation_results Parquet files and timing.json",
                     flag="--out-dir")
-    options.add_settings(p, SweepSettings, doc="sweep")
+    add_settings(p, SweepSettings, doc="sweep")
     p.set_defaults(func=_sweep)

@@ -10,6 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
+from analysis.core.settings import add_settings, settings_from_args
 from extract.cli import options
 
 
@@ -20,7 +21,7 @@ def _train(args: argparse.Namespace) -> int:
     from extract.toy.train import RunSpec, task_of, train
 
     options.set_threads(args.threads)
-    spec = options.settings_from_args(RunSpec, args)
+    spec = settings_from_args(RunSpec, args)
     if args.task_file and args.task_file.is_file():
         task = load_task(args.task_file)
     else:
@@ -68,7 +69,7 @@ def register(sub) -> None:
     options.add_threads(t, default=1)
     options.add_device(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    options.add_settings(t, RunSpec, doc="toy run")
+    add_settings(t, RunSpec, doc="toy run")
     t.set_defaults(func=_train)
     r = cmds.add_parser("report", help="training-dynamics figures and the claims table from metrics files")
     r.add_argument("--metrics", nargs="+", required=True, type=Path, help="metrics.parquet files (bb_metrics rows)")

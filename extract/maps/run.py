@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from analysis.core.settings import setting
 from extract.maps.operations import CATEGORIES
 
 PARTS = ("scores", "salient", "dynamic", "correlations", "causal")  # the Parquet files, one table each
@@ -33,19 +34,14 @@ def _known_operations(names, where: str) -> None:
                          f"operations: {', '.join(CATEGORIES)}")
 
 
-def _setting(default, help: str):
-    """A field with its ``--help`` text (what :func:`extract.cli.options.add_settings` shows)."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class SalientSettings:
     """Each head's most salient tokens (``maps.salient``)."""
 
-    vocab: int | None = _setting(4096, "saliency candidates: the first N whole-word tokens (none: the whole "
+    vocab: int | None = setting(4096, "saliency candidates: the first N whole-word tokens (none: the whole "
                                        "vocabulary)")
-    tokens: int = _setting(5, "most salient tokens stored per head")
-    targets: int = _setting(5, "top targets stored per salient token")
+    tokens: int = setting(5, "most salient tokens stored per head")
+    targets: int = setting(5, "top targets stored per salient token")
 
     def __post_init__(self):
         if self.vocab is not None and self.vocab < 1:
@@ -57,8 +53,8 @@ class SalientSettings:
 class DynamicSettings:
     """The check against inference from prompts (``maps.dynamic``)."""
 
-    operations: tuple[str, ...] | None = _setting(None, "operations of the dynamic check (none: every usable one)")
-    pairs: int | None = _setting(16, "pairs per operation and template (none: all; 0: no dynamic check)")
+    operations: tuple[str, ...] | None = setting(None, "operations of the dynamic check (none: every usable one)")
+    pairs: int | None = setting(16, "pairs per operation and template (none: all; 0: no dynamic check)")
 
     def __post_init__(self):
         _known_operations(self.operations, "dynamic.operations")
@@ -70,12 +66,12 @@ class DynamicSettings:
 class CausalSettings:
     """The ablation check (``maps.causal``)."""
 
-    operations: tuple[str, ...] = _setting((), "operations of the ablation check (skipped where not usable; "
+    operations: tuple[str, ...] = setting((), "operations of the ablation check (skipped where not usable; "
                                                "empty: no check)")
-    counts: tuple[int, ...] = _setting((1, 2, 4, 8, 16), "numbers of heads ablated")
-    draws: int = _setting(3, "random head sets per count")
-    prompts: int | None = _setting(32, "few-shot prompts per operation (none: one per pair)")
-    shots: int = _setting(3, "demonstrations per prompt")
+    counts: tuple[int, ...] = setting((1, 2, 4, 8, 16), "numbers of heads ablated")
+    draws: int = setting(3, "random head sets per count")
+    prompts: int | None = setting(32, "few-shot prompts per operation (none: one per pair)")
+    shots: int = setting(3, "demonstrations per prompt")
 
     def __post_init__(self):
         _known_operations(self.operations, "causal.operations")
@@ -85,15 +81,15 @@ class CausalSettings:
 class MapsSettings:
     """Everything a MAPS run depends on besides the model, dtype and device (the config's ``maps``)."""
 
-    seed: int = _setting(0, "pair sampling, prompts and random head sets")
-    operations: tuple[str, ...] | None = _setting(None, "operations scored (none: all 20; each is used only with "
+    seed: int = setting(0, "pair sampling, prompts and random head sets")
+    operations: tuple[str, ...] | None = setting(None, "operations scored (none: all 20; each is used only with "
                                                         "≥ 30 single-token pairs)")
-    inputs: str = _setting("mlp", "rows E' for layers ≥ 1: the first layer's MLP output (mlp, definitions §8) or raw "
+    inputs: str = setting("mlp", "rows E' for layers ≥ 1: the first layer's MLP output (mlp, definitions §8) or raw "
                                   "embeddings (raw)")
-    k_copy: int = _setting(1, "top-k of the copying operations (definitions §8: 1)")
-    k_other: int = _setting(10, "top-k of the other operations (definitions §8: 10)")
-    max_pairs: int | None = _setting(None, "seeded cap on pairs per operation (none: every single-token pair)")
-    data_dir: str | None = _setting(None, "folder of the operation datasets (none: extract/maps/operations_data/)")
+    k_copy: int = setting(1, "top-k of the copying operations (definitions §8: 1)")
+    k_other: int = setting(10, "top-k of the other operations (definitions §8: 10)")
+    max_pairs: int | None = setting(None, "seeded cap on pairs per operation (none: every single-token pair)")
+    data_dir: str | None = setting(None, "folder of the operation datasets (none: extract/maps/operations_data/)")
     salient: SalientSettings = field(default_factory=SalientSettings)
     dynamic: DynamicSettings = field(default_factory=DynamicSettings)
     causal: CausalSettings = field(default_factory=CausalSettings)

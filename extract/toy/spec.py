@@ -3,7 +3,7 @@
 Standard library only, so the command line (``dormant toy train --help``) and the workflow (rules/toy.smk,
 which writes a run's settings, :func:`run_settings`, as ``results/config/toy_<run>.json``) read it without
 importing torch. The CLI
-takes ``--config run.json`` plus one override flag per field (:func:`extract.cli.options.add_settings`);
+takes ``--config run.json`` plus one override flag per field (:func:`extract.cli.add_settings`);
 :func:`extract.toy.train.train` writes the instance back as the run's ``run.json``. How it runs (device,
 threads, progress bar) is not a setting of the run: those are the command's execution options.
 """
@@ -13,10 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
-
-def _setting(default, help: str):
-    """A field with its ``--help`` text (what :func:`extract.cli.options.add_settings` shows)."""
-    return field(default=default, metadata={"help": help})
+from analysis.core.settings import setting
 
 
 @dataclass(frozen=True)
@@ -24,29 +21,29 @@ class RunSpec:
     """One training run: its name, the model, the optimiser and schedule, what is measured, and the task.
     ``optimizer``: ``adamw`` (lr, weight_decay, betas) or ``sgd`` (lr, momentum)."""
     name: str = field(metadata={"help": "run name: bb_metrics.run, the run's directory in the workflow"})
-    layers: int = _setting(1, "transformer blocks (one head each)")
-    attention: Literal["softmax", "relu"] = _setting("softmax", "softmax, or ReLU(QKᵀ/√d) / i")
-    optimizer: Literal["adamw", "sgd"] = _setting("adamw", "AdamW (lr, weight decay, betas) or SGD (lr, momentum)")
-    width: int = _setting(128, "model width (paper: 256)")
-    length: int = _setting(128, "sequence length (paper: 256)")
-    batch: int = _setting(32, "sequences per step (paper: 512)")
-    steps: int = _setting(3000, "optimiser steps")
-    lr: float = _setting(1e-3, "paper: 3e-4 (AdamW), 0.03 (SGD)")
-    weight_decay: float = _setting(1e-4, "AdamW only")
-    betas: tuple[float, float] = _setting((0.9, 0.99), "AdamW only")
-    momentum: float = _setting(0.9, "SGD only")
-    checkpoints: int = _setting(20, "log-spaced checkpoints (plus step 0)")
-    eval_batch: int = _setting(64, "fixed sequences the metrics are measured on")
-    seed: int = _setting(0, "initialisation, training batches and (offset by 10000) the evaluation batch")
-    init: Literal["normal", "torch"] = _setting(
+    layers: int = setting(1, "transformer blocks (one head each)")
+    attention: Literal["softmax", "relu"] = setting("softmax", "softmax, or ReLU(QKᵀ/√d) / i")
+    optimizer: Literal["adamw", "sgd"] = setting("adamw", "AdamW (lr, weight decay, betas) or SGD (lr, momentum)")
+    width: int = setting(128, "model width (paper: 256)")
+    length: int = setting(128, "sequence length (paper: 256)")
+    batch: int = setting(32, "sequences per step (paper: 512)")
+    steps: int = setting(3000, "optimiser steps")
+    lr: float = setting(1e-3, "paper: 3e-4 (AdamW), 0.03 (SGD)")
+    weight_decay: float = setting(1e-4, "AdamW only")
+    betas: tuple[float, float] = setting((0.9, 0.99), "AdamW only")
+    momentum: float = setting(0.9, "SGD only")
+    checkpoints: int = setting(20, "log-spaced checkpoints (plus step 0)")
+    eval_batch: int = setting(64, "fixed sequences the metrics are measured on")
+    seed: int = setting(0, "initialisation, training batches and (offset by 10000) the evaluation batch")
+    init: Literal["normal", "torch"] = setting(
         "normal", "normal: N(0, 0.02²) weights; torch: PyTorch's module defaults (the AD authors' code)")
-    bos_loss: bool = _setting(True, "train on the prediction made at <s> too; --no-bos-loss leaves it out of "
+    bos_loss: bool = setting(True, "train on the prediction made at <s> too; --no-bos-loss leaves it out of "
                                     "the loss (a diagnostic)")
     # the task (extract.toy.data.corpus_task): a run trained on another task is another run
-    corpus: str = _setting("xsum", "corpus whose character bigrams define the task")
-    triggers: int = _setting(3, "the k most frequent characters trigger backcopy")
-    min_count: int = _setting(100, "rarer characters are left out of the vocabulary")
-    base: str | None = _setting(None, "the run this one repeats with another seed (the robustness report "
+    corpus: str = setting("xsum", "corpus whose character bigrams define the task")
+    triggers: int = setting(3, "the k most frequent characters trigger backcopy")
+    min_count: int = setting(100, "rarer characters are left out of the vocabulary")
+    base: str | None = setting(None, "the run this one repeats with another seed (the robustness report "
                                       "pools them); none: the run stands for itself")
 
     @property

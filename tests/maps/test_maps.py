@@ -208,7 +208,7 @@ def _parse(argv):
 
 
 def test_maps_settings_json_and_flags(tmp_path):
-    from extract.cli import options
+    from analysis.core.settings import settings_from_args
     from extract.maps.run import CausalSettings, DynamicSettings, MapsSettings, SalientSettings
 
     cfg = tmp_path / "maps.json"
@@ -216,7 +216,7 @@ def test_maps_settings_json_and_flags(tmp_path):
                                "salient": {"vocab": None, "tokens": 3}, "dynamic": {"pairs": None},
                                "causal": {"operations": ["name_copying"], "counts": [1, 4], "prompts": None}}))
     base = ["maps", "run", "--model", "m", "--out-dir", str(tmp_path / "out")]
-    s = options.settings_from_args(MapsSettings, _parse(base + ["--config", str(cfg), "--k-other", "5",
+    s = settings_from_args(MapsSettings, _parse(base + ["--config", str(cfg), "--k-other", "5",
                                                                 "--causal-counts", "2", "8", "--max-pairs", "none"]))
     assert s == MapsSettings(seed=3, operations=("name_copying", "adj_comparative"), k_other=5, max_pairs=None,
                              salient=SalientSettings(vocab=None, tokens=3, targets=5),
@@ -225,22 +225,22 @@ def test_maps_settings_json_and_flags(tmp_path):
                                                    prompts=None, shots=3))
     # the settings as JSON read back are the same settings; no flags and no file: the defaults
     cfg.write_text(json.dumps(s.as_dict()))
-    assert options.settings_from_args(MapsSettings, _parse(base + ["--config", str(cfg)])) == s
-    assert options.settings_from_args(MapsSettings, _parse(base)) == MapsSettings()
+    assert settings_from_args(MapsSettings, _parse(base + ["--config", str(cfg)])) == s
+    assert settings_from_args(MapsSettings, _parse(base)) == MapsSettings()
     # an empty list flag is the empty list: no causal check
-    assert options.settings_from_args(MapsSettings, _parse(base + ["--causal-operations"])).causal.operations == ()
+    assert settings_from_args(MapsSettings, _parse(base + ["--causal-operations"])).causal.operations == ()
     # unknown keys, also inside a section, are an error naming the known ones
     for bad, named in (({"sed": 1}, "sed; known: causal, data_dir, dynamic, inputs"),
                        ({"salient": {"voc": 1}}, "salient.voc; known: salient.targets, salient.tokens, salient.vocab")):
         cfg.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=named):
-            options.settings_from_args(MapsSettings, _parse(base + ["--config", str(cfg)]))
+            settings_from_args(MapsSettings, _parse(base + ["--config", str(cfg)]))
     # null where None is not allowed, and unknown operation names, are errors naming the setting
     cfg.write_text(json.dumps({"causal": {"draws": None}}))
     with pytest.raises(ValueError, match="causal.draws cannot be None"):
-        options.settings_from_args(MapsSettings, _parse(base + ["--config", str(cfg)]))
+        settings_from_args(MapsSettings, _parse(base + ["--config", str(cfg)]))
     with pytest.raises(ValueError, match="dynamic.operations: unknown operation.*no_such_op"):
-        options.settings_from_args(MapsSettings, _parse(base + ["--dynamic-operations", "no_such_op"]))
+        settings_from_args(MapsSettings, _parse(base + ["--dynamic-operations", "no_such_op"]))
 
 
 def test_maps_settings_are_the_config_section():
@@ -248,14 +248,14 @@ def test_maps_settings_are_the_config_section():
     a MapsSettings, every field spelled as in the config."""
     import yaml
 
-    from extract.cli import options
+    from analysis.core.settings import build_settings
     from extract.maps.run import MapsSettings
 
     root = __import__("pathlib").Path(__file__).resolve().parents[2]
     for name in ("smoke", "default", "paper"):
         section = yaml.safe_load((root / "config" / f"{name}.yaml").read_text())["maps"]
         values = {k: v for k, v in section.items() if k not in ("models", "join", "threads")}
-        s = options.build_settings(MapsSettings, values)
+        s = build_settings(MapsSettings, values)
         got = s.as_dict()
         for k, v in values.items():
             assert got[k] == ({**got[k], **v} if isinstance(v, dict) else v), (name, k)
@@ -282,7 +282,7 @@ def test_maps_cli_passes_settings_to_run(tmp_path, monkeypatch, capsys):
 
 
 def test_domain_ablation_settings_json_and_flags(tmp_path):
-    from extract.cli import options
+    from analysis.core.settings import settings_from_args
     from extract.domains import DomainAblationSettings
 
     cfg = tmp_path / "domain_ablate.json"
@@ -290,12 +290,12 @@ def test_domain_ablation_settings_json_and_flags(tmp_path):
                                "prepend_bos": True}))
     base = ["domains", "ablate", "--model", "m", "--data", "a.jsonl", "--out", str(tmp_path / "x.parquet")]
     a = _parse(base + ["--config", str(cfg), "--no-prepend-bos", "--heads", "1"])
-    assert options.settings_from_args(DomainAblationSettings, a) == DomainAblationSettings(
+    assert settings_from_args(DomainAblationSettings, a) == DomainAblationSettings(
         heads=1, limit=2, max_tokens=64, mean_ablation=True, prepend_bos=False)
     assert a.threads is None and _parse(["maps", "run", "--model", "m", "--out-dir", "o"]).threads is None
     cfg.write_text(json.dumps({"heads": 3, "score_fn": "awft"}))
     with pytest.raises(ValueError, match="score_fn; known: heads, limit, max_tokens, mean_ablation, prepend_bos"):
-        options.settings_from_args(DomainAblationSettings, _parse(base + ["--config", str(cfg)]))
+        settings_from_args(DomainAblationSettings, _parse(base + ["--config", str(cfg)]))
 
 
 def test_run_returns_exactly_the_files_it_wrote(tmp_path, monkeypatch):

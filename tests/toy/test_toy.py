@@ -505,12 +505,12 @@ def _toy_parser():
 
 
 def _spec_from(tmp_path, settings: dict, *flags: str) -> RunSpec:
-    from extract.cli import options
-
+    from analysis.core.settings import settings_from_args
+    
     f = tmp_path / "settings.json"
     f.write_text(json.dumps(settings))
     args = _toy_parser().parse_args(["toy", "train", "--config", str(f), "--out-dir", str(tmp_path), *flags])
-    return options.settings_from_args(RunSpec, args)
+    return settings_from_args(RunSpec, args)
 
 
 def test_run_settings_from_json_plus_override_flags(tmp_path):
