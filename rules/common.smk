@@ -1,21 +1,29 @@
 # Shared by every rule module: the `dormant` command, model keys, every check of the config as a whole (the
 # schema checks each value; these check how values refer to each other), the lists several modules use, and
-# settings files (a study's config section as JSON, the input its command reads with --config).
+# a study's settings as the inline JSON its command reads with --config.
 import json
 import os
 import sys
 from pathlib import Path
 
-from analysis.core.io import write_bytes
 from analysis.core.names import model_key
+from analysis.core.score_functions import check_score_key, load_plugins
 from extract.models.zoo import HUB_ID, ZOO  # standard library only: cheap at DAG start
 
 DORMANT = f"{sys.executable} -m extract.cli"
 
 
+load_plugins()  # score functions registered by $DORMANT_PLUGINS modules (the jobs load them too)
+
+
 def check_config(cfg):
     """Every cross-reference of the config, checked before any job starts (ValueError naming the key)."""
     models = cfg["models"]
+    for i, fn in enumerate(cfg["evaluation"]["score_functions"]):
+        try:
+            check_score_key(fn)
+        except ValueError as e:
+            raise ValueError(f"config key evaluation.score_functions[{i}]: {e}") from None
     for i, m in enumerate(models):
         if not (m in ZOO or Path(m).expanduser().exists() or HUB_ID.match(m)):
             raise ValueError(f"config key models[{i}] = {m!r}: not a zoo name ({', '.join(ZOO)}), "
@@ -70,6 +78,10 @@ def check_config(cfg):
                 if f"{r}_seed{sd}" in toy["runs"]:
                     raise ValueError(f"config key mechanism.toy.runs: {r}_seed{sd} is the name mechanism.toy.seeds "
                                      f"gives run {r!r} with seed {sd}; rename that run")
+        try:
+            check_score_key(mech["domains"]["score_fn"])
+        except ValueError as e:
+            raise ValueError(f"config key mechanism.domains.score_fn: {e}") from None
         for m in mech["domains"]["ablate_models"]:
             if m not in models:
                 raise ValueError(f"config key mechanism.domains.ablate_models: {m!r} is not in `models`; add it there too")
@@ -82,14 +94,11 @@ def check_config(cfg):
 check_config(config)
 
 
-def settings_file(name, settings):
-    """Write ``settings`` (a dict) to results/config/<name>.json, only when its content changed (so an
-    unchanged config leaves the file, and every job that reads it, up to date); returns the path."""
-    path = Path("results/config") / f"{name}.json"
-    text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
-    if not path.is_file() or path.read_text() != text:
-        write_bytes(path, text)
-    return str(path)
+def settings_json(settings):
+    """A study's settings (a dict of its config section) as the inline JSON its command reads with --config.
+    Passed as a rule's params, so a job reruns when its settings change (Snakemake's params trigger) and only
+    then: no settings file whose timestamp a dry run of another profile could renew."""
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"))
 
 
 MODELS = {model_key(m): m for m in config["models"]}  # key -> the name given in the config

@@ -1,8 +1,8 @@
 # MAPS (definitions §8): head functions from parameters, checked against inference, joined with inactivity.
 #   default target: `maps.models` (static + salient + dynamic + causal), then tables and figures
 #   snakemake --cores all maps_all     # every model of `models` with the same settings
-# Config: the `maps` section (config/schema.yaml); its run settings go to results/config/maps.json, which
-# `maps run --config` reads. Tables maps_scores, maps_salient, maps_dynamic, maps_correlations and maps_causal
+# Config: the `maps` section (config/schema.yaml); its run settings are the inline --config JSON of `maps run`
+# (a params value). Tables maps_scores, maps_salient, maps_dynamic, maps_correlations and maps_causal
 # go into results/scores.duckdb.
 MAPS_CFG = config.get("maps")
 if MAPS_CFG:
@@ -11,7 +11,7 @@ if MAPS_CFG:
 
     # the run settings (extract/maps/run.py MapsSettings): the section minus the models, the join (the report's)
     # and the job's threads
-    MAPS_SETTINGS = settings_file("maps", {k: v for k, v in MAPS_CFG.items()
+    MAPS_SETTINGS = settings_json({k: v for k, v in MAPS_CFG.items()
                                            if k not in ("models", "join", "threads")})
 
     for _p in MAPS_PARTS:
@@ -23,9 +23,9 @@ if MAPS_CFG:
         """MAPS for one model: static and suppression scores, salient tokens, dynamic and causal checks."""
         input:
             info="results/models/{model}.json",
-            settings=MAPS_SETTINGS,
         output: [f"results/maps/{{model}}/{p}.parquet" for p in MAPS_PARTS] + ["results/maps/{model}/timing.json"]
         params:
+            settings=MAPS_SETTINGS,
             name=lambda w: SCORED[w.model] if w.model in SCORED else MODELS[w.model],
             dir=lambda w: f"results/maps/{w.model}",
         threads: MAPS_CFG["threads"]
@@ -33,39 +33,39 @@ if MAPS_CFG:
         log: "results/logs/maps/{model}.log"
         benchmark: "results/benchmarks/maps/{model}.tsv"
         shell:
-            "OMP_NUM_THREADS={threads} {DORMANT} maps run --model {params.name:q} --config {input.settings:q} "
+            "OMP_NUM_THREADS={threads} {DORMANT} maps run --model {params.name:q} --config {params.settings:q} "
             "--out-dir {params.dir:q} --threads {threads} --device {config[scoring][device]} > {log:q} 2>&1"
 
-    MAPS_JOIN = settings_file("maps_join", MAPS_CFG["join"])
+    MAPS_JOIN = settings_json(MAPS_CFG["join"])
 
     rule maps_report:
         """MAPS tables (correlations, causal, join with ahon_ln) and figures (heatmaps, join, causal)."""
         input:
             runs=[f"results/maps/{m}/{p}.parquet" for m in MAPS_MODELS for p in MAPS_PARTS],
             db=CORE_DB,
-            settings=MAPS_JOIN,
         output: "results/maps/report.txt"
         params:
+            settings=MAPS_JOIN,
             dirs=" ".join(f"results/maps/{m}" for m in MAPS_MODELS),
         log: "results/logs/maps_report.log"
         benchmark: "results/benchmarks/maps_report.tsv"
         resources: mem_mb=config["resources"]["mem_mb"]
         shell:
             "{DORMANT} maps report --maps-dirs {params.dirs} --core-db {input.db:q} --out results "
-            "--config {input.settings:q} > {output:q} 2> {log:q}"
+            "--config {params.settings:q} > {output:q} 2> {log:q}"
 
     rule maps_all:
         """MAPS for every model of `models` (same settings), then the tables and figures over all of them."""
         input:
             runs=expand("results/maps/{model}/{part}.parquet", model=list(MODELS), part=MAPS_PARTS),
             db=CORE_DB,
-            settings=MAPS_JOIN,
         output: "results/maps/report_all.txt"
         params:
+            settings=MAPS_JOIN,
             dirs=" ".join(f"results/maps/{m}" for m in MODELS),
         log: "results/logs/maps_all.log"
         benchmark: "results/benchmarks/maps_all.tsv"
         resources: mem_mb=config["resources"]["mem_mb"]
         shell:
             "{DORMANT} maps report --maps-dirs {params.dirs} --core-db {input.db:q} --out results "
-            "--config {input.settings:q} > {output:q} 2> {log:q}"
+            "--config {params.settings:q} > {output:q} 2> {log:q}"

@@ -26,20 +26,21 @@ rule fetch_data:
     shell: "{DORMANT} data fetch > {output:q} 2> {log:q}"
 
 
-CORPUS = settings_file("corpora", {k: config["corpora"][k] for k in ("n", "min_tokens", "max_tokens", "seed")})
+CORPUS = settings_json({k: config["corpora"][k] for k in ("n", "min_tokens", "max_tokens", "seed")})
 
 
 rule corpus:
     """N documents of a corpus with seeded lengths in [min_tokens, max_tokens]."""
     input:
         sources=rules.fetch_data.output,
-        settings=CORPUS,
     output: "results/data/corpora/{corpus}.jsonl"
+    params:
+        settings=CORPUS,
     log: "results/logs/corpus/{corpus}.log"
-    shell: "{DORMANT} data corpus {wildcards.corpus} --config {input.settings:q} --out {output:q} 2> {log:q}"
+    shell: "{DORMANT} data corpus {wildcards.corpus} --config {params.settings:q} --out {output:q} 2> {log:q}"
 
 
-SCORING = settings_file("scoring", {k: config["scoring"][k] for k in ("batch_tokens", "dtype", "device",
+SCORING = settings_json({k: config["scoring"][k] for k in ("batch_tokens", "dtype", "device",
                                                                       "prepend_bos")})
 
 
@@ -48,9 +49,9 @@ rule score:
     input:
         info="results/models/{model}.json",
         data="results/data/corpora/{corpus}.jsonl",
-        settings=SCORING,
     output: "results/scores/{model}/{corpus}/shard-{shard}.parquet"
     params:
+        settings=SCORING,
         name=lambda w: SCORED[w.model],
         i=lambda w: w.shard.split("-of-")[0],
     threads: THREADS
@@ -59,7 +60,7 @@ rule score:
     benchmark: "results/benchmarks/score/{model}/{corpus}/{shard}.tsv"
     shell:
         "OMP_NUM_THREADS={threads} {DORMANT} score --model {params.name:q} --data {input.data:q} "
-        "--dataset {wildcards.corpus} --shard {params.i} --num-shards {NSHARDS} --config {input.settings:q} "
+        "--dataset {wildcards.corpus} --shard {params.i} --num-shards {NSHARDS} --config {params.settings:q} "
         "--out {output:q} 2> {log:q}"
 
 

@@ -6,7 +6,7 @@ ABLATION_FIGURES = (expand("results/figures/{f}.{ext}", f=["figure3_auc_ranks", 
                            ext=["png", "svg"]) if SWEEP_MODELS else [])
 
 
-SWEEP = settings_file("sweep", {"tasks": EV["tasks"], "task_name": EV["task_name"], "limit": EV["limit"],
+SWEEP = settings_json({"tasks": EV["tasks"], "task_name": EV["task_name"], "limit": EV["limit"],
                                 "k_shot": EV["k_shot"], "seed": EV["seed"], "score_functions": EV["score_functions"],
                                 "fractions": EV["fractions"], "batch_tokens": EV["batch_tokens"],
                                 "dtype": config["scoring"]["dtype"], "device": config["scoring"]["device"]})
@@ -17,13 +17,13 @@ rule sweep:
     input:
         info="results/models/{model}.json",
         data=rules.fetch_data.output,
-        settings=SWEEP,
     output:
         results=f"{SWEEP_DIR}/{{model}}/ablation_results.parquet",
         thresholds=f"{SWEEP_DIR}/{{model}}/thresholds.parquet",
         calibration=f"{SWEEP_DIR}/{{model}}/calibration.parquet",
         timing=f"{SWEEP_DIR}/{{model}}/timing.json",
     params:
+        settings=SWEEP,
         name=lambda w: MODELS[w.model],
         dir=lambda w: f"{SWEEP_DIR}/{w.model}",
     threads: THREADS
@@ -31,7 +31,7 @@ rule sweep:
     log: f"results/logs/sweep/{{model}}.log"
     benchmark: f"results/benchmarks/sweep/{{model}}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} {DORMANT} sweep --model {params.name:q} --config {input.settings:q} "
+        "OMP_NUM_THREADS={threads} {DORMANT} sweep --model {params.name:q} --config {params.settings:q} "
         "--out-dir {params.dir:q} 2> {log:q}"
 
 

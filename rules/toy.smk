@@ -3,7 +3,7 @@
 #   snakemake --cores all toy_all     # every toy run (AdamW vs SGD, softmax vs ReLU, 1 vs 3 layers) + bb_metrics DB
 #   snakemake --cores all toy_seeds   # the same runs with the extra seeds of mechanism.toy.seeds: claims per seed
 # Config: `mechanism.toy` (config/schema.yaml; cross-checks in rules/common.smk). Each run's settings
-# (extract/toy/spec.py RunSpec, every field) are written to results/config/toy_<run>.json, the input its
+# (extract/toy/spec.py RunSpec, every field) are the inline --config JSON (a params value) that its
 # training job reads with --config: only that run's settings, so adding or changing a run retrains only it.
 import re as _re
 
@@ -17,7 +17,7 @@ if MECH:
     # (its run.json holds its base run and seed, which the robustness report groups by)
     TOY_SEED_RUNS = list(TOY_SETS["all"]) + list(seed_variants(TOY))
     TOY_RUNS = list(TOY["runs"]) + list(seed_variants(TOY))
-    TOY_SETTINGS = {r: settings_file(f"toy_{r}", run_settings(TOY, r)) for r in TOY_RUNS}
+    TOY_SETTINGS = {r: settings_json(run_settings(TOY, r)) for r in TOY_RUNS}
     TOY_TABLES = ["claims", "final", "interventions"]
     TOY_FIGURES = ["dynamics", "compare", "interventions"]
 
@@ -32,10 +32,10 @@ if MECH:
         """Train one Bigram-Backcopy toy model: checkpoints at log-spaced steps, metrics (bb_metrics rows)."""
         input:
             sources="results/data/sources.txt",
-            settings=lambda w: TOY_SETTINGS[w.toyrun],
         output: "results/toy/{toyrun}/metrics.parquet"
         wildcard_constraints: toyrun=_TOY_RUN
         params:
+            settings=lambda w: TOY_SETTINGS[w.toyrun],
             dir=lambda w: f"results/toy/{w.toyrun}",
             device=TOY["device"],
         threads: TOY["threads"]
@@ -43,7 +43,7 @@ if MECH:
         log: "results/logs/toy_train/{toyrun}.log"
         benchmark: "results/benchmarks/toy_train/{toyrun}.tsv"
         shell:
-            "OMP_NUM_THREADS={threads} {DORMANT} toy train --config {input.settings:q} --out-dir {params.dir:q} "
+            "OMP_NUM_THREADS={threads} {DORMANT} toy train --config {params.settings:q} --out-dir {params.dir:q} "
             "--threads {threads} --device {params.device} --quiet 2> {log:q}"
 
     rule toy_report:

@@ -165,6 +165,29 @@ def score_keys() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+PLUGINS_ENV = "DORMANT_PLUGINS"
+
+
+def load_plugins(names: str | None = None) -> tuple[str, ...]:
+    """Import the modules named in ``names`` (default: the ``DORMANT_PLUGINS`` environment variable,
+    comma-separated), so that the score functions they register exist in this process too: the ``dormant``
+    command and the workflow call this first, so a function registered by a plugin is scored, thresholded,
+    swept and stored by every job. Returns the modules imported; a module that cannot be imported is an error
+    naming it."""
+    import importlib
+    import os
+
+    names = os.environ.get(PLUGINS_ENV, "") if names is None else names
+    mods = tuple(n.strip() for n in names.split(",") if n.strip())
+    for name in mods:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ImportError(f"{PLUGINS_ENV}: cannot import score-function plugin {name!r} ({e}); "
+                              "put it on PYTHONPATH or fix the name") from e
+    return mods
+
+
 def check_score_key(key: str, *, allow_random: bool = False) -> str:
     """Return ``key`` if it names a score function (or ``"random"`` when allowed), else raise ValueError."""
     known = score_keys() + (("random",) if allow_random else ())

@@ -94,8 +94,8 @@ def _fields(cls: type) -> list[dataclasses.Field]:
 def add_settings(p: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), doc: str = "") -> None:
     """``--config FILE.json`` plus one override flag per field of dataclass ``cls`` (``--a-field``; a nested
     section's field: ``--section-field``). ``skip``: field names (``section.field`` inside a section)."""
-    p.add_argument("--config", type=Path, help=f"JSON file of {doc or cls.__name__} settings (any subset of the "
-                                                 "fields); flags given on the command line override it")
+    p.add_argument("--config", metavar="JSON", help=f"{doc or cls.__name__} settings: a JSON file, or a JSON object "
+                                                    "inline (any subset of the fields); flags given here override it")
     g = p.add_argument_group(f"{doc or cls.__name__} settings (override --config)")
     _add_fields(g, cls, "", skip)
 
@@ -214,9 +214,11 @@ def _check_keys(cls: type, data: dict, where: str = "", path: str | Path | None 
 
 
 def read_settings(cls: type, path: str | Path) -> dict[str, Any]:
-    """The fields of ``cls`` given in a JSON file (an error names unknown keys and the known ones, also inside
-    a section)."""
-    data = json.loads(Path(path).read_text())
+    """The fields of ``cls`` given in a JSON file, or inline as a JSON object (text starting with ``{``, as the
+    workflow passes them); an error names unknown keys and the known ones, also inside a section."""
+    text = str(path)
+    data = json.loads(text) if text.lstrip().startswith("{") else json.loads(Path(path).read_text())
+    path = "--config" if text.lstrip().startswith("{") else path
     _check_tree(cls, data, "", path)
     return data
 

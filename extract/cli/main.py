@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 
+from analysis.core.score_functions import load_plugins
 from extract.errors import DormantError
 
 # command groups in the order of `dormant --help`: the pipeline first, then the studies, then the analysis side
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    load_plugins()  # score functions registered by $DORMANT_PLUGINS modules exist in every command
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         return args.func(args) or 0

@@ -1,7 +1,7 @@
 """``dormant toy train|report|robustness``: the Bigram-Backcopy toy models (definitions §7).
 
 ``train`` takes the run's settings as ``--config run.json`` (:class:`extract.toy.spec.RunSpec`, what the
-workflow writes from ``mechanism.toy`` as ``results/config/toy_<run>.json``) plus override flags generated
+workflow passes inline from ``mechanism.toy``) plus override flags generated
 from that dataclass; device, threads and the progress bar are execution options, not settings of the run.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The settings of one Bigram-Backcopy toy run (definitions §7), spelled once: :class:`RunSpec`.
 
 Standard library only, so the command line (``dormant toy train --help``) and the workflow (rules/toy.smk,
-which writes a run's settings, :func:`run_settings`, as ``results/config/toy_<run>.json``) read it without
+which writes a run's settings, :func:`run_settings`, as its job's inline ``--config`` JSON) read it without
 importing torch. The CLI
 takes ``--config run.json`` plus one override flag per field (:func:`extract.cli.add_settings`);
 :func:`extract.toy.train.train` writes the instance back as the run's ``run.json``. How it runs (device,

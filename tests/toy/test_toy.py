@@ -610,22 +610,32 @@ def _snakemake(d: Path, *args: str, configs: tuple[str, ...] = ("config/smoke.ya
     return subprocess.run(cmd, cwd=d, capture_output=True, text=True)
 
 
-def test_workflow_rewrites_only_the_changed_runs_settings_file(tmp_path):
-    """A dry run writes results/config/toy_<run>.json per run (the toy_train job's --config input); a second
-    one after another run changed leaves every other file untouched (same bytes, same mtime)."""
+def _train_configs(res: subprocess.CompletedProcess) -> dict[str, dict]:
+    """run name -> the inline --config JSON of its toy_train job, from a ``snakemake -n -p`` plan."""
+    out = {}
+    for line in res.stdout.splitlines():
+        if " toy train --config " in line:
+            cfg = json.loads(line.split(" toy train --config '", 1)[1].split("'", 1)[0])
+            out[cfg["name"]] = cfg
+    return out
+
+
+def test_workflow_passes_each_run_only_its_own_settings(tmp_path):
+    """Each toy_train job gets its run's settings as inline JSON (a params value, so Snakemake reruns a job
+    when, and only when, its own settings change): changing one run changes that run's and its seed
+    variants' JSON and no other."""
     d = _workflow_copy(tmp_path)
-    res = _snakemake(d, "-n", "toy_all")
+    res = _snakemake(d, "-n", "-p", "toy_all", "toy_seeds")
     assert res.returncode == 0, res.stderr[-3000:]
-    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (d / "results" / "config").glob("toy_*.json")}
-    assert {"toy_adam_1l.json", "toy_relu_1l.json", "toy_adam_1l_seed1.json"} <= set(files)
-    assert json.loads(files["toy_relu_1l.json"][0])["attention"] == "relu"
+    before = _train_configs(res)
+    assert {"adam_1l", "relu_1l", "adam_1l_seed1"} <= set(before) and before["relu_1l"]["attention"] == "relu"
     (d / "extra.yaml").write_text("mechanism:\n  toy:\n    runs:\n      relu_1l: {steps: 7}\n")
-    res = _snakemake(d, "-n", "toy_all", configs=("config/smoke.yaml", "extra.yaml"))
+    res = _snakemake(d, "-n", "-p", "toy_all", "toy_seeds", configs=("config/smoke.yaml", "extra.yaml"))
     assert res.returncode == 0, res.stderr[-3000:]
-    now = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (d / "results" / "config").glob("toy_*.json")}
-    assert {n for n in files if now[n] != files[n]} == {"toy_relu_1l.json", "toy_relu_1l_seed1.json",
-                                                        "toy_relu_1l_seed2.json"}
-    assert json.loads(now["toy_relu_1l.json"][0])["steps"] == 7
+    after = _train_configs(res)
+    assert {n for n in before if after[n] != before[n]} == {"relu_1l", "relu_1l_seed1", "relu_1l_seed2"}
+    assert after["relu_1l"]["steps"] == 7
+    assert not (d / "results" / "config").exists()  # nothing written at DAG time
 
 
 @pytest.mark.slow
@@ -640,8 +650,8 @@ def test_smoke_toy_target_through_snakemake(tmp_path):
     metrics = pl.read_parquet(d / "results" / "toy" / "adam_1l" / "metrics.parquet")
     spec = RunSpec(**json.loads((d / "results" / "toy" / "adam_1l" / "run.json").read_text()))
     _check_metrics_frame(metrics, spec)
-    assert (json.loads((d / "results" / "toy" / "adam_1l" / "run.json").read_text())
-            == json.loads((d / "results" / "config" / "toy_adam_1l.json").read_text()))
+    plan = _train_configs(_snakemake(d, "-n", "-p", "--forcerun", "toy_train", *targets))
+    assert json.loads((d / "results" / "toy" / "adam_1l" / "run.json").read_text()) == plan["adam_1l"]
     final = pl.read_csv(d / "results" / "tables" / "toy_core_final.csv")
     last = metrics.filter((pl.col("step") == 100) & (pl.col("metric") == "bigram_risk")
                           & pl.col("part").is_null())["value"][0]
