@@ -650,7 +650,7 @@ def test_smoke_toy_target_through_snakemake(tmp_path):
     metrics = pl.read_parquet(d / "results" / "toy" / "adam_1l" / "metrics.parquet")
     spec = RunSpec(**json.loads((d / "results" / "toy" / "adam_1l" / "run.json").read_text()))
     _check_metrics_frame(metrics, spec)
-    plan = _train_configs(_snakemake(d, "-n", "-p", "--forcerun", "toy_train", *targets))
+    plan = _train_configs(_snakemake(d, "-n", "-p", *targets, "--forcerun", "toy_train"))
     assert json.loads((d / "results" / "toy" / "adam_1l" / "run.json").read_text()) == plan["adam_1l"]
     final = pl.read_csv(d / "results" / "tables" / "toy_core_final.csv")
     last = metrics.filter((pl.col("step") == 100) & (pl.col("metric") == "bigram_risk")
