@@ -49,8 +49,6 @@ class ScoreSettings:
 def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: int = 0, num_shards: int = 1,
                 settings: ScoreSettings = ScoreSettings(), progress: bool = True) -> pl.DataFrame:
     """Score shard ``shard`` of ``num_shards`` of ``data`` with ``model_name``; write ``out``; return the frame."""
-    prepend_bos, batch_tokens, dtype, device = (settings.prepend_bos, settings.batch_tokens, settings.dtype,
-                                                settings.device)
     import torch
 
     from extract.engine.scores import encode_texts, score_heads
@@ -60,15 +58,15 @@ def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: 
         raise ValueError(f"shard {shard} is outside 0..{num_shards - 1}")
     examples = read_examples(data)
     picked = [(k, ex) for k, ex in enumerate(examples) if k % num_shards == shard]
-    model, tok = load_model(model_name, dtype=getattr(torch, dtype), device=device)
+    model, tok = load_model(model_name, dtype=getattr(torch, settings.dtype), device=settings.device)
     info = model_info(model)
     seqs = []
     for k, ex in picked:
-        ids = encode_texts(tok, [ex["text"]], prepend_bos=prepend_bos, max_tokens=ex.get("max_tokens"))[0]
+        ids = encode_texts(tok, [ex["text"]], prepend_bos=settings.prepend_bos, max_tokens=ex.get("max_tokens"))[0]
         if len(ids) < 2:
             raise ValueError(f"{data}: example {ex['id']!r} has {len(ids)} token(s); scores need at least 2")
         seqs.append(ids)
-    df = score_heads(model, seqs, batch_tokens=batch_tokens, progress=progress) if seqs else None
+    df = score_heads(model, seqs, batch_tokens=settings.batch_tokens, progress=progress) if seqs else None
     bos = tok.bos_token_id
     meta = pl.DataFrame({
         "example": list(range(len(picked))),

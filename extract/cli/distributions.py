@@ -14,8 +14,7 @@ def _load_base(name: str, threads: int | None):
 
     from extract.models.load import load_model, model_info
 
-    if threads:
-        torch.set_num_threads(threads)
+    options.set_threads(threads)
     model, tok = load_model(name, dtype=torch.float32, device="cpu")
     return model, tok, model_info(model)
 
