@@ -6,7 +6,9 @@ and the entropy of the attention row, without ever holding a (heads x S x S) ten
 * ``"flash_cpu"``: PyTorch's CPU flash kernel returns each row's log-sum-exp ``lse``; a second call with
   the keys as values gives ``A·K``, and ``H_q = lse_q - scale * q·(A·K)_q`` (done in float64).
 * ``"efficient_cuda"``: the same two calls through the memory-efficient CUDA kernel (its ``lse`` is
-  padded to a multiple of 32 queries and cut back here).
+  padded to a multiple of 32 queries and cut back here). Its additive bias goes through
+  :func:`aligned_bias` first, as ``scaled_dot_product_attention`` does (the raw op refuses, or misreads, a
+  bias whose rows are not aligned to ``BIAS_ALIGNMENT`` elements).
   Half-precision inputs: the output comes from the half-precision call, ``lse`` and ``A·K`` from one
   float32 call (a bf16 ``A·K`` would leave entropy errors of ~1e-2 nats).
   Cancellation: ``lse`` and ``q·(A·K)`` are both about the row's largest logit, so float32 inputs leave an
@@ -23,11 +25,15 @@ Outputs: ``out (B, H, S, D)`` in q's dtype; ``p_first, entropy (B, H, S)`` float
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 BACKENDS = ("flash_cpu", "efficient_cuda", "chunked")
 EXACT_ENTROPY_BELOW = 0.05  # nats; heads (per example) under it get the exact entropy
+BIAS_ALIGNMENT = 8  # elements: every stride but the last of the efficient kernel's bias (PyTorch's mem_eff_alignment)
+Kernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, v, mask, scale) -> (out (B,H,S,D), lse (B,H,S))
 
 
 def choose_backend(device: torch.device, softcap: float | None) -> str:
@@ -62,7 +68,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return out, p_first, entropy
     if backend not in ("flash_cpu", "efficient_cuda"):
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    kernel = _flash_cpu if backend == "flash_cpu" else _efficient_cuda
+    kernel = FAST_KERNELS[backend]
     out, lse = kernel(q, k, v, mask, scale)
     ak = None
     if q.dtype in (torch.float16, torch.bfloat16):  # half-precision kernels round lse and A·K: redo in float32
@@ -114,18 +120,58 @@ def _weight_on_first(q, k, mask, scale, first, lse):
     return torch.exp(s - lse)
 
 
-def _flash_cpu(q, k, v, mask, scale):
+def flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's CPU flash kernel: ``out (B, H, S, D)`` and the rows' log-sum-exp ``lse (B, H, S)`` float32."""
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     if mask is None:
         return op(q, k, v, 0.0, True, scale=scale)
     return op(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
 
 
-def _efficient_cuda(q, k, v, mask, scale):
-    op = torch.ops.aten._scaled_dot_product_efficient_attention
-    bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], -1, -1)
+def _is_aligned(t: torch.Tensor) -> bool:
+    """PyTorch's ``aligned_tensor<BIAS_ALIGNMENT>``: unit last stride, every other stride a multiple."""
+    return t.stride(-1) == 1 and all(st % BIAS_ALIGNMENT == 0 for st in t.stride()[:-1])
+
+
+def aligned_bias(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """The additive mask as the memory-efficient kernel must receive it, ``shape`` = (B, H, S_q, S_k).
+
+    What ``scaled_dot_product_attention`` does before calling the kernel (``preprocess_mask``): a mask whose
+    strides are not multiples of ``BIAS_ALIGNMENT`` (any ``(B, 1, S, S)`` mask with ``S % 8 != 0``) is
+    copied into storage whose last dimension is padded to the next multiple, and sliced back to ``S_k``
+    columns; the result is expanded (stride 0, no copy) over the heads. The padding is never read.
+    """
+    if not _is_aligned(mask):
+        n = mask.shape[-1]
+        mask = F.pad(mask, (0, BIAS_ALIGNMENT - n % BIAS_ALIGNMENT))[..., :n]
+    return mask.expand(shape)
+
+
+def efficient_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                   op: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory-efficient CUDA kernel: ``out (B, H, S, D)`` and ``lse (B, H, S)`` float32.
+
+    ``op`` defaults to ``aten._scaled_dot_product_efficient_attention`` (a stand-in with its signature
+    lets tests check on CPU what the kernel is given). The kernel's ``lse`` has its query axis padded
+    to a multiple of 32; it is cut back to ``S``.
+    """
+    op = op or torch.ops.aten._scaled_dot_product_efficient_attention
+    B, H, S, _ = q.shape
+    bias = None if mask is None else aligned_bias(mask, (B, H, S, k.shape[2]))
     out, lse, _, _ = op(q, k, v, bias, True, 0.0, mask is None, scale=scale)
-    return out, lse[..., : q.shape[2]]
+    return out, lse[..., :S]
+
+
+FAST_KERNELS: dict[str, Kernel] = {"flash_cpu": flash_cpu, "efficient_cuda": efficient_cuda}
+"""The backends that return (out, lse); :func:`attend` derives every statistic from those two."""
+
+
+def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+          first: torch.Tensor, softcap: float | None = None,
+          chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact portable computation (backend ``"chunked"``), same shapes and outputs as :func:`attend`."""
+    return _chunked(q, k, v, mask, scale, first, softcap, chunk_size)
 
 
 def _chunked(q, k, v, mask, scale, first, softcap, chunk_size, work=torch.float32):

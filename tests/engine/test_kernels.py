@@ -92,3 +92,79 @@ def test_half_precision_inputs_keep_float32_accurate_statistics(backend):
     assert torch.allclose(pf[sel], rpf[sel], atol=1e-5)
     assert torch.allclose(ent[sel], rent[sel], atol=1e-4)
     assert torch.allclose(out.double()[sel], ro[sel], atol=0.05)
+
+
+def efficient_stand_in(calls):
+    """A CPU stand-in for ``aten._scaled_dot_product_efficient_attention`` (same signature and outputs) that
+    refuses what the CUDA kernel refuses: a bias that is not (B, H, S_q, S_k), has a non-unit last stride,
+    a stride that is not a multiple of 8 elements, or a misaligned data pointer. It records what it got."""
+    def op(q, k, v, bias, compute_lse, dropout_p=0.0, is_causal=False, *, scale=None):
+        B, H, S, D = q.shape
+        assert compute_lse and dropout_p == 0.0 and all(t.stride(-1) == 1 for t in (q, k, v))
+        if bias is not None:
+            assert not is_causal
+            assert tuple(bias.shape) == (B, H, S, k.shape[2]), bias.shape
+            if bias.stride(-1) != 1 or any(st % 8 for st in bias.stride()[:-1]) or bias.data_ptr() % 16:
+                raise RuntimeError("attn_bias is not correctly aligned")
+        calls.append({"shape": None if bias is None else tuple(bias.shape),
+                      "stride": None if bias is None else bias.stride(), "dtype": q.dtype, "causal": is_causal})
+        s = (q.float() @ k.float().transpose(-1, -2)) * scale
+        if bias is None:
+            s = s.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+        else:
+            s = s + bias.float()
+        lse = torch.full((B, H, -(-S // 32) * 32), float("nan"))  # padded to 32 queries, like the kernel
+        lse[..., :S] = s.logsumexp(-1)
+        return (s.softmax(-1) @ v.float()).to(q.dtype), lse, torch.empty(()), torch.empty(())
+    return op
+
+
+def test_stand_in_refuses_an_unaligned_bias():
+    """The stand-in is strict: the bias the old code passed ((B,1,S,S) expanded over heads, S = 33) is refused."""
+    q = torch.randn(1, 2, 33, 8)
+    _, add = masks(1, 33, None, [4])
+    with pytest.raises(RuntimeError, match="not correctly aligned"):
+        efficient_stand_in([])(q, q, q, add.expand(1, 2, 33, 33), True, 0.0, False, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S", [7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65])
+@pytest.mark.parametrize("pad", [[0, 0], [0, 5]])
+def test_efficient_cuda_passes_an_aligned_bias(monkeypatch, dtype, S, pad):
+    """efficient_cuda pads the bias as scaled_dot_product_attention does (lengths around multiples of 8/16/32),
+    expands it over heads without a copy, cuts the kernel's padded lse, and attend's statistics stay exact."""
+    from functools import partial
+
+    from extract.engine import kernels
+
+    calls = []
+    monkeypatch.setitem(kernels.FAST_KERNELS, "efficient_cuda", partial(kernels.efficient_cuda,
+                                                                        op=efficient_stand_in(calls)))
+    torch.manual_seed(S)
+    B, H, D = 2, 3, 16
+    q, k, v = (torch.randn(B, H, S, D, dtype=dtype) * 1.5 for _ in range(3))
+    allowed, add = masks(B, S, None, pad)
+    mask = None if pad == [0, 0] else add.to(dtype)
+    first = torch.zeros(B, dtype=torch.long)
+    out, pf, ent = attend(q, k, v, mask, 0.3, first, backend="efficient_cuda", chunk_size=8)
+    assert calls and all(c["causal"] == (mask is None) for c in calls)
+    for c in calls:
+        if mask is not None:
+            assert c["shape"] == (B, H, S, S) and c["stride"][1] == 0 and c["stride"][2] == -(-S // 8) * 8
+    ro, rpf, rent = naive(q, k, v, allowed, 0.3, first)
+    sel = (torch.arange(S)[None] < S - torch.tensor(pad)[:, None])[:, None, :].expand(B, H, S)
+    atol = 1e-5 if dtype == torch.float32 else 0.05
+    assert torch.allclose(out.double()[sel], ro[sel], atol=atol)
+    assert torch.allclose(pf[sel], rpf[sel], atol=1e-5)
+    assert torch.allclose(ent[sel], rent[sel], atol=1e-4)
+
+
+def test_aligned_bias_keeps_an_aligned_mask():
+    from extract.engine.kernels import aligned_bias
+
+    m = torch.zeros(2, 1, 16, 16)
+    got = aligned_bias(m, (2, 4, 16, 16))
+    assert got.data_ptr() == m.data_ptr() and got.stride() == (256, 0, 16, 1)
+    odd = torch.randn(2, 1, 9, 9)
+    got = aligned_bias(odd, (2, 4, 9, 9))
+    assert got.stride() == (144, 0, 16, 1) and torch.equal(got[:, 0], odd[:, 0])
