@@ -8,8 +8,10 @@ are the family's business) and calls this function; nothing of the model classes
 * No capture session active (see :mod:`extract.engine.capture`): plain SDPA (the chunked kernel when the family
   soft-caps logits, which SDPA cannot do).
 * Session active: :func:`extract.engine.kernels.attend` computes the output and per-query statistics in one
-  memory-bounded pass; the raw per-head stats go to the session, which may return heads to ablate;
-  their output ``O`` (all positions) is zeroed or replaced by a mean before the output projection.
+  memory-bounded pass (the first forward of a model with a fast backend is checked against the exact
+  kernel, :mod:`extract.engine.selfcheck`); the raw per-head stats go to the session, which may return
+  heads to ablate; their output ``O`` (all positions) is zeroed or replaced by a mean before the output
+  projection.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from analysis.core.score_functions import ordered_stats
-from extract.engine import capture, kernels
+from extract.engine import capture, kernels, selfcheck
 
 ATTN_NAME = "dormant"
 
@@ -46,10 +48,13 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     layout = _mask_layout(attention_mask, B, S, query, cap)
     valid, first, last, add_mask = layout
+    backend = "chunked" if softcap is not None else kernels.choose_backend(query.device, softcap)
+    chunk = cap.chunk_size if cap else 256
     out, p_first, entropy = kernels.attend(query, k, v, add_mask, scale, first, valid=valid, softcap=softcap,
-                                           chunk_size=cap.chunk_size if cap else 256,
+                                           backend=backend, chunk_size=chunk,
                                            need_entropy=cap.need_entropy if cap else False)
     if cap is not None:
+        selfcheck.check(module, query, k, v, add_mask, scale, first, valid, backend, (out, p_first, entropy), chunk)
         stats = head_stats(out, value, p_first, entropy, valid, first, last)
         ablated = cap.record(module.layer_idx, stats)
         if ablated is not None and bool(ablated.any()):
