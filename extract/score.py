@@ -5,7 +5,8 @@ and ``max_tokens`` (per-example truncation, e.g. the paper's uniform length draw
 the examples whose line index ``k`` has ``k % n == i``. Output: one row per (example, layer, head) with
 ``model, dataset, example_id, example`` (line index), ``n_tokens, bos_first, layer, head`` and the
 scores (``score_keys()``); written to a temporary name beside ``out`` and renamed, so a killed job leaves
-no partial file.
+no partial file. Provenance: the Parquet key-value metadata ``SELF_CHECK_KEY`` holds the engine's first-use
+self-checks of the model (JSON list, :func:`extract.engine.selfcheck.checks`).
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis.core.io import write_parquet
+from analysis.core.io import atomic_path
 from analysis.core.score_functions import score_keys
+
+SELF_CHECK_KEY = "dormant_heads.self_checks"
 
 
 def read_examples(path: Path) -> list[dict]:
@@ -52,6 +55,7 @@ def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: 
     import torch
 
     from extract.engine.scores import encode_texts, score_heads
+    from extract.engine.selfcheck import checks
     from extract.models.load import load_model, model_info
 
     if not 0 <= shard < num_shards:
@@ -82,5 +86,6 @@ def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: 
         pl.lit(info["model"]).alias("model"), pl.lit(dataset).alias("dataset"))
     df = df.drop("example").rename({"example_index": "example"}).select(
         "model", "dataset", "example_id", "example", "n_tokens", "bos_first", "layer", "head", *score_keys())
-    write_parquet(df, out)
+    with atomic_path(out) as tmp:
+        df.write_parquet(tmp, metadata={SELF_CHECK_KEY: json.dumps(checks(model))})
     return df

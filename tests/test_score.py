@@ -57,3 +57,21 @@ def test_score_shard_matches_score_heads(tmp_path, zoo_model):
     got = both.sort("example", "layer", "head").select(score_keys()).to_numpy()
     np.testing.assert_allclose(got, ref.sort("example", "layer", "head").select(score_keys()).to_numpy(), rtol=1e-5)
     assert pl.read_parquet(tmp_path / "s1.parquet").equals(parts[1])
+
+
+def test_shard_records_the_self_check(tmp_path):
+    """Provenance: the shard's Parquet metadata holds the engine's self-check of the model (passed, per layer)."""
+    from extract.engine import selfcheck
+    from extract.score import SELF_CHECK_KEY
+    from tiny import tiny_model
+    from tiny_tokenizer import tiny_tokenizer
+
+    model_dir = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": f"e{i}", "text": t}) + "\n" for i, t in enumerate(["a b c", "b c a b"])))
+    selfcheck.reset()
+    score_shard(str(model_dir), data, "toy", tmp_path / "s.parquet", progress=False)
+    (rec,) = json.loads(pl.read_parquet_metadata(tmp_path / "s.parquet")[SELF_CHECK_KEY])
+    assert rec["passed"] and rec["backend"] == "flash_cpu" and rec["layers"] == 3 and rec["seconds"] > 0
