@@ -214,7 +214,7 @@ TABLES = ("models", "examples", "head_scores", "thresholds", "ablation_results",
           "distribution_tests", "bb_metrics", "maps_scores")
 TABLES += ("domain_head_ablation",)
 TABLES += ("finetune_log",)
-TABLES += ("maps_salient", "maps_dynamic", "maps_correlations", "maps_causal")
+TABLES += ("maps_salient", "maps_dynamic", "maps_correlations", "maps_causal", "maps_inputs")
 
 
 def row_counts(con) -> dict[str, int]:

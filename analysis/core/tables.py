@@ -169,9 +169,11 @@ _TABLES: dict[str, Table] = {t.name: t for t in [
               loss_mean_ablated="NULL unless mean ablation was run",
               delta_loss_mean="NULL unless mean ablation was run"),
           added=("loss_mean_ablated", "delta_loss_mean")),
-    Table("maps_scores", _key("model, layer, head, operation"), "MAPS static and suppression scores (definitions §8).",
-          _columns("model str, layer int32, head int32, operation str, category str, k int32, score float64, "
-                   "suppression_score float64, n_pairs int32")),
+    Table("maps_scores", _key("model, inputs, layer, head, operation"),
+          "MAPS static and suppression scores per E' choice (definitions §8).",
+          _columns("model str, inputs str, layer int32, head int32, operation str, category str, k int32, "
+                   "score float64, suppression_score float64, n_pairs int32",
+                   inputs="E' of the layers >= 1: reference, raw or residual (extract.maps.folding)")),
     Table("maps_salient", _key("model, layer, head, rank"),
           "each head's most salient tokens and their top targets (definitions §8).", _columns(
               "model str, layer int32, head int32, rank int32, token_id int64, token str, saliency float64, "
@@ -180,13 +182,25 @@ _TABLES: dict[str, Table] = {t.name: t for t in [
           "MAPS dynamic scores from prompts.", _columns(
               "model str, layer int32, head int32, operation str, template int32, context str, score float64, "
               "n_prompts int32")),
-    Table("maps_correlations", _key("model, operation, context"), "Pearson r of static vs dynamic scores.",
-          _columns("model str, operation str, context str, pearson float64, n int32, max_static float64, "
-                   "max_dynamic float64")),
-    Table("maps_causal", _key("model, operation, selection, n_heads, draw"),
-          "accuracy with heads ablated at the last position.", _columns(
-              "model str, operation str, selection str, n_heads int32, draw int32, accuracy float64, "
+    Table("maps_correlations", _key("model, inputs, operation, context"),
+          "Pearson r of static (per E' choice) vs dynamic scores.",
+          _columns("model str, inputs str, operation str, context str, pearson float64, n int32, "
+                   "max_static float64, max_dynamic float64")),
+    Table("maps_causal", _key("model, inputs, operation, selection, n_heads, draw"),
+          "accuracy with heads ablated at the last position (top heads per E' choice).", _columns(
+              "model str, inputs str, operation str, selection str, n_heads int32, draw int32, accuracy float64, "
               "base_accuracy float64, n_prompts int32")),
+    Table("maps_inputs", _key("source, model, inputs"),
+          "per model and E' choice, the MAPS reference's summary form: median over operations of the "
+          "static-vs-dynamic Pearson r and of the relative accuracy drop (top vs random heads), with "
+          "bootstrap CIs over operations; the MAPS paper's own rows beside ours.", _columns(
+              "source str, model str, inputs str, r_without float64, r_without_low float64, "
+              "r_without_high float64, r_with float64, r_with_low float64, r_with_high float64, "
+              "r_operations int32, n_heads int32, drop_top float64, drop_top_low float64, "
+              "drop_top_high float64, drop_random float64, drop_random_low float64, drop_random_high float64, "
+              "causal_operations int32",
+              source="'this run' or the MAPS paper (Elhelo & Geva)",
+              n_heads="heads ablated in the causal columns (the largest count of the run)")),
     Table("score_functions", _key("score_fn"),
           "each registered score function and its inactive side (``>`` or ``<``), written on every writable "
           "open.", _columns("score_fn str, inactive_when str")),

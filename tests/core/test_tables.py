@@ -14,7 +14,8 @@ from analysis.database import connect, migrations, schema
 
 # The schema as it shipped before analysis.core.tables (the DDL of analysis/database.py at abe9ea2), written
 # out by hand: the 13 built-in score columns in definitions §2 order. Changed since: bb_metrics has layer and part
-# (key columns; the toy metrics no longer spell them in the metric name).
+# (key columns; the toy metrics no longer spell them in the metric name); maps_scores, maps_correlations and
+# maps_causal have inputs (the E' choice, a key column) and maps_inputs is new.
 BUILTIN_SCORES = ("awft DOUBLE, awft_ln DOUBLE, aeqd DOUBLE, aeqd_ln DOUBLE, ftvvn DOUBLE, ftvvn_ln DOUBLE, "
                   "avvn DOUBLE, avvn_ln DOUBLE, lthon DOUBLE, lthon_ln DOUBLE, lthon_hn DOUBLE, ahon DOUBLE, "
                   "ahon_ln DOUBLE")
@@ -55,8 +56,8 @@ CREATE TABLE domain_head_ablation (
   loss_mean_ablated DOUBLE, delta_loss_mean DOUBLE,
   PRIMARY KEY (model, dataset, example, layer, head));
 CREATE TABLE maps_scores (
-  model VARCHAR, layer INTEGER, head INTEGER, operation VARCHAR, category VARCHAR, k INTEGER, score DOUBLE,
-  suppression_score DOUBLE, n_pairs INTEGER, PRIMARY KEY (model, layer, head, operation));
+  model VARCHAR, inputs VARCHAR, layer INTEGER, head INTEGER, operation VARCHAR, category VARCHAR, k INTEGER,
+  score DOUBLE, suppression_score DOUBLE, n_pairs INTEGER, PRIMARY KEY (model, inputs, layer, head, operation));
 CREATE TABLE maps_salient (
   model VARCHAR, layer INTEGER, head INTEGER, rank INTEGER, token_id BIGINT, token VARCHAR, saliency DOUBLE,
   top_targets VARCHAR, PRIMARY KEY (model, layer, head, rank));
@@ -64,11 +65,17 @@ CREATE TABLE maps_dynamic (
   model VARCHAR, layer INTEGER, head INTEGER, operation VARCHAR, template INTEGER, context VARCHAR, score DOUBLE,
   n_prompts INTEGER, PRIMARY KEY (model, layer, head, operation, template, context));
 CREATE TABLE maps_correlations (
-  model VARCHAR, operation VARCHAR, context VARCHAR, pearson DOUBLE, n INTEGER, max_static DOUBLE,
-  max_dynamic DOUBLE, PRIMARY KEY (model, operation, context));
+  model VARCHAR, inputs VARCHAR, operation VARCHAR, context VARCHAR, pearson DOUBLE, n INTEGER, max_static DOUBLE,
+  max_dynamic DOUBLE, PRIMARY KEY (model, inputs, operation, context));
 CREATE TABLE maps_causal (
-  model VARCHAR, operation VARCHAR, selection VARCHAR, n_heads INTEGER, draw INTEGER, accuracy DOUBLE,
-  base_accuracy DOUBLE, n_prompts INTEGER, PRIMARY KEY (model, operation, selection, n_heads, draw));
+  model VARCHAR, inputs VARCHAR, operation VARCHAR, selection VARCHAR, n_heads INTEGER, draw INTEGER,
+  accuracy DOUBLE, base_accuracy DOUBLE, n_prompts INTEGER,
+  PRIMARY KEY (model, inputs, operation, selection, n_heads, draw));
+CREATE TABLE maps_inputs (
+  source VARCHAR, model VARCHAR, inputs VARCHAR, r_without DOUBLE, r_without_low DOUBLE, r_without_high DOUBLE,
+  r_with DOUBLE, r_with_low DOUBLE, r_with_high DOUBLE, r_operations INTEGER, n_heads INTEGER, drop_top DOUBLE,
+  drop_top_low DOUBLE, drop_top_high DOUBLE, drop_random DOUBLE, drop_random_low DOUBLE, drop_random_high DOUBLE,
+  causal_operations INTEGER, PRIMARY KEY (source, model, inputs));
 CREATE TABLE score_functions (
   score_fn VARCHAR PRIMARY KEY, inactive_when VARCHAR);
 """
@@ -132,7 +139,7 @@ def test_every_declaration_is_what_the_database_holds(fresh):
         assert [(r[0], r[1]) for r in info] == [(c.name, c.sql_type) for c in t.columns], t.name
         assert [r[0] for r in info if r[4]] == list(t.key), t.name
     assert tables.describe().count("\n") == len(tables.names())
-    assert "* ``maps_causal`` [model, operation, selection, n_heads, draw]:" in tables.describe()
+    assert "* ``maps_causal`` [model, inputs, operation, selection, n_heads, draw]:" in tables.describe()
 
 
 def test_a_registered_score_function_is_a_column_of_both_score_tables(tmp_path):
