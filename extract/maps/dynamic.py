@@ -100,13 +100,14 @@ def dynamic_scores(model_name: str, frame: pl.DataFrame, hit: torch.Tensor) -> p
 
 
 def correlations(static: pl.DataFrame, dynamic: pl.DataFrame) -> pl.DataFrame:
-    """Pearson r of static vs dynamic scores over heads × templates, per (model, operation, context)."""
-    j = dynamic.join(static.select("model", "layer", "head", "operation", pl.col("score").alias("static")),
+    """Pearson r of static vs dynamic scores over heads × templates, per (model, E' choice, operation,
+    context)."""
+    j = dynamic.join(static.select("model", "inputs", "layer", "head", "operation", pl.col("score").alias("static")),
                      on=["model", "layer", "head", "operation"])
-    return (j.group_by("model", "operation", "context")
+    return (j.group_by("model", "inputs", "operation", "context")
             .agg(pl.corr("static", "score").alias("pearson"), pl.len().cast(pl.Int32).alias("n"),
                  pl.col("static").max().alias("max_static"), pl.col("score").max().alias("max_dynamic"))
-            .sort("model", "operation", "context"))
+            .sort("model", "inputs", "operation", "context"))
 
 
 # ---- causal check -------------------------------------------------------------------------------------
@@ -138,17 +139,24 @@ def ablate_last(model, heads: list[tuple[int, int]]):
 def causal_check(model, tok, op: Operation, static: pl.DataFrame, *, model_name: str, counts: list[int],
                  draws: int, prompts: int | None, shots: int, seed: int) -> pl.DataFrame:
     """Accuracy (answer token = argmax at the last position) with no ablation, with the ``n`` top-scoring
-    heads of ``op`` ablated, and with ``draws`` seeded random sets of ``n`` heads, for n in ``counts``."""
+    heads of ``op`` ablated, and with ``draws`` seeded random sets of ``n`` heads, for n in ``counts``; the
+    top heads per E' choice of ``static`` (its ``inputs`` column), each choice's rows with the same
+    no-ablation and random-set accuracies."""
     L, H, _, _ = head_shape(model)
-    ranked = (static.filter(pl.col("operation") == op.name)
-              .sort(["score", "layer", "head"], descending=[True, False, False]))
-    top = list(zip(ranked["layer"].to_list(), ranked["head"].to_list()))
     every = [(la, h) for la in range(L) for h in range(H)]
-    configs = [("none", 0, 0, [])]
+    choices = static["inputs"].unique(maintain_order=True).to_list()
+    configs = [("none", 0, 0, [])]  # (selection, n, draw, heads); "top" once per choice
     for n in counts:
-        configs.append(("top", n, 0, top[:n]))
         for d in range(draws):
             configs.append(("random", n, d, random.Random(f"{seed}:{op.name}:{n}:{d}").sample(every, n)))
+    top_of = {}
+    for c in choices:
+        ranked = (static.filter((pl.col("operation") == op.name) & (pl.col("inputs") == c))
+                  .sort(["score", "layer", "head"], descending=[True, False, False]))
+        top = list(zip(ranked["layer"].to_list(), ranked["head"].to_list()))
+        for n in counts:
+            top_of[c, n] = len(configs)
+            configs.append(("top", n, 0, top[:n]))
     ids, answers = fewshot_prompts(tok, op, prompts, shots, seed)
     correct = np.zeros((len(configs), len(ids)))
     groups: dict[int, list[int]] = {}
@@ -156,17 +164,29 @@ def causal_check(model, tok, op: Operation, static: pl.DataFrame, *, model_name:
         groups.setdefault(len(p), []).append(i)
     head = model.get_output_embeddings()
     dec = model.get_decoder()
+    done: dict[tuple, int] = {}  # a head set already run (the top heads of two choices may agree)
     for length, members in groups.items():
         x = torch.tensor([ids[i] for i in members], device=model.device)
         ans = torch.tensor([answers[i] for i in members], device=model.device)
         past = dec(input_ids=x[:, :-1], use_cache=True).past_key_values
+        done.clear()
         for c, (_, _, _, heads) in enumerate(configs):
+            key = tuple(sorted(heads))
+            if key in done:
+                correct[c, members] = correct[done[key], members]
+                continue
+            done[key] = c
             with ablate_last(model, heads):
                 hidden = dec(input_ids=x[:, -1:], past_key_values=past, use_cache=True).last_hidden_state
             past.crop(-1)  # drop the last token again
             pred = head(hidden[:, -1]).argmax(-1)
             correct[c, members] = (pred == ans).cpu().numpy()
     base = float(correct[0].mean())
-    rows = [(model_name, op.name, sel, n, d, float(correct[c].mean()), base, len(ids))
-            for c, (sel, n, d, _) in enumerate(configs)]
+    rows = []
+    for ch in choices:
+        picks = [0]  # none, then per count: top, random draws
+        for n in counts:
+            picks += [top_of[ch, n]] + [j for j, cf in enumerate(configs) if cf[0] == "random" and cf[1] == n]
+        rows += [(model_name, ch, op.name, configs[c][0], configs[c][1], configs[c][2], float(correct[c].mean()),
+                  base, len(ids)) for c in picks]
     return pl.DataFrame(rows, orient="row", schema=tables.polars_schema("maps_causal"))

@@ -23,6 +23,16 @@ from analysis.core.settings import setting
 from extract.maps.operations import CATEGORIES
 
 PARTS = ("scores", "salient", "dynamic", "correlations", "causal")  # the Parquet files, one table each
+INPUTS = ("reference", "raw", "residual")  # the E' choices of the layers >= 1 (extract.maps.folding)
+
+
+def check_inputs(choices) -> tuple[str, ...]:
+    """``choices`` as a tuple of distinct :data:`INPUTS` names (at least one), else ValueError."""
+    choices = (choices,) if isinstance(choices, str) else tuple(choices)
+    if not choices or len(set(choices)) != len(choices) or any(c not in INPUTS for c in choices):
+        raise ValueError(f"MAPS setting inputs must list distinct E' choices among {', '.join(INPUTS)} "
+                         f"(definitions §8), got {list(choices)}")
+    return choices
 
 
 def _known_operations(names, where: str) -> None:
@@ -84,8 +94,9 @@ class MapsSettings:
     seed: int = setting(0, "pair sampling, prompts and random head sets")
     operations: tuple[str, ...] | None = setting(None, "operations scored (none: all 20; each is used only with "
                                                         "≥ 30 single-token pairs)")
-    inputs: str = setting("mlp", "rows E' for layers ≥ 1: the first layer's MLP output (mlp, definitions §8) or raw "
-                                  "embeddings (raw)")
+    inputs: tuple[str, ...] = setting(("reference",), "E' choices scored (layers ≥ 1): reference (MLP_0(N_mlp,0(E)), "
+                                                       "definitions §8), raw (E), residual (E + MLP_0(N_mlp,0(E))); "
+                                                       "salient tokens and heatmaps use the first")
     k_copy: int = setting(1, "top-k of the copying operations (definitions §8: 1)")
     k_other: int = setting(10, "top-k of the other operations (definitions §8: 10)")
     max_pairs: int | None = setting(None, "seeded cap on pairs per operation (none: every single-token pair)")
@@ -96,8 +107,7 @@ class MapsSettings:
 
     def __post_init__(self):
         _known_operations(self.operations, "operations")
-        if self.inputs not in ("mlp", "raw"):
-            raise ValueError(f"MAPS setting inputs must be 'mlp' (definitions §8) or 'raw', got {self.inputs!r}")
+        check_inputs(self.inputs)
 
     def as_dict(self) -> dict:
         """The settings as the JSON object ``--config`` reads (sections nested, tuples as lists)."""

@@ -1,5 +1,6 @@
-"""MAPS (definitions §8): static scores against hand-built and naive full-matrix answers; the pair filter; the
-settings of `maps run` and `domains ablate` (dataclass <-> JSON <-> command line) and what `run` writes."""
+"""MAPS (definitions §8): static scores against hand-built and naive full-matrix answers (norm weights folded,
+the three E' choices); the pair filter; the settings of `maps run` and `domains ablate` (dataclass <-> JSON <->
+command line) and what `run` writes."""
 import functools
 import json
 
@@ -7,9 +8,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, AutoModelForCausalLM
 
-from extract.maps.static import in_top_k, scan_vocab, static_scores
+from extract.maps.static import scan_vocab, static_scores, top_k_tests
 from extract.maps.operations import Operation, filter_pairs, prepare
 from tiny import tiny_model
+from test_folding import independent_inputs, randomise_norms, scale_of
 from tiny_tokenizer import tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -58,21 +60,23 @@ def test_static_score_on_a_known_permutation():
     torch.testing.assert_close(top_v[0, :, 0], torch.ones(16), atol=1e-5, rtol=0)
 
 
-def _naive_scores(model, ops, layer, inputs="mlp"):
-    """Full vocabulary x vocabulary M per head in float64, with explicit GQA indexing; top-k by counting."""
+def _naive_scores(model, ops, layer, inputs):
+    """Full vocabulary x vocabulary M per head in float64, with explicit GQA indexing and the norm weights
+    folded by each family's own convention; E' from the model's own forward (layer 0's attention ablated);
+    top-k by counting."""
     cfg = model.config
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
-    attn = model.model.layers[layer].self_attn
+    block = model.model.layers[layer]
+    attn = block.self_attn
     hd = attn.o_proj.in_features // H
     with torch.no_grad():
-        E = model.model.embed_tokens(torch.arange(cfg.vocab_size)).double()
-        if layer > 0 and inputs == "mlp":
-            E = model.model.layers[0].mlp(E.float()).double()
-        U = model.lm_head.weight.double().T
+        E = independent_inputs(model, torch.arange(cfg.vocab_size))["raw" if layer == 0 else inputs].double()
+        U = scale_of(model, model.model.norm).double()[:, None] * model.lm_head.weight.double().T
+        g_in = scale_of(model, block.input_layernorm).double()[:, None]
         out = {}
         for h in range(H):
             kv = h // (H // KV)
-            wv = attn.v_proj.weight.double()[kv * hd:(kv + 1) * hd].T
+            wv = g_in * attn.v_proj.weight.double()[kv * hd:(kv + 1) * hd].T
             wo = attn.o_proj.weight.double()[:, h * hd:(h + 1) * hd].T
             M = E @ wv @ wo @ U  # (V, V)
             for op in ops:
@@ -86,22 +90,69 @@ def _naive_scores(model, ops, layer, inputs="mlp"):
     return out
 
 
-@pytest.mark.parametrize("family,inputs", [("gemma3", "mlp"), ("qwen2", "mlp"), ("llama", "raw")])
-def test_row_wise_scan_equals_the_full_matrix(family, inputs):
-    model = tiny_model(family, seed=1)
+@pytest.mark.parametrize("family", ["gemma3", "qwen2", "llama"])
+def test_row_wise_scan_equals_the_full_matrix(family, monkeypatch):
+    """Every E' choice at once, against the naive full matrix; a small first block of columns makes most rows
+    go through the chunked second stage too."""
+    import extract.maps.static as static
+
+    model = randomise_norms(tiny_model(family, seed=1))
     g = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
     ops = [_op(f"op{k}", torch.randint(0, V, (25,), generator=g).tolist(),
                torch.randint(0, V, (25,), generator=g).tolist(), k) for k in (1, 3, 10)]
-    res = static_scores(model, tiny_tokenizer(), ops, model_name=family, inputs=inputs, progress=False)
+    monkeypatch.setattr(static, "FIRST_COLUMNS", 16)
+    monkeypatch.setattr(static, "CHUNK_ELEMENTS", 1 << 12)
+    choices = ("reference", "raw", "residual")
+    res = static_scores(model, tiny_tokenizer(), ops, model_name=family, inputs=choices, progress=False)
     n_checked = 0
     for layer in range(model.config.num_hidden_layers):
-        naive = _naive_scores(model, ops, layer, inputs)
-        for r in res.scores.filter(res.scores["layer"] == layer).iter_rows(named=True):
-            assert (r["score"], r["suppression_score"]) == pytest.approx(naive[(r["head"], r["operation"])])
-            n_checked += 1
-    assert n_checked == model.config.num_hidden_layers * model.config.num_attention_heads * len(ops)
+        for c in choices:
+            naive = _naive_scores(model, ops, layer, c)
+            for r in res.scores.filter((res.scores["layer"] == layer) & (res.scores["inputs"] == c)).iter_rows(named=True):
+                assert (r["score"], r["suppression_score"]) == pytest.approx(naive[(r["head"], r["operation"])])
+                n_checked += 1
+    assert n_checked == len(choices) * model.config.num_hidden_layers * model.config.num_attention_heads * len(ops)
     assert res.scores["score"].max() > 0  # not trivially all zero
+    # the choices differ beyond layer 0 (where all three read E)
+    wide = res.scores.pivot(on="inputs", index=["layer", "head", "operation"], values="score")
+    assert (wide.filter(wide["layer"] == 0)["reference"] == wide.filter(wide["layer"] == 0)["raw"]).all()
+    assert not (wide["reference"] == wide["raw"]).all() and not (wide["reference"] == wide["residual"]).all()
+
+
+def test_the_default_is_the_reference():
+    import inspect
+
+    from extract.maps.run import MapsSettings
+
+    assert MapsSettings().inputs == ("reference",)
+    assert inspect.signature(static_scores).parameters["inputs"].default == ("reference",)
+    with pytest.raises(ValueError, match="reference, raw, residual"):
+        MapsSettings(inputs=("mlp",))
+    with pytest.raises(ValueError, match="distinct"):
+        MapsSettings(inputs=("raw", "raw"))
+
+
+def test_top_k_tests_against_brute_force():
+    """Both stages, ties, and rows that need no suppression answer."""
+    g = torch.Generator().manual_seed(5)
+    H, P, hd, d, V = 3, 40, 4, 8, 700
+    z, wo = torch.randn(H, P, hd, generator=g), torch.randn(H, hd, d, generator=g)
+    U = torch.randn(d, V, generator=g)
+    U[:, 11] = U[:, 10]  # a tie with the target of some rows
+    targets = torch.randint(0, V, (P,), generator=g)
+    targets[:5] = 10
+    k = torch.randint(1, 12, (P,), generator=g)
+    need = torch.arange(P) % 3 != 0
+    full = torch.einsum("hpk,hkd,dv->hpv", z.double(), wo.double(), U.double()).float()
+    t = full.gather(-1, targets.expand(H, -1)[..., None])
+    others = torch.ones(H, P, V, dtype=torch.bool).scatter_(-1, targets.expand(H, -1)[..., None], False)
+    want_hit = ((full > t) & others).sum(-1) < k
+    want_supp = need & (((full < t) & others).sum(-1) < k)
+    for first in (16, 700):
+        hit, supp = top_k_tests(z, wo, U, targets, k, need, first=first)
+        assert torch.equal(hit, want_hit) and torch.equal(supp, want_supp), first
+    assert want_hit.any() and (~want_hit).any() and want_supp.any()
 
 
 def test_scan_low_rank_and_direct_agree_with_topk():
@@ -112,15 +163,6 @@ def test_scan_low_rank_and_direct_agree_with_topk():
         tv, ti, bv, bi = scan_vocab(z, wo, U, 5, low_rank=low_rank)
         assert torch.equal(ti, full.topk(5, dim=-1).indices)
         assert torch.equal(bi, full.topk(5, dim=-1, largest=False).indices)
-
-
-def test_in_top_k_counts_strictly_greater_others():
-    values = torch.tensor([[5.0, 4.0, 4.0, 1.0]])
-    ids = torch.tensor([[7, 8, 9, 3]])
-    # target 9 (logit 4): one other token (7) is greater -> in top-2, not in top-1; tie with 8 counts for it
-    assert in_top_k(values, ids, torch.tensor([9]), torch.tensor([4.0]), torch.tensor([2])).item()
-    assert not in_top_k(values, ids, torch.tensor([9]), torch.tensor([4.0]), torch.tensor([1])).item()
-    assert in_top_k(values, ids, torch.tensor([7]), torch.tensor([5.0]), torch.tensor([1])).item()
 
 
 def test_tokenisation_filter(tmp_path):
