@@ -11,7 +11,8 @@ Each (method, length) runs in a fresh subprocess so its peak resident memory is 
 
 Times are medians over repeats after one warm-up, the methods interleaved in one process (rotated order
 each repetition) so that background load affects them alike; peak resident memory comes from a fresh
-process per (method, length). Input is real text (Python standard-library source) truncated to the length. Usage: ``dormant bench [--model NAME] [--lengths 512 2048 4096]``.
+process per (method, length). Input is real text (Python standard-library source) truncated to the length. Usage: ``dormant bench [--model NAME] [--lengths 512 2048 4096] [--device cuda]`` (on CUDA each
+timed run ends with a device synchronisation and rows also carry the peak allocated GPU memory).
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _naive_eager(model, ids):
 
     _, H, KV, _ = hooks.head_shape(model)
     with hooks.capture(model, "v") as vals, hooks.capture(model, "z") as outs, torch.inference_mode():
-        attentions = model.base_model(input_ids=torch.tensor([ids]), output_attentions=True,
+        attentions = model.base_model(input_ids=torch.tensor([ids], device=model.device), output_attentions=True,
                                       use_cache=False).attentions
     stats = []
     for i, A in enumerate(attentions):
@@ -83,7 +84,7 @@ def _runner(model, tok, method: str, n: int):
     from extract.engine.scores import score_heads
 
     ids = _text_ids(tok, n)
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
 
     def attn(name):
         if model.config._attn_implementation != name:
@@ -108,7 +109,7 @@ def _runner(model, tok, method: str, n: int):
     return run
 
 
-def worker(model_name: str, methods: list[str], n: int, repeats: int) -> list[dict]:
+def worker(model_name: str, methods: list[str], n: int, repeats: int, device: str = "cpu") -> list[dict]:
     """Time ``methods`` interleaved in one process (each repetition runs every method once, in rotated
     order), so that background load hits all of them alike; one warm-up each."""
     import torch
@@ -116,7 +117,9 @@ def worker(model_name: str, methods: list[str], n: int, repeats: int) -> list[di
     from extract.models.load import load_model
 
     torch.manual_seed(0)
-    model, tok = load_model(model_name, progress=False)
+    model, tok = load_model(model_name, progress=False, device=device)
+    cuda = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     skipped = [m for m in methods if m == "naive_eager" and naive_gib(model, n) > NAIVE_MAX_GIB]
     methods = [m for m in methods if m not in skipped]
     runs = {m: _runner(model, tok, m, n) for m in methods}
@@ -126,34 +129,39 @@ def worker(model_name: str, methods: list[str], n: int, repeats: int) -> list[di
     for r in range(repeats):
         order = methods[r % len(methods):] + methods[: r % len(methods)]
         for m in order:
+            sync()
             t0 = time.perf_counter()
             runs[m]()
+            sync()
             times[m].append(time.perf_counter() - t0)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     rows = [{"method": m, "tokens": n, "median_s": statistics.median(times[m]), "times_s": times[m],
-             "peak_rss_mib": peak_mib if len(methods) == 1 else None, "threads": torch.get_num_threads()}
+             "peak_rss_mib": peak_mib if len(methods) == 1 else None, "threads": torch.get_num_threads(),
+             "device": str(model.device), "peak_gpu_mib": gpu_mib if len(methods) == 1 else None}
             for m in methods]
     return rows + [{"method": m, "tokens": n, "median_s": float("nan"), "times_s": [], "peak_rss_mib": float("nan"),
                     "threads": torch.get_num_threads(), "skipped": f"needs {naive_gib(model, n):.0f} GiB of weights"}
                    for m in skipped]
 
 
-def _spawn(model_name: str, methods: list[str], n: int, repeats: int) -> list[dict]:
+def _spawn(model_name: str, methods: list[str], n: int, repeats: int, device: str = "cpu") -> list[dict]:
     cmd = [sys.executable, "-m", "extract.cli", "bench", "--worker", "--model", model_name, "--lengths", str(n),
-           "--repeats", str(repeats), "--methods", *methods]
+           "--repeats", str(repeats), "--device", device, "--methods", *methods]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_all(model_name: str, lengths: list[int], repeats: int, methods=METHODS) -> list[dict]:
+def run_all(model_name: str, lengths: list[int], repeats: int, methods=METHODS, device: str = "cpu") -> list[dict]:
     """Times: one process per length, methods interleaved. Peak RSS: one fresh process per (method,
     length) running the method once after a warm-up."""
     rows = []
     for n in lengths:
-        timed = {r["method"]: r for r in _spawn(model_name, list(methods), n, repeats)}
+        timed = {r["method"]: r for r in _spawn(model_name, list(methods), n, repeats, device)}
         for m in methods:
             if not timed[m].get("skipped"):
-                timed[m]["peak_rss_mib"] = _spawn(model_name, [m], n, 1)[0]["peak_rss_mib"]
+                alone = _spawn(model_name, [m], n, 1, device)[0]
+                timed[m]["peak_rss_mib"], timed[m]["peak_gpu_mib"] = alone["peak_rss_mib"], alone["peak_gpu_mib"]
             rows.append(timed[m])
             print(f"  {m:13s} {n:5d} tok  median {timed[m]['median_s']:.3f} s  peak RSS "
                   f"{timed[m]['peak_rss_mib']:.0f} MiB", file=sys.stderr)

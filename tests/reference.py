@@ -34,16 +34,16 @@ def reference_scores(model, ids: list[int]) -> torch.Tensor:
         hooks.append(att.o_proj.register_forward_pre_hook(lambda m, a, i=i: o_inputs.__setitem__(i, a[0])))
     try:
         with eager(model), torch.no_grad():
-            attn = model(torch.tensor([ids]), output_attentions=True, use_cache=False).attentions
+            attn = model(torch.tensor([ids], device=model.device), output_attentions=True, use_cache=False).attentions
     finally:
         for h in hooks:
             h.remove()
     S = len(ids)
     rows = []
     for layer in range(cfg.num_hidden_layers):
-        A = attn[layer][0].double()  # (H, S, S)
-        V = values[layer][0].double().view(S, KV, D)
-        O = o_inputs[layer][0].double().view(S, H, D)
+        A = attn[layer][0].double().cpu()  # (H, S, S)
+        V = values[layer][0].double().cpu().view(S, KV, D)
+        O = o_inputs[layer][0].double().cpu().view(S, H, D)
         a, e, v0, vm, ol, om = [], [], [], [], [], []  # per head: the quantities definitions §2 names
         for h in range(H):
             Ah = A[h]
