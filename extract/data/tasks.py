@@ -1,8 +1,10 @@
 """Multiple-choice tasks as a registry of specs (in the style of lm-evaluation-harness; definitions §5).
 
-:data:`DEFAULT_SUITE` (ten BIG-bench tasks, see :data:`TASKS`), MMLU from a local directory of the original
-CSV files or the hub dataset ``cais/mmlu``, and any BIG-bench task file as ``bigbench:<task>[/<subtask>]``.
-Every question has a stable id and a content sha256.
+:data:`DEFAULT_SUITE` (ten BIG-bench tasks, see :data:`TASKS`), :data:`RELATION_SUITE` (factual and
+linguistic relations from the MAPS operation pairs, posed as four-choice questions: the offline suite the
+small zoo models can do), MMLU from a local directory of the original CSV files or the hub dataset
+``cais/mmlu``, and any BIG-bench task file as ``bigbench:<task>[/<subtask>]``. Every question has a stable id
+and a content sha256.
 
 The text corpora are in :mod:`extract.data.corpora`.
 """
@@ -41,11 +43,13 @@ def make_question(id: str, task: str, question: str, choices: Sequence[str], ans
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A multiple-choice task: a BIG-bench task path, or an MMLU subject ("" = all 57)."""
+    """A multiple-choice task: a BIG-bench task path, an MMLU subject ("" = all 57), or a MAPS operation
+    posed through ``template`` (source "relation")."""
     name: str
-    source: str  # "bigbench" or "mmlu"
+    source: str  # "bigbench", "mmlu" or "relation"
     path: str
     skill: str = ""
+    template: str = ""  # relation: the question with "{}" for the source word
 
 
 @dataclass
@@ -85,8 +89,30 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("strange_stories", "bigbench", "strange_stories/multiple_choice",
              "theory of mind in short stories"),
     TaskSpec("mmlu", "mmlu", "", "MMLU, 57 subjects (local CSV directory or hub cais/mmlu)"),
+    # relations (MAPS operation pairs, extract/maps/operations_data): the answer and three distractors
+    TaskSpec("capitals", "relation", "country_to_capital_wikidata", "capital of a country (Wikidata)",
+             "What is the capital of {}?"),
+    TaskSpec("languages", "relation", "country_to_official_language_wikidata",
+             "official language of a country (Wikidata)", "What is the official language of {}?"),
+    TaskSpec("makers", "relation", "product_by_company", "company behind a product",
+             "Which company makes {}?"),
+    TaskSpec("workplaces", "relation", "work_location", "where a profession works", "Where does a {} work?"),
+    TaskSpec("superclasses", "relation", "object_superclass", "what kind of thing an object is",
+             "What kind of thing is a {}?"),
+    TaskSpec("antonyms", "relation", "adj_antonym", "antonym of an adjective", "What is the opposite of {}?"),
+    TaskSpec("synonyms", "relation", "word_to_synonym", "synonym of a word", "What is a synonym of {}?"),
+    TaskSpec("past_tense", "relation", "verb_past_tense", "past tense of a verb",
+             "What is the past tense of {}?"),
+    TaskSpec("comparatives", "relation", "adj_comparative", "comparative of an adjective",
+             "What is the comparative form of {}?"),
+    TaskSpec("french", "relation", "english_to_french", "English word to French",
+             "What is the French word for {}?"),
+    TaskSpec("spanish", "relation", "english_to_spanish", "English word to Spanish",
+             "What is the Spanish word for {}?"),
 ]}
 DEFAULT_SUITE: tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.source == "bigbench")
+RELATION_SUITE: tuple[str, ...] = tuple(n for n, t in TASKS.items() if t.source == "relation")
+RELATION_CHOICES = 4  # the answer and three distractors
 
 
 def get_task(name: str) -> TaskSpec:
@@ -133,6 +159,36 @@ def _bigbench_task(spec: TaskSpec, data: dict, limit: int | None, seed: int) -> 
     prefix = data.get("task_prefix", "").strip()
     return TaskData(spec.name, [qs[i] for i in evaluated], {spec.name: [qs[i] for i in order[:SHOT_POOL]]},
                     {spec.name: prefix + "\n\n" if prefix else ""})
+
+
+def _relation_task(spec: TaskSpec, limit: int | None, seed: int) -> TaskData:
+    """Each (source, target) pair of a MAPS operation as a question ``template.format(source)`` with the
+    target and ``RELATION_CHOICES - 1`` distractors: other targets of the operation that no pair gives for
+    this source (seeded per question), in a seeded order. Shot pool and evaluated questions as for BIG-bench.
+    """
+    from extract.maps.operations import load_pairs
+
+    pairs = list(dict.fromkeys(load_pairs(spec.path)))
+    answers: dict[str, set[str]] = {}
+    for s, t in pairs:
+        answers.setdefault(s.lower(), set()).add(t.lower())
+    targets = sorted({t for _, t in pairs}, key=str.lower)
+    qs = []
+    for i, (src, tgt) in enumerate(pairs):
+        qid = f"relation/{spec.path}/{i}"
+        wrong = [t for t in targets if t.lower() not in answers[src.lower()]]
+        if len(wrong) < RELATION_CHOICES - 1:
+            continue
+        choices = [tgt] + seeded_rng(seed, "distractors", qid).sample(wrong, RELATION_CHOICES - 1)
+        seeded_rng(seed, "choices", qid).shuffle(choices)
+        qs.append(make_question(qid, spec.name, spec.template.format(src), choices, choices.index(tgt)))
+    if len(qs) <= SHOT_POOL:
+        raise DormantError(f"relation task {spec.name!r} has {len(qs)} usable pairs; it needs more than {SHOT_POOL}")
+    order = list(range(len(qs)))
+    seeded_rng(seed, "split", spec.path).shuffle(order)
+    evaluated = sorted(order[SHOT_POOL:] if limit is None else order[SHOT_POOL:SHOT_POOL + limit])
+    return TaskData(spec.name, [qs[i] for i in evaluated], {spec.name: [qs[i] for i in order[:SHOT_POOL]]},
+                    {spec.name: ""})
 
 
 def mmlu_dir_or_none(mmlu_dir: Path | str | None = None) -> Path | None:
@@ -216,6 +272,8 @@ def load_task(name: str, *, limit: int | None = None, seed: int = 0, mmlu_dir: P
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     if spec.source == "mmlu":
         return _mmlu_task(spec, limit, seed, mmlu_dir)
+    if spec.source == "relation":
+        return _relation_task(spec, limit, seed)
     return _bigbench_task(spec, bigbench.read_tasks([spec.path], tar, progress)[spec.path], limit, seed)
 
 

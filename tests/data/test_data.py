@@ -284,3 +284,29 @@ def test_real_corpora_and_suite(zoo_model):
             ids = encode_texts(tok, [r["text"]], max_tokens=r["max_tokens"])[0]
             assert len(ids) == r["max_tokens"]  # every document is long enough at [10, 512]
     assert rows[0]["id"].startswith("code/networkx-3.6.1/")
+
+
+@pytest.mark.parametrize("name", tasks.RELATION_SUITE)
+def test_relation_tasks_pose_each_pair_with_valid_distractors(name):
+    from extract.maps.operations import load_pairs
+
+    spec = tasks.get_task(name)
+    pairs = load_pairs(spec.path)
+    valid: dict[str, set[str]] = {}
+    for s, t in pairs:
+        valid.setdefault(s.lower(), set()).add(t.lower())
+    by_question = {spec.template.format(s): s for s, _ in pairs}
+    data = load_task(name, limit=20, seed=3)
+    pool = data.shots[name]
+    assert len(data.questions) == 20 and len(pool) == SHOT_POOL
+    assert not {q.id for q in pool} & {q.id for q in data.questions}
+    for q in data.questions + pool:
+        src = by_question[q.question]
+        assert len(q.choices) == tasks.RELATION_CHOICES == len(set(q.choices))
+        assert q.choices[q.answer].lower() in valid[src.lower()]  # the answer is a target of this source
+        wrong = [c for j, c in enumerate(q.choices) if j != q.answer]
+        assert not {c.lower() for c in wrong} & valid[src.lower()]  # no distractor is also right
+        assert all(any(c == t for _, t in pairs) for c in wrong)  # distractors are targets of the operation
+    again = load_task(name, limit=20, seed=3)
+    assert [(q.id, q.choices, q.answer) for q in again.questions] == [(q.id, q.choices, q.answer) for q in data.questions]
+    assert [q.choices for q in load_task(name, limit=20, seed=4).questions] != [q.choices for q in data.questions]
