@@ -1,15 +1,19 @@
 """The multiple-choice evaluator (definitions §5): letter log-likelihoods from batched forward passes.
 
-Prompt: the task's description, then k shots ``"{question}\\nA. {a}\\nB. {b}\\n...\\nAnswer: {letter}\\n\\n"``,
-then ``"{question}\\nA. {a}\\n...\\nAnswer:"``. With the chat template, everything before the final
-``"Answer:"`` is one user message and ``"Answer:"`` follows the assistant's generation prompt, so the letter
-is predicted at the same place in both modes. Prediction: the choice whose letter continuation (" A",
-" B", ...) has the highest log-likelihood after the prompt; read at one position when every letter is one
-token, else summed over the letter's tokens (one row per choice). Ties go to the earlier letter.
+Prompts and their tokens are built by :mod:`extract.prompts`: plain prompts (the task description, k shots
+``"{question}\\nA. {a}\\n...\\nAnswer: {letter}\\n\\n"``, then ``"{question}\\nA. {a}\\n...\\nAnswer:"``), or for
+instruct models the chat template in ``chat_format`` ``"multiturn"`` (lm-evaluation-harness
+``--apply_chat_template --fewshot_as_multiturn``, the default) or ``"single_user"``; ``tokenization``
+``"bos_first"`` (BOS first on plain prompts, the default) or ``"lm_eval"`` (lm-evaluation-harness 0.4.5's).
+Prediction: the choice whose letter continuation (" A", " B", ...) has the highest log-likelihood after the
+prompt; read at one position when every continuation is one token (after tokens they share, such as the
+"\\n" that ``lm_eval`` moves out of a chat generation prompt), else summed over its tokens (one row per
+choice). Ties go to the earlier letter.
 
 ``scoring="cloze"`` is a documented deviation for models too small to answer in the lettered format: no
-choices listed, shots end with ``"Answer: {choice}"``, and the prediction is the choice whose continuation
-``" {choice}"`` has the highest summed log-likelihood per character (lm-evaluation-harness ``acc_norm``).
+choices listed, shots end with ``"Answer: {choice}"`` (multiturn: the assistant turn holds the choice text),
+and the prediction is the choice whose continuation ``" {choice}"`` has the highest summed log-likelihood
+per character (lm-evaluation-harness ``acc_norm``).
 
 Rows are grouped longest-first under ``batch_tokens`` padded tokens, right-padded, and run through one
 forward of the causal LM (``use_cache=False``, logits only at the positions read). Nothing is cached
@@ -19,15 +23,15 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
 
 import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from extract.data.tasks import LETTERS, Question, TaskData, load_task
+from extract.data.tasks import LETTERS, TaskData, load_task
 from extract.engine.scores import batches, pad_id, pad_right, recording
 from extract.errors import DormantError
+from extract.prompts import build_prompt, check_choice, encode, lm_eval_adds_special_tokens
 
 
 @dataclass
@@ -39,7 +43,10 @@ class EvalResult:
     chat_template: bool
     scoring: str  # "letter" (definitions §5) or "cloze"
     predictions: pl.DataFrame  # id, task, sha256, answer, predicted, correct, n_choices, n_tokens (prompt), loglik
+    # (+ kl, kl_choices with a reference)
     scores: torch.Tensor | None = None  # (questions, layers, heads, n_scores) float64, score_keys() order
+    answer_logp: torch.Tensor | None = None  # (questions, vocab) float32 log-probs at the answer position
+    call_questions: list[int] | None = None  # question index of each forward row, in the order they ran
 
     @property
     def n_questions(self) -> int:
@@ -63,27 +70,6 @@ class EvalResult:
 SCORINGS = ("letter", "cloze")
 
 
-def format_question(q: Question, with_answer: bool = False, scoring: str = "letter") -> str:
-    """``"{question}\\nA. ...\\nAnswer:"``, plus ``" {letter}\\n\\n"`` for a shot; cloze: no choices listed,
-    a shot ends with ``" {choice}\\n\\n"``."""
-    if scoring == "cloze":
-        return f"{q.question}\nAnswer:" + (f" {q.choices[q.answer]}\n\n" if with_answer else "")
-    text = "\n".join([q.question] + [f"{LETTERS[j]}. {c}" for j, c in enumerate(q.choices)]) + "\nAnswer:"
-    return text + f" {LETTERS[q.answer]}\n\n" if with_answer else text
-
-
-def build_prompt(q: Question, shots: Sequence[Question] = (), description: str = "", tokenizer=None,
-                 scoring: str = "letter") -> str:
-    """The prompt text of ``q``; with a ``tokenizer``, wrapped in its chat template (module doc)."""
-    body = description + "".join(format_question(s, True, scoring) for s in shots) + format_question(q, False, scoring)
-    if tokenizer is None:
-        return body
-    user = body.removesuffix("Answer:").rstrip("\n")
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                         add_generation_prompt=True)
-    return chat + "Answer:"
-
-
 def uses_chat_template(model, tokenizer, chat_template: bool | None) -> bool:
     """None: the paper's default, the chat template for instruct models that have one."""
     has = bool(getattr(tokenizer, "chat_template", None))
@@ -96,29 +82,33 @@ def uses_chat_template(model, tokenizer, chat_template: bool | None) -> bool:
     return bool(chat_template)
 
 
-def encode_prompt(tokenizer, text: str, chat: bool, prepend_bos: bool = True) -> list[int]:
-    """Token ids of a prompt: a chat text as it is (its template writes its own special tokens), a plain
-    one with the tokenizer's BOS first when ``prepend_bos``."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return [bos] + ids if not chat and prepend_bos and bos is not None else ids
-
-
 @dataclass
 class _Row:
     ids: list[int]
     question: int
     reads: list[tuple[int, int, list[int]]]  # (choice, position predicting the first token, tokens)
+    answer: int | None = None  # on a question's first row: the answer position (where its continuations differ)
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = 0
+    while all(len(t) > n for t in seqs) and len({t[n] for t in seqs}) == 1:
+        n += 1
+    return n
 
 
 def _rows(prompt: list[int], letters: list[list[int]], q: int) -> list[_Row]:
-    if all(len(t) == 1 for t in letters):
-        return [_Row(prompt, q, [(j, len(prompt) - 1, t) for j, t in enumerate(letters)])]
-    return [_Row(prompt + t[:-1], q, [(j, len(prompt) - 1, t)]) for j, t in enumerate(letters)]
+    head = letters[0][:-1]  # tokens every continuation starts with (lm_eval's "\n" after a generation prompt)
+    answer = len(prompt) - 1 + min(_common_prefix(letters), len(letters[0]) - 1)
+    if all(len(t) == len(head) + 1 and t[:-1] == head for t in letters):
+        return [_Row(prompt + head, q, [(j, len(prompt) - 1, t) for j, t in enumerate(letters)], answer)]
+    return [_Row(prompt + t[:-1], q, [(j, len(prompt) - 1, t)], answer if j == 0 else None)
+            for j, t in enumerate(letters)]
 
 
-def _forward(model, rows: list[_Row], pad_id: int, device) -> list[list[float]]:
-    """Summed log-likelihood of each read of each row, from one forward pass."""
+def _forward(model, rows: list[_Row], pad_id: int, device) -> tuple[list[list[float]], list[torch.Tensor | None]]:
+    """Summed log-likelihood of each read of each row, and the log-probs at each row's answer position
+    (``(vocab,)`` float32, None on rows without one), from one forward pass."""
     ids, am = pad_right([r.ids for r in rows], pad_id, device)
     keep = torch.zeros_like(ids, dtype=torch.bool)
     for b, r in enumerate(rows):
@@ -130,50 +120,71 @@ def _forward(model, rows: list[_Row], pad_id: int, device) -> list[list[float]]:
         raise RuntimeError(f"logits of shape {tuple(logits.shape)}: this transformers version does not keep "
                            f"logits by a boolean mask (logits_to_keep); upgrade transformers")
     logp = torch.log_softmax(logits.float(), -1)
-    return [[float(sum(logp[flat[b, p + i], tok] for i, tok in enumerate(t))) for _, p, t in r.reads]
-            for b, r in enumerate(rows)]
+    values = [[float(sum(logp[flat[b, p + i], tok] for i, tok in enumerate(t))) for _, p, t in r.reads]
+              for b, r in enumerate(rows)]
+    return values, [None if r.answer is None else logp[flat[b, r.answer]].cpu() for b, r in enumerate(rows)]
+
+
+def kl_divergence(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``KL(ref || other) = Σ p_ref (log p_ref − log p)`` over the last dimension, in float64 (nats); clipped
+    at 0, since float32 log-probs of two nearly equal distributions can sum to -1e-7."""
+    ref, other = logp_ref.double(), logp.double()
+    p = ref.exp()
+    return torch.where(p > 0, p * (ref - other), 0.0).sum(-1).clamp_min(0.0)  # 0 · log 0 = 0
 
 
 def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: int | None = None,
-             chat_template: bool | None = None, prepend_bos: bool = True, batch_tokens: int = 8192,
-             calibrate: bool = False, scoring: str = "letter", progress: bool = True) -> EvalResult:
+             chat_template: bool | None = None, chat_format: str = "multiturn", tokenization: str = "bos_first",
+             batch_tokens: int = 8192, calibrate: bool = False, scoring: str = "letter",
+             keep_distributions: bool = False, reference: EvalResult | None = None,
+             progress: bool = True) -> EvalResult:
     """Evaluate ``model`` on a multiple-choice task (a name is loaded with ``limit``, see extract.data.tasks).
 
     k_shot: shots from the task's held-out pool (the first k). chat_template: None = the chat template for
-    instruct models. batch_tokens: padded tokens per forward pass. calibrate: also record every head's
-    scores on each question's prompt, in the same forward passes (``result.scores``; with multi-token
-    continuations, the row of the first choice). scoring: "letter" (definitions §5) or "cloze" (module doc).
+    instruct models. chat_format ("multiturn", "single_user") and tokenization ("bos_first", "lm_eval"):
+    extract.prompts. batch_tokens: padded tokens per forward pass. calibrate: also record every head's
+    scores on each question's prompt, in the same forward passes (``result.scores``; the row read, i.e.
+    the prompt and the tokens its continuations share, or with multi-token continuations the row of the
+    first choice). scoring: "letter" (definitions §5) or "cloze" (module doc). keep_distributions: keep
+    each question's next-token log-probs at its answer position (where its continuations first differ; on
+    the row of its first choice) as ``result.answer_logp``. reference: an evaluation of the same questions
+    with ``keep_distributions``; adds per question ``kl`` = KL(reference || this) of those distributions and
+    ``kl_choices`` = the same over the choices (softmax of their summed log-likelihoods), in nats.
     """
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring={scoring!r}; choose one of {SCORINGS}")
+    check_choice("scoring", scoring, SCORINGS)
     from extract.models.load import model_info
 
     data = load_task(task, limit=limit, progress=progress) if isinstance(task, str) else task
     chat = uses_chat_template(model, tokenizer, chat_template)
-    letters = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in LETTERS]
-    rows: list[_Row] = []
-    n_tokens = []
-    for i, q in enumerate(data.questions):
+    texts, conts = [], []
+    for q in data.questions:
         pool = data.shots.get(q.task, [])
         if len(pool) < k_shot:
             raise DormantError(f"{k_shot}-shot asked, but task {q.task!r} has {len(pool)} held-out shots")
-        text = build_prompt(q, pool[:k_shot], data.descriptions.get(q.task, ""), tokenizer if chat else None,
-                            scoring)
-        prompt = encode_prompt(tokenizer, text, chat, prepend_bos)
-        n_tokens.append(len(prompt))
-        conts = letters[:len(q.choices)] if scoring == "letter" else \
-            [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in q.choices]
-        rows += _rows(prompt, conts, i)
+        texts.append(build_prompt(q, pool[:k_shot], data.descriptions.get(q.task, ""), tokenizer if chat else None,
+                                  scoring, chat_format))
+        conts.append([" " + c for c in (LETTERS[:len(q.choices)] if scoring == "letter" else q.choices)])
+    encoded = encode(tokenizer, texts, conts, chat=chat, tokenization=tokenization,
+                     special_tokens=lm_eval_adds_special_tokens(model))
+    rows: list[_Row] = [r for i, (prompt, ids) in enumerate(encoded) for r in _rows(prompt, ids, i)]
+    n_tokens = [len(prompt) for prompt, _ in encoded]
     pad = pad_id(model, tokenizer)
     device = next(model.parameters()).device
     groups = batches([len(r.ids) for r in rows], batch_tokens)
     loglik = [[0.0] * len(q.choices) for q in data.questions]
+    dists: list[torch.Tensor | None] = [None] * len(data.questions)
+    want_dists = keep_distributions or reference is not None
+    if reference is not None and (reference.answer_logp is None or reference.n_questions != len(data.questions)):
+        raise ValueError("reference= needs an evaluation of the same questions run with keep_distributions=True")
     with (recording(model) if calibrate else nullcontext()) as rec, torch.inference_mode(), \
             tqdm(total=len(rows), unit="prompt", desc=f"eval {data.name}", disable=not progress) as bar:
         for idx in groups:
-            for k, values in zip(idx, _forward(model, [rows[k] for k in idx], pad, device)):
-                for (j, _, _), v in zip(rows[k].reads, values):
+            values, answer_logp = _forward(model, [rows[k] for k in idx], pad, device)
+            for k, v_row, d in zip(idx, values, answer_logp):
+                for (j, _, _), v in zip(rows[k].reads, v_row):
                     loglik[rows[k].question][j] = v
+                if d is not None and want_dists:
+                    dists[rows[k].question] = d
             bar.update(len(idx))
     scores = None
     if calibrate:
@@ -193,4 +204,13 @@ def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: 
         "n_tokens": n_tokens, "loglik": loglik},
         schema_overrides={"answer": pl.Int32, "predicted": pl.Int32, "n_choices": pl.Int32, "n_tokens": pl.Int64,
                           "loglik": pl.List(pl.Float64)})
-    return EvalResult(data.name, model_info(model)["model"], k_shot, chat, scoring, frame, scores)
+    answer_logp = torch.stack(dists) if want_dists and dists else None
+    if reference is not None:
+        ref_ll = reference.predictions["loglik"].to_list()
+        kl_choices = [float(kl_divergence(torch.tensor(a).log_softmax(-1), torch.tensor(b).log_softmax(-1)))
+                      for a, b in zip(ref_ll, loglik)]
+        frame = frame.with_columns(pl.Series("kl", kl_divergence(reference.answer_logp, answer_logp).tolist(),
+                                             pl.Float64), pl.Series("kl_choices", kl_choices, pl.Float64))
+    return EvalResult(data.name, model_info(model)["model"], k_shot, chat, scoring, frame, scores,
+                      answer_logp if keep_distributions else None,
+                      [rows[k].question for idx in groups for k in idx])

@@ -1,4 +1,8 @@
-"""The multiple-choice evaluator: prompt format, letter log-likelihoods by hand, batching, ablation, calibration."""
+"""The multiple-choice evaluator: letter log-likelihoods by hand and against lm-evaluation-harness, the chat
+formats, batching, ablation, calibration (the prompt text and tokens themselves: tests/test_prompts.py)."""
+import json
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -9,11 +13,14 @@ from extract.engine.ablation import ablate
 from extract.cli import main
 from extract.data.tasks import TaskData, load_task, make_question
 from extract.errors import DormantError
-from extract.evaluate import build_prompt, encode_prompt, evaluate, format_question
+from extract.evaluate import evaluate
 from extract.engine.scores import score_heads
+from extract.prompts import build_prompt, encode
 from fakes import write_mmlu
 from tiny import tiny_model
 from tiny_tokenizer import tiny_tokenizer
+
+LM_EVAL_FIXTURE = Path(__file__).parent / "fixtures" / "lm_eval_chat.json"  # scripts/lm_eval_fixture.py
 
 
 def toy_task(n=7) -> TaskData:
@@ -21,17 +28,6 @@ def toy_task(n=7) -> TaskData:
                         [str(i + i % 3 + d) for d in range(-1, 2 + i % 3)], 1) for i in range(n)]
     shots = [make_question(f"toy/shot{i}", "toy", f"Is {i} even?", ["yes", "no"], i % 2) for i in range(3)]
     return TaskData("toy", qs, {"toy": shots}, {"toy": "Arithmetic.\n\n"})
-
-
-def test_prompt_format():
-    q = make_question("q", "t", "2+2?", ["3", "4", "5"], 1)
-    s1 = make_question("s", "t", "Sky?", ["blue", "red"], 0)
-    assert format_question(q) == "2+2?\nA. 3\nB. 4\nC. 5\nAnswer:"
-    assert format_question(s1, True) == "Sky?\nA. blue\nB. red\nAnswer: A\n\n"
-    assert build_prompt(q, [s1], "Desc.\n\n") == \
-        "Desc.\n\nSky?\nA. blue\nB. red\nAnswer: A\n\n2+2?\nA. 3\nB. 4\nC. 5\nAnswer:"
-    chat = build_prompt(q, [s1], "", tiny_tokenizer(chat_template=True))
-    assert chat == "<|user|>\nSky?\nA. blue\nB. red\nAnswer: A\n\n2+2?\nA. 3\nB. 4\nC. 5\n<|assistant|>\nAnswer:"
 
 
 def by_hand(model, tok, task, k_shot, scoring="letter"):
@@ -96,12 +92,78 @@ def test_chat_template_option():
     res = evaluate(model, tok, task, k_shot=1, progress=False)
     assert res.chat_template
     text = build_prompt(task.questions[0], task.shots["toy"][:1], task.descriptions["toy"], tok)
-    assert res.predictions["n_tokens"][0] == len(encode_prompt(tok, text, chat=True))
+    assert text.startswith("<|system|>\nArithmetic.") and text.endswith("Answer:\n<|assistant|>\n")  # multiturn
+    assert res.predictions["n_tokens"][0] == len(tok(text, add_special_tokens=False)["input_ids"])
+    single = evaluate(model, tok, task, k_shot=1, chat_format="single_user", progress=False)
+    text = build_prompt(task.questions[0], task.shots["toy"][:1], task.descriptions["toy"], tok,
+                        chat_format="single_user")
+    assert single.predictions["n_tokens"][0] == len(tok(text, add_special_tokens=False)["input_ids"])
     assert not evaluate(model, tok, task, k_shot=0, chat_template=False, progress=False).chat_template
     with pytest.raises(DormantError, match="no chat template"):
         evaluate(model, tiny_tokenizer(), task, chat_template=True, progress=False)
     with pytest.raises(DormantError, match="4-shot asked.*3 held-out"):
         evaluate(model, tok, task, k_shot=4, progress=False)
+
+
+def chat_by_hand(model, tok, task, k_shot, scoring="letter"):
+    """lm-eval 0.4.5's chat log-likelihoods one choice at a time: the prompt's trailing whitespace moved into the
+    continuation, one full sequence per choice, no BOS (a llama model)."""
+    out = []
+    for q in task.questions:
+        text = build_prompt(q, task.shots["toy"][:k_shot], task.descriptions["toy"], tok, scoring)
+        context = text.rstrip()
+        ctx = tok(context, add_special_tokens=False)["input_ids"]
+        lls = []
+        for c in ("ABCDEF"[:len(q.choices)] if scoring == "letter" else q.choices):
+            ids = tok(text + " " + c, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+            lls.append(sum(float(logp[t - 1, ids[t]]) for t in range(len(ctx), len(ids))))
+        out.append(lls)
+    return out
+
+
+@pytest.mark.parametrize("letter_tokens,scoring", [(True, "letter"), (False, "letter"), (True, "cloze")],
+                         ids=["one-token-letters", "two-token-letters", "cloze"])
+def test_multiturn_lm_eval_loglik_by_hand(letter_tokens, scoring):
+    """chat_format="multiturn" + tokenization="lm_eval": the shared "\\n" of the generation prompt is read in
+    the same row as the letters, and the numbers equal one-sequence-per-choice forwards."""
+    model, tok = tiny_model("llama", seed=7), tiny_tokenizer(letter_tokens, chat_template=True)
+    model.config.dormant_source = {"name": "tiny-instruct", "variant": "instruct"}
+    task = toy_task(5)
+    res = evaluate(model, tok, task, k_shot=2, tokenization="lm_eval", scoring=scoring, batch_tokens=400,
+                   progress=False)
+    assert res.chat_template
+    expect = chat_by_hand(model, tok, task, 2, scoring)
+    for g, e in zip(res.predictions["loglik"].to_list(), expect):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    text = build_prompt(task.questions[0], task.shots["toy"][:2], task.descriptions["toy"], tok, scoring)
+    assert res.predictions["n_tokens"][0] == len(tok(text.rstrip(), add_special_tokens=False)["input_ids"])
+    bos_first = evaluate(model, tok, task, k_shot=2, scoring=scoring, batch_tokens=400, progress=False)
+    if scoring == "letter":  # the newline's log-probability is shared by every choice: same predictions
+        assert bos_first.predictions["predicted"].to_list() == res.predictions["predicted"].to_list()
+
+
+@pytest.mark.slow
+def test_logliks_equal_lm_eval_on_smollm2(zoo_model):
+    """Our evaluator under the paper protocol (multiturn, lm_eval tokenization) reproduces the log-likelihoods
+    lm-evaluation-harness 0.4.5 returned on smollm2-135m-instruct (tests/fixtures/lm_eval_chat.json), chat
+    and plain, letters and cloze."""
+    d = json.loads(LM_EVAL_FIXTURE.read_text())
+    q = lambda x: make_question(x["id"], x["task"], x["question"], x["choices"], x["answer"])
+    questions = {x["id"]: q(x) for x in d["questions"]}
+    shots = {t: [q(x) for x in s] for t, s in d["shots"].items()}
+    model, tok = zoo_model("smollm2-135m-instruct")
+    worst = 0.0
+    for case in [c for c in d["cases"] if c["model"] == "smollm2-135m-instruct"]:
+        data = TaskData("fixture", [questions[w["id"]] for w in case["questions"]], shots, d["descriptions"])
+        res = evaluate(model, tok, data, k_shot=case["k_shot"], chat_template=case["chat"], tokenization="lm_eval",
+                       scoring=case["scoring"], progress=False)
+        for got, want in zip(res.predictions["loglik"].to_list(), case["questions"]):
+            ref = [c["loglik"] for c in want["choices"]]
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4, err_msg=f"{case} {want['id']}")
+            worst = max(worst, float(np.abs(np.subtract(got, ref)).max()))
+    print(f"max |ours - lm-eval| = {worst:.2e} nats ({LM_EVAL_FIXTURE.name})")
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -131,12 +193,12 @@ def test_calibrate_scores_equal_score_heads(family):
     plain = evaluate(model, tok, task, k_shot=2, batch_tokens=300, progress=False)
     res = evaluate(model, tok, task, k_shot=2, calibrate=True, batch_tokens=300, progress=False)
     assert res.predictions.equals(plain.predictions)
-    seqs = [encode_prompt(tok, build_prompt(q, task.shots["toy"][:2], task.descriptions["toy"]), chat=False)
-            for q in task.questions]
+    texts = [build_prompt(q, task.shots["toy"][:2], task.descriptions["toy"]) for q in task.questions]
+    seqs = [p for p, _ in encode(tok, texts, [[" A"]] * len(texts), chat=False)]
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     ref = score_heads(model, seqs).sort(["example", "layer", "head"]).select(score_keys()).to_numpy()
-    assert res.scores.shape == (len(seqs), L, H, 13)
-    np.testing.assert_allclose(res.scores.numpy().reshape(-1, 13), ref, rtol=1e-5, atol=1e-7)
+    assert res.scores.shape == (len(seqs), L, H, len(score_keys()))
+    np.testing.assert_allclose(res.scores.numpy().reshape(-1, len(score_keys())), ref, rtol=1e-5, atol=1e-7)
 
 
 def test_mmlu_fixture_through_loader_and_evaluator(tmp_path):
@@ -175,8 +237,8 @@ def test_cli_eval_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_real_bigbench_task_end_to_end(zoo_model):
-    """general_knowledge from the real sdist on smollm2-135m-instruct: chat template, one-token letters,
-    a hand check of one question, calibration scores and ablation."""
+    """general_knowledge from the real sdist on smollm2-135m-instruct: chat template (multiturn), one-token
+    letters, a hand check of one question, calibration scores and ablation."""
     from extract.data.tasks import LETTERS
 
     model, tok = zoo_model("smollm2-135m-instruct")
@@ -184,11 +246,12 @@ def test_real_bigbench_task_end_to_end(zoo_model):
     assert len(data.questions) == 8 and all(len(q.choices) >= 4 for q in data.questions)
     res = evaluate(model, tok, data, k_shot=2, calibrate=True, progress=False)
     assert res.chat_template and res.n_questions == 8 and 0 <= res.accuracy <= 1
-    assert res.scores.shape == (8, 30, 9, 13) and torch.isfinite(res.scores).all()
+    assert res.scores.shape == (8, 30, 9, len(score_keys())) and torch.isfinite(res.scores).all()
     q = data.questions[0]
     text = build_prompt(q, data.shots[q.task][:2], data.descriptions[q.task], tok)
-    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\nAnswer:")
-    ids = encode_prompt(tok, text, chat=True)
+    assert text.startswith("<|im_start|>system") and text.endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
+    assert text.count("<|im_start|>assistant\n") == 3  # multiturn: one per shot, then the generation prompt
+    ids = tok(text, add_special_tokens=False)["input_ids"]
     letters = [tok(" " + c, add_special_tokens=False)["input_ids"] for c in LETTERS[:len(q.choices)]]
     assert all(len(t) == 1 for t in letters)
     with torch.no_grad():
