@@ -19,16 +19,32 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
+import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
 from analysis.core import tables
+from analysis.core.bootstrap import N_BOOT, curves, point_intervals
 from analysis.core.score_functions import score_keys
 from analysis.core.thresholds import TARGET_FRACTIONS, thresholds
 from extract.data.tasks import TaskData, load_tasks  # no torch: the CLI reads SweepSettings at start-up
+from extract.prompts import ChatFormat, Tokenization
 
 RESULT_COLUMNS = tables.column_names("ablation_results")
+POINT_COLUMNS = RESULT_COLUMNS[:RESULT_COLUMNS.index("n_questions") + 1]  # one config's values; the rest: bootstrap
+
+
+def per_question(res, zeroed, triples) -> pl.DataFrame:
+    """One evaluation's questions: ``question, question_task, correct, kl, kl_choices, zeroed, triples``
+    (``kl`` 0 without a reference: the unablated model itself)."""
+    p = res.predictions
+    zero = pl.lit(0.0)
+    return pl.DataFrame({"question": p["id"], "question_task": p["task"], "correct": p["correct"],
+                         "zeroed": np.asarray(zeroed, dtype=np.int64), "triples": np.asarray(triples, dtype=np.int64)}
+                        ).with_columns(p["kl"] if "kl" in p.columns else zero.alias("kl"),
+                                       p["kl_choices"] if "kl_choices" in p.columns else zero.alias("kl_choices"))
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,10 @@ class SweepSettings:
     score_functions: tuple[str, ...] = ()  # () = every registered score function
     fractions: tuple[float, ...] = TARGET_FRACTIONS  # target fractions p (definitions §3); 0.0 is the baseline
     batch_tokens: int = 8192  # padded tokens per forward pass
+    scoring: Literal["letter", "cloze"] = "letter"  # extract.evaluate; letter is definitions §5 (the paper)
+    n_boot: int = N_BOOT  # paired bootstrap replicates over questions for every CI (definitions §5)
+    chat_format: ChatFormat = "multiturn"  # instruct models' chat prompts (extract.prompts; definitions §5)
+    tokenization: Tokenization = "bos_first"  # BOS first, or lm-evaluation-harness 0.4.5's (definitions §5)
     dtype: str = "float32"
     device: str = "cpu"
 
@@ -73,24 +93,28 @@ class SweepResult:
     results: pl.DataFrame  # RESULT_COLUMNS
     thresholds: pl.DataFrame  # analysis.core.thresholds columns (pooled task and each question task)
     calibration: pl.DataFrame  # calibration_frame
+    questions: pl.DataFrame  # ablation_questions columns: each question under each configuration
     timing: dict = field(default_factory=dict)
 
 
 def run_sweep(model, tokenizer, data: TaskData, *, score_fns=None, fractions=TARGET_FRACTIONS,
               seed: int = 0, k_shot: int = 0, batch_tokens: int = 8192, chat_template: bool | None = None,
-              progress: bool = True) -> SweepResult:
+              chat_format: str = "multiturn", tokenization: str = "bos_first", scoring: str = "letter",
+              n_boot: int = N_BOOT, progress: bool = True) -> SweepResult:
     """Calibrate, threshold and sweep ``data`` (see module doc); accuracy in points (0–100).
 
-    score_fns: the functions to sweep (default: every registered one, ``score_keys()``)."""
+    score_fns: the functions to sweep (default: every registered one, ``score_keys()``). n_boot: paired
+    bootstrap replicates over the questions for the CIs of ``results`` (seeded by ``seed``)."""
     score_fns = score_keys() if score_fns is None else score_fns
     from extract.engine.ablation import ablate
     from extract.evaluate import evaluate
     from extract.models.load import model_info
 
     name = model_info(model)["model"]
-    kw = dict(k_shot=k_shot, batch_tokens=batch_tokens, chat_template=chat_template, progress=False)
+    kw = dict(k_shot=k_shot, batch_tokens=batch_tokens, chat_template=chat_template, chat_format=chat_format,
+              tokenization=tokenization, scoring=scoring, progress=False)
     t0 = time.perf_counter()
-    base = evaluate(model, tokenizer, data, calibrate=True, **kw)
+    base = evaluate(model, tokenizer, data, calibrate=True, keep_distributions=True, **kw)
     t_cal = time.perf_counter() - t0
     t_plain = []
 
@@ -108,8 +132,13 @@ def run_sweep(model, tokenizer, data: TaskData, *, score_fns=None, fractions=TAR
     tau = {(f, p): t for f, p, t in th.filter(pl.col("task") == data.name)
            .select("score_fn", "target_fraction", "threshold").iter_rows()}
     n = base.n_questions
+    heads = base.scores.shape[1] * base.scores.shape[2]  # layers x heads
+    rows_per_q = np.bincount(base.call_questions, minlength=n)
+    unablated = per_question(base, np.zeros(n), heads * rows_per_q)
     rows = [(name, data.name, "random", 0.0, None, 0.0, 100 * base.accuracy, n)]
     rows += [(name, data.name, f, 0.0, tau[(f, 0.0)], 0.0, 100 * base.accuracy, n) for f in score_fns]
+    questions = [unablated.with_columns(pl.lit(f).alias("score_fn"), pl.lit(0.0).alias("target_fraction"))
+                 for f in ("random", *score_fns)]
     configs = [(f, p) for f in (*score_fns, "random") for p in fractions if p > 0]
     t_sweep = 0.0
     for i, (f, p) in enumerate(tqdm(configs, desc=f"sweep {name}", unit="config", disable=not progress)):
@@ -118,17 +147,27 @@ def run_sweep(model, tokenizer, data: TaskData, *, score_fns=None, fractions=TAR
         t0 = time.perf_counter()
         opts = dict(p=p, seed=seed) if f == "random" else dict(threshold=tau[(f, p)])
         with ablate(model, f, **opts) as ab:
-            res = evaluate(model, tokenizer, data, **kw)
+            res = evaluate(model, tokenizer, data, reference=base, **kw)
         rows.append((name, data.name, f, float(p), opts.get("threshold"), 100 * ab.zeroed_fraction,
                      100 * res.accuracy, res.n_questions))
+        zeroed = np.bincount(res.call_questions, weights=ab.mask.sum((1, 2)), minlength=n)
+        questions.append(per_question(res, zeroed, heads * rows_per_q).with_columns(
+            pl.lit(f).alias("score_fn"), pl.lit(float(p)).alias("target_fraction")))
         t_sweep += time.perf_counter() - t0
     plain_eval()
-    results = pl.DataFrame(rows, schema=tables.polars_schema("ablation_results"), orient="row")
+    questions = (pl.concat(questions, how="diagonal")
+                 .with_columns(pl.lit(name).alias("model"), pl.lit(data.name).alias("task"))
+                 .select(tables.column_names("ablation_questions")).cast(tables.polars_schema("ablation_questions")))
+    points = point_intervals(curves(questions, n_boot, seed)).drop("model")
+    results = (pl.DataFrame(rows, schema=tables.polars_schema("ablation_results", POINT_COLUMNS), orient="row")
+               .with_columns(pl.lit(100 * base.chance).alias("chance"))
+               .join(points, on=["score_fn", "target_fraction"], how="left", maintain_order="left")
+               .select(RESULT_COLUMNS))
     unit = statistics.median(t_plain)
     timing = {"configs": len(configs), "plain_eval_s": unit, "plain_eval_runs_s": t_plain, "calibration_s": t_cal,
               "sweep_s": t_sweep, "cost_ratio": t_sweep / (len(configs) * unit) if configs else float("nan"),
               "questions": n}
-    return SweepResult(results, th, cal, timing)
+    return SweepResult(results, th, cal, questions, timing)
 
 
 def load_suite(names, *, limit: int | None, seed: int = 0, name: str | None = None, progress: bool = True) -> TaskData:

@@ -1,15 +1,20 @@
 # The ablation sweep (definitions §3-5): calibration, thresholds and every score function x target fraction under
 # dynamic ablation, per model of `evaluation.models`; then Table 2, the AUC ranks and Figures 3/4/10.
-ABLATION_TABLES = (expand("results/tables/{t}.csv", t=sorted(["table2", "auc_ranks", "auc_rank_correlation", "top5_iou"]))
+ABLATION_TABLES = (expand("results/tables/{t}.csv", t=sorted(["table2", "table2_kl", "auc_ranks", "auc_rank_correlation",
+                                                              "top5_iou"]))
                    if SWEEP_MODELS else [])
 ABLATION_FIGURES = (expand("results/figures/{f}.{ext}", f=["figure3_auc_ranks", "figure4_top3", "figure10_all"],
                            ext=["png", "svg"]) if SWEEP_MODELS else [])
 
 
-SWEEP = settings_json({"tasks": EV["tasks"], "task_name": EV["task_name"], "limit": EV["limit"],
-                                "k_shot": EV["k_shot"], "seed": EV["seed"], "score_functions": EV["score_functions"],
-                                "fractions": EV["fractions"], "batch_tokens": EV["batch_tokens"],
-                                "dtype": config["scoring"]["dtype"], "device": config["scoring"]["device"]})
+from analysis.core.bootstrap import N_BOOT
+from analysis.sweep.uncertainty import KL_BUDGET
+
+# the sweep's settings (extract.sweep.SweepSettings): the `evaluation` keys it has, plus the scoring dtype/device
+SWEEP = settings_json({**{k: EV[k] for k in ("tasks", "task_name", "limit", "k_shot", "seed", "score_functions",
+                                               "fractions", "batch_tokens", "scoring", "n_boot", "chat_format",
+                                               "tokenization") if k in EV},
+                       "dtype": config["scoring"]["dtype"], "device": config["scoring"]["device"]})
 
 
 rule sweep:
@@ -19,6 +24,7 @@ rule sweep:
         data=rules.fetch_data.output,
     output:
         results=f"{SWEEP_DIR}/{{model}}/ablation_results.parquet",
+        questions=f"{SWEEP_DIR}/{{model}}/ablation_questions.parquet",
         thresholds=f"{SWEEP_DIR}/{{model}}/thresholds.parquet",
         calibration=f"{SWEEP_DIR}/{{model}}/calibration.parquet",
         timing=f"{SWEEP_DIR}/{{model}}/timing.json",
@@ -36,8 +42,8 @@ rule sweep:
 
 
 # the sweep's outputs join the analysis tables of the final database
-for _part, _table in [("ablation_results", "ablation_results"), ("thresholds", "thresholds"),
-                      ("calibration", "calibration_scores")]:
+for _part, _table in [("ablation_results", "ablation_results"), ("ablation_questions", "ablation_questions"),
+                      ("thresholds", "thresholds"), ("calibration", "calibration_scores")]:
     EXTRA_TABLES.setdefault(_table, []).extend(expand(f"{SWEEP_DIR}/{{model}}/{_part}.parquet", model=SWEEP_MODELS))
 
 
@@ -50,4 +56,38 @@ rule ablation_report:
         tables=[report(f, category="Ablation") if f.endswith("table2.csv") else f for f in ABLATION_TABLES],
         figures=[report(f, category="Ablation") if f.endswith(".png") else f for f in ABLATION_FIGURES],
     log: "results/logs/ablation_report.log"
-    shell: "{DORMANT} ablation-report --db {input.db:q} --out results --timings {input.timings:q} > {log:q} 2>&1"
+    params: boot=f"--n-boot {EV.get('n_boot', N_BOOT)} --seed {EV['seed']} --kl-budget {EV.get('kl_budget', KL_BUDGET)}"
+    shell: "{DORMANT} ablation-report --db {input.db:q} --out results --timings {input.timings:q} {params.boot} "
+           "> {log:q} 2>&1"
+
+
+# The screen of candidate offline tasks (`snakemake task_candidates`, not in the default target): each model's
+# accuracy per task and scoring against chance, to choose a sweep suite the models can do (definitions §5).
+CANDIDATES = EV.get("candidates")
+if CANDIDATES:
+    rule task_candidates_eval:
+        """Per-question predictions of one model on every candidate task under one scoring mode."""
+        input:
+            info="results/models/{model}.json",
+            data=rules.fetch_data.output,
+        output: "results/candidates/{model}/{scoring}.parquet"
+        params:
+            name=lambda w: MODELS[w.model],
+            tasks=" ".join(f"--task {t}" for t in CANDIDATES["tasks"]),
+        wildcard_constraints: scoring="letter|cloze"
+        threads: THREADS
+        log: "results/logs/task_candidates/{model}-{scoring}.log"
+        benchmark: "results/benchmarks/task_candidates/{model}-{scoring}.tsv"
+        shell:
+            "OMP_NUM_THREADS={threads} {DORMANT} eval --model {params.name:q} {params.tasks} "
+            "--limit {CANDIDATES[limit]} --k-shot {CANDIDATES[k_shot]} --seed {EV[seed]} --scoring {wildcards.scoring} "
+            "--batch-tokens {EV[batch_tokens]} --out {output:q} > {log:q} 2>&1"
+
+    rule task_candidates:
+        """The table of candidate tasks: accuracy with its CI, chance, and which tasks qualify for the sweep."""
+        input: expand("results/candidates/{model}/{scoring}.parquet", model=[model_key(m) for m in CANDIDATES["models"]],
+                      scoring=CANDIDATES["scorings"])
+        output: expand("results/tables/task_candidates{part}.{ext}", part=["", "_wide"], ext=["csv", "md", "tex"])
+        log: "results/logs/task_candidates.log"
+        shell: "{DORMANT} task-candidates --predictions {input:q} --out results/tables/task_candidates "
+               "--seed {EV[seed]} > {log:q} 2>&1"

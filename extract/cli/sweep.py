@@ -20,11 +20,13 @@ def _sweep(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model, dtype=options.torch_dtype(s.dtype), device=s.device)
     data = load_suite(list(s.tasks), limit=s.limit, seed=s.seed, name=s.task_name)
     r = run_sweep(model, tok, data, score_fns=fns, fractions=list(s.fractions), seed=s.seed, k_shot=s.k_shot,
-                  batch_tokens=s.batch_tokens)
+                  batch_tokens=s.batch_tokens, chat_format=s.chat_format, tokenization=s.tokenization,
+                  scoring=s.scoring, n_boot=s.n_boot)
     out = args.out_dir
     write_parquet(r.calibration, out / "calibration.parquet")
     write_parquet(r.thresholds, out / "thresholds.parquet")
     write_json(out / "timing.json", r.timing)
+    write_parquet(r.questions, out / "ablation_questions.parquet")
     write_parquet(r.results, out / "ablation_results.parquet")  # last: marks the job complete
     base = r.results.filter((r.results["score_fn"] == "random") & (r.results["target_fraction"] == 0))
     print(f"{args.model} on {data.name}: baseline {base['accuracy'][0]:.1f}% over {r.timing['questions']} "
