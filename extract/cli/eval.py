@@ -25,7 +25,8 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"{'task':<22} {'n':>5} {'accuracy':>8} {'chance':>7}")
     for task in tasks:
         t0 = time.perf_counter()
-        res = evaluate(model, tok, task, k_shot=args.k_shot, chat_template=chat, batch_tokens=args.batch_tokens,
+        res = evaluate(model, tok, task, k_shot=args.k_shot, chat_template=chat, chat_format=args.chat_format,
+                       tokenization=args.tokenization, batch_tokens=args.batch_tokens,
                        calibrate=args.calibrate_out is not None, scoring=args.scoring)
         meta = [pl.lit(res.model).alias("model"), pl.lit(task.name).alias("dataset"),
                 pl.lit(args.k_shot).alias("k_shot"), pl.lit(res.chat_template).alias("chat_template"),
@@ -49,6 +50,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from extract.prompts import CHAT_FORMATS, TOKENIZATIONS
+
     p = sub.add_parser("eval", help="multiple-choice accuracy of one model (letter log-likelihoods)")
     options.add_model(p)
     options.add_dtype(p)
@@ -60,6 +63,12 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="question selection and choice order")
     p.add_argument("--chat-template", choices=["auto", "yes", "no"], default="auto",
                    help="auto: instruct models use their chat template (paper)")
+    p.add_argument("--chat-format", choices=CHAT_FORMATS, default="multiturn",
+                   help="multiturn: lm-evaluation-harness --fewshot_as_multiturn (paper); single_user: one user "
+                        "message (definitions §5)")
+    p.add_argument("--tokenization", choices=TOKENIZATIONS, default="bos_first",
+                   help="bos_first: BOS first on plain prompts; lm_eval: lm-evaluation-harness 0.4.5's (paper "
+                        "profile; definitions §5)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
     p.add_argument("--scoring", choices=["letter", "cloze"], default="letter",
                    help="letter: definitions §5 (paper); cloze: per-character log-likelihood of each choice's text")
