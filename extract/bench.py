@@ -4,7 +4,7 @@ Each (method, length) runs in a fresh subprocess so its peak resident memory is 
 
 * ``sdpa_lm``: plain ``sdpa`` forward of the causal LM (with the LM head), no scores;
 * ``sdpa_decoder``: plain ``sdpa`` forward of the decoder stack only (what ``score_heads`` runs);
-* ``score_heads``: the 13 scores of every head;
+* ``score_heads``: the registered scores of every head;
 * ``naive_eager``: eager attention with ``output_attentions=True`` (every layer's S x S weights kept), hooks
   on the value projection and the output projection's input, scores with plain tensor ops (skipped, and
   marked n/a, where the weights alone would exceed ``NAIVE_MAX_GIB``).
@@ -71,8 +71,11 @@ def _naive_eager(model, ids):
         O = outs[i][0]
         ent = -(A * torch.log(A.clamp_min(1e-30))).sum(-1).mean(-1)
         on, vn = O.norm(dim=-1), V.norm(dim=-1)
+        W = hooks.decoder_layers(model)[i].self_attn.o_proj.weight.detach()  # (d_model, H * head_dim)
+        full = torch.stack([(O[:, h] @ W[:, h * O.shape[-1]:(h + 1) * O.shape[-1]].T).norm(dim=-1)
+                            for h in range(H)], 1)  # (S, H): ‖O_h W_O^h‖
         by_name = {"p_first": A[:, :, 0].mean(-1), "entropy": ent, "v_first_norm": vn[0], "v_norm": vn.mean(0),
-                   "o_last_norm": on[-1], "o_norm": on.mean(0)}
+                   "o_last_norm": on[-1], "o_norm": on.mean(0), "o_full_norm": full.mean(0)}
         stats.append(torch.stack(ordered_stats(by_name), -1).double())
     return scores_from_stats(torch.stack(stats))
 

@@ -1,5 +1,6 @@
 """Naive, obviously-correct head scores: eager attention with ``output_attentions=True`` plus hooks on
-the value projection's output and on the output projection's input, then plain tensor ops per head."""
+the value projection's output and on the output projection's input, then plain tensor ops per head (the full
+head output multiplies ``O_h`` by its columns of ``o_proj.weight``, no Gram matrix)."""
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,7 @@ def attention_modules(model):
 
 
 def reference_scores(model, ids: list[int]) -> torch.Tensor:
-    """The 13 built-in scores ``(layers, heads, 13)`` float64 of one unpadded sequence, definitions §2 literally."""
+    """The 15 built-in scores ``(layers, heads, 15)`` float64 of one unpadded sequence, definitions §2 literally."""
     cfg = model.config
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
@@ -44,7 +45,8 @@ def reference_scores(model, ids: list[int]) -> torch.Tensor:
         A = attn[layer][0].double().cpu()  # (H, S, S)
         V = values[layer][0].double().cpu().view(S, KV, D)
         O = o_inputs[layer][0].double().cpu().view(S, H, D)
-        a, e, v0, vm, ol, om = [], [], [], [], [], []  # per head: the quantities definitions §2 names
+        W = attention_modules(model)[layer].o_proj.weight.detach().double().cpu()  # (d_model, H * D)
+        a, e, v0, vm, ol, om, fo = [], [], [], [], [], [], []  # per head: the quantities definitions §2 names
         for h in range(H):
             Ah = A[h]
             ent = torch.zeros(S, dtype=torch.float64)
@@ -65,9 +67,11 @@ def reference_scores(model, ids: list[int]) -> torch.Tensor:
             vm.append(Vh.norm(dim=-1).mean())
             ol.append(Oh[-1].norm())
             om.append(Oh.norm(dim=-1).mean())
-        a, e, v0, vm, ol, om = (torch.stack(x) for x in (a, e, v0, vm, ol, om))
+            fo.append((Oh @ W[:, h * D : (h + 1) * D].T).norm(dim=-1).mean())  # ‖O_h W_O^h‖ over d_model
+        a, e, v0, vm, ol, om, fo = (torch.stack(x) for x in (a, e, v0, vm, ol, om, fo))
         scores = {"awft": a, "awft_ln": a / a.mean(), "aeqd": e, "aeqd_ln": e / e.mean(), "ftvvn": v0,
                   "ftvvn_ln": v0 / v0.mean(), "avvn": vm, "avvn_ln": vm / vm.mean(), "lthon": ol,
-                  "lthon_ln": ol / om.mean(), "lthon_hn": ol / om, "ahon": om, "ahon_ln": om / om.mean()}
+                  "lthon_ln": ol / om.mean(), "lthon_hn": ol / om, "ahon": om, "ahon_ln": om / om.mean(),
+                  "afhon": fo, "afhon_ln": fo / fo.mean()}
         rows.append(torch.stack([scores[k] for k in score_keys()], -1))
     return torch.stack(rows)

@@ -4,7 +4,7 @@
 tensor ``(..., heads, len(RAW_STATS))`` (float64, one value per example, layer and head). A
 :class:`ScoreFunction` reads one raw stat, optionally normalises it, and names the side of a threshold τ
 that means "inactive"; scores are stored raw, the side is metadata. The registry (``SCORE_FUNCTIONS``,
-:func:`score_keys`) holds the 13 built-ins in definitions §2 order, then any registered by the user; every consumer
+:func:`score_keys`) holds the 15 built-ins in definitions §2 order, then any registered by the user; every consumer
 (scoring, thresholds, ablation, database columns and views, reports) loops over it::
 
     from analysis.core.score_functions import ScoreFunction, register_score_function
@@ -39,8 +39,11 @@ RAW_STATS: tuple[RawStat, ...] = (
     RawStat("v_norm", "mean L2 norm of the value vectors, over valid positions", "activation units"),
     RawStat("o_last_norm", "L2 norm of the head output at the last valid position", "activation units"),
     RawStat("o_norm", "mean L2 norm of the head output, over valid positions", "activation units"),
+    RawStat("o_full_norm", "mean L2 norm of the head output after its slice of the output projection "
+            "(O[t] W_O^h, no bias; L2 over d_model), over valid positions", "activation units"),
 )
-"""Per (example, layer, head); norms over head_dim, query head h reading KV head h // (heads / kv_heads)."""
+"""Per (example, layer, head); norms over head_dim (``o_full_norm``: over d_model), query head h reading KV head
+h // (heads / kv_heads)."""
 RAW_STAT_KEYS: tuple[str, ...] = tuple(s.key for s in RAW_STATS)
 _RAW = {s.key: s for s in RAW_STATS}
 
@@ -161,7 +164,7 @@ def registered(fn: ScoreFunction) -> Iterator[ScoreFunction]:
 
 
 def score_keys() -> tuple[str, ...]:
-    """Keys of the registered functions, in order (13 built-ins first)."""
+    """Keys of the registered functions, in order (15 built-ins first)."""
     return tuple(_REGISTRY)
 
 
@@ -217,6 +220,9 @@ for _fn in (
                   "o_norm"),
     ScoreFunction("ahon", "Avg Head Output Norm", "o_norm", "below"),
     ScoreFunction("ahon_ln", "Avg Head Output Norm (LN)", "o_norm", "below", "layer"),
+    # IH's FullHeadOutput / FullHeadOutputNormalized: the output after the head's slice of o_proj
+    ScoreFunction("afhon", "Avg Full Head Output Norm", "o_full_norm", "below"),
+    ScoreFunction("afhon_ln", "Avg Full Head Output Norm (LN)", "o_full_norm", "below", "layer"),
 ):
     register_score_function(_fn)
 _BUILTIN = frozenset(_REGISTRY)

@@ -15,6 +15,8 @@ are the family's business) and calls this function; nothing of the model classes
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -55,7 +57,7 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                            need_entropy=cap.need_entropy if cap else False)
     if cap is not None:
         selfcheck.check(module, query, k, v, add_mask, scale, first, valid, backend, (out, p_first, entropy), chunk)
-        stats = head_stats(out, value, p_first, entropy, valid, first, last)
+        stats = head_stats(out, value, p_first, entropy, valid, first, last, output_gram(module))
         ablated = cap.record(module.layer_idx, stats)
         if ablated is not None and bool(ablated.any()):
             out = _replace(out, ablated.to(out.device), cap, module.layer_idx)
@@ -63,10 +65,11 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 
 def head_stats(out: torch.Tensor, value: torch.Tensor, p_first: torch.Tensor, entropy: torch.Tensor,
-               valid: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+               valid: torch.Tensor, first: torch.Tensor, last: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """The raw stats per (example, query head): ``(B, H, len(RAW_STATS))`` float64, ``RAW_STATS`` order.
 
-    ``value`` is ``(B, KV, S, D)``: query head h reads KV head ``h // (H / KV)``.
+    ``value`` is ``(B, KV, S, D)``: query head h reads KV head ``h // (H / KV)``. ``gram`` ``(H, D, D)``:
+    the output projection's per-head Gram matrices (:func:`output_gram`), ``‖o W_O^h‖² = o G_h oᵀ``.
     """
     H = out.shape[1]
     w = valid.double() / valid.sum(-1, keepdim=True).double()  # (B, S) weights of a mean over valid t
@@ -82,9 +85,39 @@ def head_stats(out: torch.Tensor, value: torch.Tensor, p_first: torch.Tensor, en
     vn = torch.linalg.vector_norm(value, dim=-1, dtype=work).double()
     vn = vn.repeat_interleave(H // value.shape[1], dim=1)
     on = torch.linalg.vector_norm(out, dim=-1, dtype=work).double()
+    o = out.to(work)
+    full = torch.einsum("bhsd,hde,bhse->bhs", o, gram.to(work), o).clamp_min(0).sqrt().double()
     stats = {"p_first": mean_t(p_first), "entropy": mean_t(entropy), "v_first_norm": at(vn, first),
-             "v_norm": mean_t(vn), "o_last_norm": at(on, last), "o_norm": mean_t(on)}
+             "v_norm": mean_t(vn), "o_last_norm": at(on, last), "o_norm": mean_t(on), "o_full_norm": mean_t(full)}
     return torch.stack(ordered_stats(stats), -1)
+
+
+_GRAMS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weight, its version, gram)
+
+
+def output_gram(module: torch.nn.Module) -> torch.Tensor:
+    """Per-head Gram matrices of the attention module's output projection, ``(H, D, D)`` in at least float32.
+
+    ``o_proj.weight`` is ``(d_model, H * D)``; head h's slice ``W_O^h = weight[:, hD:(h+1)D]ᵀ`` is ``(D, d_model)``
+    and ``G_h = W_O^h W_O^hᵀ``, so a head's full output norm needs ``D x D`` numbers per head, not ``d_model``.
+    Cached per weight tensor and recomputed when it changes in place (training).
+    """
+    proj = getattr(module, "o_proj", None)
+    weight = getattr(proj, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise NotImplementedError(f"{type(module).__name__}: the score engine needs the attention's output "
+                                  "projection as a linear `o_proj` with a 2-D weight (for o_full_norm)")
+    hit = _GRAMS.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    H = module.config.num_attention_heads
+    w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
+    w = w.view(w.shape[0], H, -1).transpose(0, 1)  # (H, d_model, D)
+    gram = w.transpose(1, 2) @ w  # (H, D, D)
+    if hit is None:
+        weakref.finalize(weight, _GRAMS.pop, id(weight), None)
+    _GRAMS[id(weight)] = (weakref.ref(weight), weight._version, gram)
+    return gram
 
 
 def _mask_layout(attention_mask, B, S, query, cap):

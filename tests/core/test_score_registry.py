@@ -1,5 +1,5 @@
 """The score-function registry: one definition of the raw stats' order, inactive sides on any array type, and a
-user-registered 14th function scored, thresholded, ablated and stored with no other change."""
+user-registered 16th function scored, thresholded, ablated and stored with no other change."""
 import numpy as np
 import polars as pl
 import pytest
@@ -17,7 +17,7 @@ from fakes import fake_inputs, fake_shard
 from tiny import tiny_model
 
 BUILTIN = ("awft", "awft_ln", "aeqd", "aeqd_ln", "ftvvn", "ftvvn_ln", "avvn", "avvn_ln", "lthon", "lthon_ln",
-           "lthon_hn", "ahon", "ahon_ln")
+           "lthon_hn", "ahon", "ahon_ln", "afhon", "afhon_ln")
 # entropy per unit of mean value norm, inactive when low; reads the entropy stat (needs the kernel's entropy pass)
 EXTRA = ScoreFunction("aeqd_hn", "Avg Entropy per Value Norm", stat="entropy", inactive_side="below",
                       normalisation="head", norm_stat="v_norm")
@@ -53,6 +53,9 @@ def test_builtins_keep_their_order_and_sides():
     ln = get_score_function("lthon_ln")
     assert (ln.stat, ln.normalisation, ln.norm_stat) == ("o_last_norm", "layer", "o_norm")
     assert get_score_function("ahon_ln").norm_stat == "o_norm" and get_score_function("awft").unit == "probability"
+    full = get_score_function("afhon_ln")  # normalised like ahon_ln: by the layer mean of the same stat
+    assert (full.stat, full.normalisation, full.norm_stat, full.inactive_side) == ("o_full_norm", "layer",
+                                                                                  "o_full_norm", "below")
 
 
 def test_raw_stat_order_is_defined_once():
@@ -61,13 +64,18 @@ def test_raw_stat_order_is_defined_once():
     # head_stats stacks by name: a missing or extra name is an error, not a silent shift
     with pytest.raises(ValueError):
         sf.ordered_stats({k: 0 for k in RAW_STAT_KEYS[:-1]})
-    assert sf.ordered_stats({k: i for i, k in reversed(list(enumerate(RAW_STAT_KEYS)))}) == list(range(6))
+    assert sf.ordered_stats({k: i for i, k in reversed(list(enumerate(RAW_STAT_KEYS)))}) == list(range(len(RAW_STAT_KEYS)))
     B, H, S, D = 2, 4, 5, 3
     out, value = torch.randn(B, H, S, D), torch.randn(B, 2, S, D)
     pf, ent = torch.rand(B, H, S, dtype=torch.float64), torch.rand(B, H, S, dtype=torch.float64)
     valid = torch.ones(B, S, dtype=torch.bool)
-    st = attention.head_stats(out, value, pf, ent, valid, torch.zeros(B, dtype=torch.long), torch.full((B,), S - 1))
+    W = torch.randn(7, H * D)  # an o_proj weight (d_model = 7)
+    gram = torch.stack([W[:, h * D:(h + 1) * D].T @ W[:, h * D:(h + 1) * D] for h in range(H)])
+    st = attention.head_stats(out, value, pf, ent, valid, torch.zeros(B, dtype=torch.long), torch.full((B,), S - 1),
+                              gram)
     assert st.shape == (B, H, len(RAW_STAT_KEYS))
+    full = torch.stack([(out[:, h] @ W[:, h * D:(h + 1) * D].T).norm(dim=-1).mean(-1) for h in range(H)], 1)
+    torch.testing.assert_close(st[..., RAW_STAT_KEYS.index("o_full_norm")], full.double())
     torch.testing.assert_close(st[..., RAW_STAT_KEYS.index("entropy")], ent.mean(-1))
     torch.testing.assert_close(st[..., RAW_STAT_KEYS.index("o_last_norm")], out[:, :, -1].norm(dim=-1).double())
 
@@ -119,7 +127,7 @@ def test_extra_function_is_scored_thresholded_and_ablated(extra):
     want = expected_extra(raw)
     got = df.sort("example", "layer", "head")["aeqd_hn"].to_numpy().reshape(E, L, H)
     np.testing.assert_array_equal(got, want)
-    assert scores_from_stats(raw).shape[-1] == 14
+    assert scores_from_stats(raw).shape[-1] == len(BUILTIN) + 1
 
     th = thresholds(df.with_columns(pl.lit("m").alias("model"), pl.lit("t").alias("task")), (0.0, 0.25))
     row = th.filter((pl.col("score_fn") == "aeqd_hn") & (pl.col("target_fraction") == 0.25))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.core.score_functions import score_keys
+from analysis.core.score_functions import RAW_STATS, score_keys
 from extract.engine.scores import score_heads, scores_from_stats
 from reference import reference_scores
 from tiny import FAMILIES, tiny_model
@@ -74,7 +74,7 @@ def test_two_token_sequence_is_finite():
 
 
 def test_ln_zero_over_zero_is_one():
-    stats = torch.zeros(1, 3, 6, dtype=torch.float64)
+    stats = torch.zeros(1, 3, len(RAW_STATS), dtype=torch.float64)
     s = scores_from_stats(stats)
     assert torch.equal(s[..., score_keys().index("ahon_ln")], torch.ones(1, 3))
 
@@ -124,7 +124,7 @@ def test_recording_equals_score_heads_on_padded_forwards():
             ids, am = pad_right(part, 0, "cpu")
             model(input_ids=ids, attention_mask=am, use_cache=False)
     np.testing.assert_allclose(rec.scores().numpy(), ref, rtol=1e-5, atol=1e-7)
-    assert rec.frame().height == ref.size // 13
+    assert rec.frame().height == ref.size // len(score_keys())
 
 
 def test_recording_left_padding_with_position_ids():
@@ -178,3 +178,22 @@ def test_batches_minimise_padded_tokens_within_budget(seed):
         else:
             brute = min(brute, total)
     assert cost == brute
+
+
+def test_full_head_output_follows_its_slice_of_o_proj():
+    """afhon reads head h's own columns of o_proj (scaling them scales only that head's score, ahon unchanged),
+    and a weight changed in place (training) is seen by the next forward."""
+    model = tiny_model("llama", seed=11)
+    seqs = random_seqs(2, 8, 20, 128, seed=3)
+    before = as_array(score_heads(model, seqs), 2, model)
+    att = model.model.layers[1].self_attn
+    D = att.o_proj.in_features // model.config.num_attention_heads
+    with torch.no_grad():
+        att.o_proj.weight[:, 2 * D:3 * D] *= 3.0
+    after = as_array(score_heads(model, seqs), 2, model)
+    k = score_keys()
+    fh, ah = k.index("afhon"), k.index("ahon")
+    np.testing.assert_allclose(after[:, 1, 2, fh], 3 * before[:, 1, 2, fh], rtol=1e-5)
+    others = [h for h in range(model.config.num_attention_heads) if h != 2]
+    np.testing.assert_allclose(after[:, :2, others, fh], before[:, :2, others, fh], rtol=1e-6)
+    np.testing.assert_allclose(after[:, :2, :, ah], before[:, :2, :, ah], rtol=1e-6)
