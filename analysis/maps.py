@@ -1,16 +1,21 @@
 """MAPS tables and figures (definitions §8) from the ``dormant maps run`` outputs and the core database (no torch).
 
-Tables (results/tables/, CSV + Markdown + LaTeX):
-* ``maps_correlations``: per model and context, the median (min, max) over operations of the Pearson r of
-  static vs dynamic scores over heads × templates.
-* ``maps_causal``: per model, operation and number of ablated heads, accuracy with the top-scoring heads
-  ablated vs the mean over random head sets of the same size.
+Every table is per E' choice (``inputs``: reference, raw, residual; extract/maps/folding.py) where it depends
+on one. Tables (results/tables/, CSV + Markdown + LaTeX):
+* ``maps_correlations``: per model, E' choice and context, the median (min, max) over operations of the
+  Pearson r of static vs dynamic scores over heads × templates.
+* ``maps_causal``: per model, E' choice, operation and number of ablated heads, accuracy with the
+  top-scoring heads ablated vs the mean over random head sets of the same size.
+* ``maps_inputs``: the comparison of the E' choices in the MAPS reference's summary form (median r without /
+  with context; median relative accuracy drop, top vs random heads), bootstrap CIs over operations, the MAPS
+  paper's own rows beside ours (also a database table); ``maps_inputs_answer.md``: which E' predicts
+  inference, with paired differences over (model, operation).
 * ``maps_join``: per model, how MAPS "no salient operation" (best static score < ``salient_min``) lines up
   with ``ahon_ln`` inactivity (median over examples < ``inactive_below``), and the Spearman correlation of
-  the two per-head numbers.
+  the two per-head numbers (first E' choice).
 Figures (results/figures/, PNG + SVG): ``maps_heatmap_<model>`` (layer × head, best static score per
-operation category), ``maps_static_vs_inactive`` (best static score vs median ahon_ln, one panel per model),
-``maps_causal`` (accuracy vs ablated heads, top vs random).
+operation category, first E' choice), ``maps_static_vs_inactive`` (best static score vs median ahon_ln, one
+panel per model), ``maps_causal`` (accuracy vs ablated heads, top vs random).
 """
 from __future__ import annotations
 
@@ -19,9 +24,10 @@ from pathlib import Path
 
 import polars as pl
 
+from analysis.core.io import write_bytes, write_parquet
 from analysis.core.names import model_key
 from analysis.database import connect, query
-from analysis.render import write_figure, write_table
+from analysis.render import markdown, write_figure, write_table
 
 PARTS = ("scores", "salient", "dynamic", "correlations", "causal")
 
@@ -38,29 +44,154 @@ def load(dirs: list[Path]) -> dict[str, pl.DataFrame]:
     return out
 
 
+def first_inputs(scores: pl.DataFrame) -> pl.DataFrame:
+    """The rows of each model's first E' choice (the run's ``inputs[0]``: salient tokens, heatmaps, join)."""
+    return scores.filter(pl.col("inputs") == pl.col("inputs").first().over("model"))
+
+
 def correlation_table(corr: pl.DataFrame) -> pl.DataFrame:
-    """Median / min / max over operations of Pearson r, per (model, context)."""
+    """Median / min / max over operations of Pearson r, per (model, E' choice, context)."""
     if not corr.height:
-        return pl.DataFrame({"model": [], "context": []})
-    return (corr.drop_nulls("pearson").filter(pl.col("pearson").is_not_nan()).group_by("model", "context", maintain_order=True)
+        return pl.DataFrame({"model": [], "inputs": [], "context": []})
+    return (corr.drop_nulls("pearson").filter(pl.col("pearson").is_not_nan())
+            .group_by("model", "inputs", "context", maintain_order=True)
             .agg(pl.col("pearson").median().alias("median_r"), pl.col("pearson").min().alias("min_r"),
                  pl.col("pearson").max().alias("max_r"), pl.len().alias("operations"))
-            .sort("model", "context"))
+            .sort("model", "inputs", "context"))
 
 
 def causal_table(causal: pl.DataFrame) -> pl.DataFrame:
     """Accuracy with the top-n heads ablated vs random n heads (mean over draws), and the drops."""
     if not causal.height:
-        return pl.DataFrame({"model": [], "operation": []})
+        return pl.DataFrame({"model": [], "inputs": [], "operation": []})
     c = causal.filter(pl.col("selection") != "none")
-    return (c.group_by("model", "operation", "n_heads", maintain_order=True)
+    return (c.group_by("model", "inputs", "operation", "n_heads", maintain_order=True)
             .agg(pl.col("base_accuracy").first().alias("base"),
                  pl.col("accuracy").filter(pl.col("selection") == "top").first().alias("top_heads"),
                  pl.col("accuracy").filter(pl.col("selection") == "random").mean().alias("random_heads"),
                  pl.col("n_prompts").first().alias("prompts"))
             .with_columns((pl.col("base") - pl.col("top_heads")).alias("drop_top"),
                           (pl.col("base") - pl.col("random_heads")).alias("drop_random"))
-            .sort("model", "operation", "n_heads"))
+            .sort("model", "inputs", "operation", "n_heads"))
+
+
+# The MAPS paper's own summary (Elhelo & Geva, arXiv 2412.11965): median Pearson r of static vs dynamic
+# scores over operations without / with context, and the median relative accuracy drop with the top heads
+# removed vs random heads.
+MAPS_PAPER = (("GPT2-xl", 0.945, 0.736, 0.685, 0.03), ("Pythia-6.9b", 0.906, 0.683, 0.955, 0.0),
+              ("Pythia-12b", 0.892, 0.714, 0.785, 0.025), ("Llama-3.1-8B", 0.817, 0.747, 0.5, 0.0))
+N_BOOT = 2000
+
+
+def _median_ci(values, seed: int) -> tuple[float | None, float | None, float | None]:
+    """Median of ``values`` and its 95% percentile-bootstrap CI over them (None where undefined)."""
+    import numpy as np
+
+    v = np.asarray([x for x in values if x is not None and x == x], dtype=float)
+    if not len(v):
+        return None, None, None
+    if len(v) == 1:
+        return float(v[0]), None, None
+    boot = np.median(np.random.default_rng(seed).choice(v, (N_BOOT, len(v))), axis=1)
+    return float(np.median(v)), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+
+
+def relative_drops(causal: pl.DataFrame) -> pl.DataFrame:
+    """Per (model, E' choice, operation) at the largest number of heads ablated: the relative accuracy drop
+    ``(base - ablated) / base`` with the top heads and with random heads (mean over draws); base > 0 only."""
+    if not causal.height:
+        return pl.DataFrame(schema={"model": pl.Utf8, "inputs": pl.Utf8, "operation": pl.Utf8,
+                                    "n_heads": pl.Int32, "top": pl.Float64, "random": pl.Float64})
+    c = causal.filter((pl.col("selection") != "none") & (pl.col("base_accuracy") > 0)
+                      & (pl.col("n_heads") == pl.col("n_heads").max().over("model")))
+    rel = (pl.col("base_accuracy") - pl.col("accuracy")) / pl.col("base_accuracy")
+    return (c.group_by("model", "inputs", "operation", "n_heads", maintain_order=True)
+            .agg(rel.filter(pl.col("selection") == "top").first().alias("top"),
+                 rel.filter(pl.col("selection") == "random").mean().alias("random"))
+            .sort("model", "inputs", "operation"))
+
+
+def inputs_table(corr: pl.DataFrame, causal: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
+    """Table ``maps_inputs``: per model and E' choice the MAPS reference's summary form (median over operations
+    of r without / with context, of the relative drop with top / random heads; bootstrap CIs over
+    operations), then the MAPS paper's rows."""
+    from analysis.core import tables
+
+    drops = relative_drops(causal)
+    rows = []
+    keys = (corr.select("model", "inputs").unique(maintain_order=True).rows() if corr.height else []) + \
+        [k for k in drops.select("model", "inputs").unique(maintain_order=True).rows()
+         if not corr.height or k not in corr.select("model", "inputs").rows()]
+    for model, inputs in keys:
+        def r(context):
+            if not corr.height:
+                return [None] * 3, 0
+            v = corr.filter((pl.col("model") == model) & (pl.col("inputs") == inputs)
+                            & (pl.col("context") == context))["pearson"].to_list()
+            v = [x for x in v if x is not None and x == x]
+            return list(_median_ci(v, seed)), len(v)
+        (rw, nw), (rc, _) = r("without"), r("with")
+        dm = drops.filter((pl.col("model") == model) & (pl.col("inputs") == inputs))
+        n_heads = int(dm["n_heads"][0]) if dm.height else None
+        top, rnd = _median_ci(dm["top"].to_list(), seed), _median_ci(dm["random"].to_list(), seed)
+        rows.append(("this run", model, inputs, *rw, *rc, nw, n_heads, *top, *rnd, dm.height))
+    for name, r_without, r_with, top, rnd in MAPS_PAPER:
+        rows.append(("MAPS paper", name, "reference", r_without, None, None, r_with, None, None, None, None,
+                     top, None, None, rnd, None, None, None))
+    return pl.DataFrame(rows, orient="row", schema=tables.polars_schema("maps_inputs"))
+
+
+def _paired(frame: pl.DataFrame, value: str, a: str, b: str, seed: int) -> str:
+    """``a - b`` of ``value`` paired over (model, operation): median [95% CI], units."""
+    w = frame.pivot(on="inputs", index=["model", "operation"], values=value)
+    if a not in w.columns or b not in w.columns:
+        return "n/a"
+    diff = (w[a] - w[b]).drop_nulls().drop_nans().to_list()
+    m, lo, hi = _median_ci(diff, seed)
+    if m is None:
+        return "n/a"
+    ci = f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None else ""
+    return f"{m:+.3f}{ci} (n = {len(diff)})"
+
+
+def inputs_answer(table: pl.DataFrame, corr: pl.DataFrame, causal: pl.DataFrame, scores: pl.DataFrame,
+                  seed: int = 0) -> str:
+    """Which E' predicts inference: a paragraph with the pooled medians and paired differences over
+    (model, operation) units, and the best static scores of the copying and knowledge operations."""
+    ours = table.filter(pl.col("source") == "this run")
+    if not ours.height:
+        return "# Which E' predicts inference\n\nNo MAPS run.\n"
+    choices = ours["inputs"].unique(maintain_order=True).to_list()
+    lines = ["# Which E' predicts inference", "",
+             "Medians over (model, operation) units [95% bootstrap CI]; paired differences against `reference`.", ""]
+    drops = relative_drops(causal).with_columns((pl.col("top") - pl.col("random")).alias("gap"))
+    pooled = []
+    for c in choices:
+        cells = []
+        for context in ("without", "with"):
+            v = corr.filter((pl.col("inputs") == c) & (pl.col("context") == context))["pearson"] if corr.height else []
+            m, lo, hi = _median_ci(list(v), seed)
+            cells.append("n/a" if m is None else f"{m:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""))
+        m, lo, hi = _median_ci(drops.filter(pl.col("inputs") == c)["gap"].to_list(), seed)
+        cells.append("n/a" if m is None else f"{m:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""))
+        pooled.append((c, *cells))
+    lines.append(markdown(pl.DataFrame(pooled, orient="row", schema=["inputs", "r without context", "r with context",
+                                                                      "relative drop, top - random heads"])))
+    if corr.height and "reference" in choices:
+        for c in (x for x in choices if x != "reference"):
+            lines.append(f"- `{c}` - `reference`: r without context "
+                         f"{_paired(corr.filter(pl.col('context') == 'without'), 'pearson', c, 'reference', seed)}, "
+                         f"with context {_paired(corr.filter(pl.col('context') == 'with'), 'pearson', c, 'reference', seed)}, "
+                         f"causal gap {_paired(drops, 'gap', c, 'reference', seed)}.")
+        lines.append("")
+    best = (scores.filter(pl.col("category").is_in(["algorithmic", "knowledge"])
+                          & pl.col("operation").is_in(corr["operation"].unique().to_list() if corr.height else []))
+            .group_by("model", "inputs", "category").agg(pl.col("score").max().alias("best_static"))
+            .pivot(on="inputs", index=["model", "category"], values="best_static").sort("model", "category"))
+    if best.height:
+        lines += ["Best static score of any head over the dynamic check's copying (algorithmic) and knowledge "
+                  "operations:", "", markdown(best)]
+    return "\n".join(lines) + "\n"
 
 
 def head_table(scores: pl.DataFrame, con=None) -> pl.DataFrame:
@@ -121,11 +252,14 @@ def join_chart(heads: pl.DataFrame, inactive_below: float):
 def causal_chart(causal: pl.DataFrame):
     import altair as alt
 
-    df = (causal.filter(pl.col("selection") != "none").group_by("model", "operation", "selection", "n_heads", maintain_order=True)
-          .agg(pl.col("accuracy").mean()))
+    c = causal.filter(pl.col("selection") != "none")
+    c = c.filter((pl.col("selection") == "top") | (pl.col("inputs") == pl.col("inputs").first().over("model")))
+    df = (c.with_columns(pl.when(pl.col("selection") == "top").then("top (" + pl.col("inputs") + ")")
+                         .otherwise(pl.lit("random")).alias("heads"))
+          .group_by("model", "operation", "heads", "n_heads", maintain_order=True).agg(pl.col("accuracy").mean()))
     return alt.Chart(df).mark_line(point=True).encode(
         x=alt.X("n_heads:Q", title="heads ablated", scale=alt.Scale(type="log", base=2)),
-        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color=alt.Color("selection:N"),
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])), color=alt.Color("heads:N"),
         column=alt.Column("operation:N", title=None), row=alt.Row("model:N", title=None),
     ).properties(width=140, height=110)
 
@@ -138,26 +272,34 @@ class JoinSettings:
 
 
 def write_maps_reports(dirs: list[Path], core_db: Path | None, out: Path, *, inactive_below: float = 0.5,
-                       salient_min: float = 0.2) -> list[Path]:
-    """All MAPS tables and figures under ``out``/tables and ``out``/figures; returns the paths."""
+                       salient_min: float = 0.2, inputs_parquet: Path | None = None) -> list[Path]:
+    """All MAPS tables and figures under ``out``/tables and ``out``/figures (and the ``maps_inputs`` table as
+    Parquet at ``inputs_parquet`` for the database); returns the paths."""
     out = Path(out)
     d = load(dirs)
     paths: list[Path] = []
+    inputs = inputs_table(d["correlations"], d["causal"])
+    paths += write_table(inputs, out / "tables" / "maps_inputs", digits=3)
+    if inputs_parquet is not None:
+        paths.append(write_parquet(inputs, inputs_parquet))
+    paths.append(write_bytes(out / "tables" / "maps_inputs_answer.md",
+                             inputs_answer(inputs, d["correlations"], d["causal"], d["scores"])))
     paths += write_table(correlation_table(d["correlations"]), out / "tables" / "maps_correlations")
     if d["correlations"].height:
         paths += write_table(d["correlations"], out / "tables" / "maps_correlations_by_operation")
     paths += write_table(causal_table(d["causal"]), out / "tables" / "maps_causal")
     con = connect(core_db, read_only=True) if core_db is not None and Path(core_db).is_file() else None
-    heads = head_table(d["scores"], con)
+    heads = head_table(first_inputs(d["scores"]), con)
     if con is not None:
         con.close()
     paths += write_table(join_table(heads, inactive_below, salient_min), out / "tables" / "maps_join")
-    best = (d["scores"].group_by("model", "operation", "category", maintain_order=True)
+    best = (d["scores"].group_by("model", "inputs", "operation", "category", maintain_order=True)
             .agg(pl.col("score").max().alias("best_static"), pl.col("suppression_score").max().alias("best_suppression"),
-                 pl.col("n_pairs").first()).sort("model", "category", "operation"))
+                 pl.col("n_pairs").first()).sort("model", "inputs", "category", "operation"))
     paths += write_table(best, out / "tables" / "maps_best_by_operation")
     for model in d["scores"]["model"].unique().sort():
-        paths += write_figure(heatmap(d["scores"], model), out / "figures" / f"maps_heatmap_{model_key(model)}")
+        paths += write_figure(heatmap(first_inputs(d["scores"]), model),
+                              out / "figures" / f"maps_heatmap_{model_key(model)}")
     if heads["median_ahon_ln"].drop_nulls().len():
         paths += write_figure(join_chart(heads, inactive_below), out / "figures" / "maps_static_vs_inactive")
     if d["causal"].height:

@@ -1,9 +1,10 @@
 # MAPS (definitions §8): head functions from parameters, checked against inference, joined with inactivity.
-#   default target: `maps.models` (static + salient + dynamic + causal), then tables and figures
+#   default target: `maps.models` (static + salient + dynamic + causal, under each E' choice of `maps.inputs`),
+#   then tables and figures, among them maps_inputs (which E' predicts inference, beside the MAPS paper's numbers)
 #   snakemake --cores all maps_all     # every model of `models` with the same settings
 # Config: the `maps` section (config/schema.yaml); its run settings are the inline --config JSON of `maps run`
-# (a params value). Tables maps_scores, maps_salient, maps_dynamic, maps_correlations and maps_causal
-# go into results/scores.duckdb.
+# (a params value). Tables maps_scores, maps_salient, maps_dynamic, maps_correlations, maps_causal and
+# maps_inputs go into results/scores.duckdb.
 MAPS_CFG = config.get("maps")
 if MAPS_CFG:
     MAPS_MODELS = [model_key(m) for m in MAPS_CFG["models"]]
@@ -17,6 +18,7 @@ if MAPS_CFG:
     for _p in MAPS_PARTS:
         EXTRA_TABLES.setdefault(f"maps_{_p}", []).extend(
             f"results/maps/{m}/{_p}.parquet" for m in MAPS_MODELS)
+    EXTRA_TABLES.setdefault("maps_inputs", []).append("results/maps/inputs.parquet")
     EXTRA_TARGETS += ["results/maps/report.txt"]
 
     rule maps_run:
@@ -43,7 +45,10 @@ if MAPS_CFG:
         input:
             runs=[f"results/maps/{m}/{p}.parquet" for m in MAPS_MODELS for p in MAPS_PARTS],
             db=CORE_DB,
-        output: "results/maps/report.txt"
+        output:
+            report="results/maps/report.txt",
+            inputs="results/maps/inputs.parquet",
+            table="results/tables/maps_inputs.csv",
         params:
             settings=MAPS_JOIN,
             dirs=" ".join(f"results/maps/{m}" for m in MAPS_MODELS),
@@ -52,7 +57,7 @@ if MAPS_CFG:
         resources: mem_mb=config["resources"]["mem_mb"]
         shell:
             "{DORMANT} maps report --maps-dirs {params.dirs} --core-db {input.db:q} --out results "
-            "--config {params.settings:q} > {output:q} 2> {log:q}"
+            "--inputs-parquet {output.inputs:q} --config {params.settings:q} > {output.report:q} 2> {log:q}"
 
     rule maps_all:
         """MAPS for every model of `models` (same settings), then the tables and figures over all of them."""

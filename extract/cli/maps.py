@@ -30,7 +30,7 @@ def _report(args: argparse.Namespace) -> int:
 
     st = settings_from_args(JoinSettings, args)
     paths = write_maps_reports(args.maps_dirs, args.core_db, args.out, inactive_below=st.inactive_below,
-                               salient_min=st.salient_min)
+                               salient_min=st.salient_min, inputs_parquet=args.inputs_parquet)
     for p in paths:
         if p.suffix == ".md":
             print(f"## {p.stem}\n{p.read_text()}")
@@ -58,5 +58,6 @@ def register(sub) -> None:
     q.add_argument("--maps-dirs", nargs="+", required=True, type=Path, help="output folders of `maps run`")
     q.add_argument("--core-db", type=Path, help="database with head_scores (for the join with ahon_ln)")
     q.add_argument("--out", type=Path, default=Path("results"))
+    q.add_argument("--inputs-parquet", type=Path, help="also write table maps_inputs here (for the database)")
     add_settings(q, JoinSettings, doc="join")
     q.set_defaults(func=_report)

@@ -63,62 +63,109 @@ def final_scale(model) -> torch.Tensor:
     return norm_scale(final_norm(model), text_config(model).hidden_size)
 
 
-def use_low_rank(H: int, rows: int, head_dim: int, d_model: int) -> bool:
-    """True when scanning through ``B = W_O U`` costs fewer multiply-adds per vocabulary column than ``y U``."""
-    return H * head_dim * d_model + H * rows * head_dim < H * rows * d_model
-
-
 @torch.no_grad()
-def scan_vocab(z: torch.Tensor, wo: torch.Tensor, U: torch.Tensor, n: int, *, low_rank: bool | None = None,
-               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``n`` largest and ``n`` smallest logits of every row ``M_h[r] = z[h, r] · W_O^h · U``.
-
-    z ``(H, R, head_dim)``, wo ``(H, head_dim, d)``, U ``(d, V)``; the vocabulary is scanned in chunks
-    (at most ``CHUNK_ELEMENTS`` logits at a time). Returns ``(top_values, top_ids, bottom_values,
-    bottom_ids)``, each ``(H, R, n)``, values float32 in descending / ascending order.
-    """
-    H, R, hd = z.shape
-    d, V = U.shape
-    z = z.float()
-    low_rank = use_low_rank(H, R, hd, d) if low_rank is None else low_rank
-    y = None if low_rank else torch.bmm(z, wo)  # (H, R, d)
+def top_tokens(y: torch.Tensor, U: torch.Tensor, n: int) -> torch.Tensor:
+    """The ids ``(N, n)`` of the ``n`` largest logits of each row ``y[r] · U`` (descending); y ``(N, d)``,
+    U ``(d, V)``, the vocabulary in chunks of at most ``CHUNK_ELEMENTS`` logits."""
+    N, V = y.shape[0], U.shape[1]
     n = min(n, V)
-    top_v = bot_v = torch.empty(H, R, 0, device=z.device)
-    top_i = bot_i = torch.empty(H, R, 0, dtype=torch.long, device=z.device)
-    chunk = max(256, CHUNK_ELEMENTS // max(1, H * R))
-    for c0 in tqdm(range(0, V, chunk), desc="vocabulary", leave=False, disable=not progress):
-        Uc = U[:, c0:c0 + chunk]
-        s = torch.bmm(z, torch.matmul(wo, Uc)) if low_rank else torch.matmul(y, Uc)  # (H, R, c)
-        m = min(n, s.shape[2])
-        for largest in (True, False):
-            v, i = s.topk(m, dim=-1, largest=largest)
-            pv, pi = (top_v, top_i) if largest else (bot_v, bot_i)
-            v, i = torch.cat([pv, v], -1), torch.cat([pi, i + c0], -1)
-            v, sel = v.topk(min(n, v.shape[-1]), dim=-1, largest=largest)
-            if largest:
-                top_v, top_i = v, i.gather(-1, sel)
-            else:
-                bot_v, bot_i = v, i.gather(-1, sel)
-    return top_v, top_i, bot_v, bot_i
+    top_v = torch.empty(N, 0, device=y.device)
+    top_i = torch.empty(N, 0, dtype=torch.long, device=y.device)
+    chunk = max(256, CHUNK_ELEMENTS // max(1, N))
+    for c0 in range(0, V, chunk):
+        v, i = torch.matmul(y.float(), U[:, c0:c0 + chunk]).topk(min(n, U[:, c0:c0 + chunk].shape[1]), dim=-1)
+        v, i = torch.cat([top_v, v], -1), torch.cat([top_i, i + c0], -1)
+        top_v, sel = v.topk(min(n, v.shape[-1]), dim=-1)
+        top_i = i.gather(-1, sel)
+    return top_i
 
 
 @torch.no_grad()
-def target_logits(z: torch.Tensor, wo: torch.Tensor, U: torch.Tensor, rows: torch.Tensor,
-                  targets: torch.Tensor) -> torch.Tensor:
-    """``M_h[rows[p], targets[p]]`` ``(H, P)`` in float64; z ``(H, R, hd)``, rows/targets ``(P,)`` long."""
+def target_logits(z: torch.Tensor, wo: torch.Tensor, U: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``M_h[p, targets[p]] = z[h, p] · W_O^h · U[:, targets[p]]`` ``(H, P)`` in float64; z ``(H, P, hd)``."""
     H, d = z.shape[0], wo.shape[2]
     step = max(1, CHUNK_ELEMENTS // (4 * H * d))
     wd = wo.double()
-    out = [(torch.bmm(z[:, rows[p:p + step]].double(), wd) * U.T[targets[p:p + step]].double()).sum(-1)
-           for p in range(0, len(rows), step)]
+    out = [(torch.bmm(z[:, p:p + step].double(), wd) * U.T[targets[p:p + step]].double()).sum(-1)
+           for p in range(0, z.shape[1], step)]
     return torch.cat(out, 1) if out else torch.zeros(H, 0, dtype=torch.float64, device=z.device)
 
 
-def _count(s: torch.Tensor, cols: torch.Tensor, target: torch.Tensor, logit: torch.Tensor):
-    """Per row: columns other than its target with a logit strictly greater / strictly smaller than its
-    target's. s ``(..., c)`` logits of ``cols`` ``(c,)``; target, logit ``(...)``."""
-    other = cols != target[..., None]
-    return ((s > logit[..., None]) & other).sum(-1), ((s < logit[..., None]) & other).sum(-1)
+def _count(s: torch.Tensor, logit: torch.Tensor, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``s`` ``(N, c)``: entries strictly greater / strictly smaller than ``logit`` ``(N,)``, the
+    row's own target (at column ``own``, -1 where it is not among these columns) left out."""
+    g, l = (s > logit[:, None]).sum(-1), (s < logit[:, None]).sum(-1)
+    r = (own >= 0).nonzero()[:, 0]
+    if len(r):
+        v = s[r, own[r]]
+        g[r] -= (v > logit[r]).long()
+        l[r] -= (v < logit[r]).long()
+    return g, l
+
+
+def slices(V: int, first: int | None = None) -> int:
+    """Into how many strided slices (token ids ≡ r mod n) the vocabulary is cut, about ``first`` (default
+    :data:`FIRST_COLUMNS`) tokens each."""
+    return max(1, -(-V // (FIRST_COLUMNS if first is None else first)))
+
+
+def _own(targets: torch.Tensor, r: int, n: int) -> torch.Tensor:
+    """Each target's column in slice r (-1: not in it)."""
+    return torch.where(targets % n == r, targets // n, -1)
+
+
+@torch.no_grad()
+def first_pass(z: torch.Tensor, wo: torch.Tensor, U: torch.Tensor, targets: torch.Tensor, n: int):
+    """Per (head, row): the target's logit (float64 -> float32) and the other tokens of slice 0 with a
+    strictly greater / smaller logit, through the low-rank ``W_O^h U[:, slice 0]``. z ``(H, P, hd)``;
+    returns three ``(H, P)`` tensors (logit, greater, smaller)."""
+    H, P, _ = z.shape
+    W = U.T  # (V, d): one token per row, so a strided slice of tokens is a view
+    z = z.float()
+    logit = target_logits(z, wo, U, targets).float()
+    greater = torch.zeros(H, P, dtype=torch.long, device=z.device)
+    smaller = torch.zeros_like(greater)
+    B = torch.matmul(wo, W[0::n].T)  # (H, hd, V / n)
+    step = max(1, CHUNK_ELEMENTS // max(1, H * B.shape[2]))
+    for p0 in range(0, P, step):
+        sl = slice(p0, p0 + step)
+        g, l = _count(torch.bmm(z[:, sl], B).flatten(0, 1), logit[:, sl].flatten(), _own(targets[sl], 0, n).repeat(H))
+        greater[:, sl], smaller[:, sl] = g.view(H, -1), l.view(H, -1)
+    return logit, greater, smaller
+
+
+@torch.no_grad()
+def rest_pass(y: torch.Tensor, U: torch.Tensor, n: int, targets: torch.Tensor, logit: torch.Tensor,
+              k: torch.Tensor, need: torch.Tensor, greater: torch.Tensor, smaller: torch.Tensor):
+    """The counts of slices 1 … n-1 added to ``greater`` / ``smaller`` (in place) for rows ``y`` ``(N, d)``
+    (already through ``W_O^h``), slice by slice, each row dropped once decided: ``k`` others beat its target
+    above and, where ``need``, below. All other arguments ``(N,)``."""
+    W = U.T
+    idx = torch.arange(len(y), device=y.device)
+    live = (greater < k) | (need & (smaller < k))
+    idx, y, targets, logit, k, need = idx[live], y[live], targets[live], logit[live], k[live], need[live]
+    for r in range(1, n):
+        if not len(idx):
+            break
+        dg, dl = _count(torch.matmul(y, W[r::n].T), logit, _own(targets, r, n))
+        greater[idx] += dg
+        smaller[idx] += dl
+        live = (greater[idx] < k) | (need & (smaller[idx] < k))
+        if not live.all():
+            idx, y, targets, logit, k, need = idx[live], y[live], targets[live], logit[live], k[live], need[live]
+    return greater, smaller
+
+
+def _undecided(z, wo, greater, smaller, k, need):
+    """(heads, rows) of the rows that slice 0 left undecided, and their ``y = z W_O^h`` ``(N, d)``."""
+    H = z.shape[0]
+    kk, nn = k.expand(H, -1), need.expand(H, -1)
+    hh, pp = ((greater < kk) | (nn & (smaller < kk))).nonzero(as_tuple=True)
+    y = torch.empty(len(hh), wo.shape[2], device=z.device)
+    for h in hh.unique().tolist():
+        m = hh == h
+        y[m] = torch.matmul(z[h, pp[m]].float(), wo[h])
+    return hh, pp, y
 
 
 @torch.no_grad()
@@ -128,49 +175,18 @@ def top_k_tests(z: torch.Tensor, wo: torch.Tensor, U: torch.Tensor, targets: tor
     tokens with a strictly greater logit; ties count in its favour) and in the top-k of ``-M_h[p]``.
 
     z ``(H, P, hd)``, wo ``(H, hd, d)``, U ``(d, V)``, targets / k / suppression ``(P,)`` (suppression: whether
-    row p needs its ``-M`` answer too; False there reads False). Exact: the vocabulary is visited in a seeded
-    random order, its first ``first`` (default :data:`FIRST_COLUMNS`) columns for every row through ``W_O^h U[:, cols]``, the rest in chunks
-    through ``y = z W_O`` for the rows still undecided only; a row is decided once ``k`` others beat its target
-    (on both sides where it needs both). Returns two ``(H, P)`` bool tensors.
+    row p needs its ``-M`` answer too; False there reads False). Exact, with early decisions: the vocabulary
+    is cut into :func:`slices` strided slices (views of U); every row is tested on slice 0
+    (:func:`first_pass`) and the undecided ones go through the others (:func:`rest_pass`). Returns two
+    ``(H, P)`` bool tensors. :func:`static_scores` runs the same two passes, pooling the second over layers.
     """
-    H, P, hd = z.shape
-    d, V = U.shape
-    dev = U.device
-    z = z.float()
-    logit = target_logits(z, wo, U, torch.arange(P, device=dev), targets).float()  # (H, P)
-    order = torch.randperm(V, generator=torch.Generator().manual_seed(0)).to(dev)
-    first = min(FIRST_COLUMNS if first is None else first, V)
-    greater = torch.zeros(H, P, dtype=torch.long, device=dev)
-    smaller = torch.zeros_like(greater)
-    cols = order[:first]
-    B = torch.matmul(wo, U[:, cols])  # (H, hd, first)
-    step = max(1, CHUNK_ELEMENTS // max(1, H * first))
-    for p0 in range(0, P, step):
-        sl = slice(p0, p0 + step)
-        g, s = _count(torch.bmm(z[:, sl], B), cols, targets[sl].expand(H, -1), logit[:, sl])
-        greater[:, sl], smaller[:, sl] = g, s
-    kk, need = k.expand(H, -1), suppression.expand(H, -1)
-    hh, pp = ((greater < kk) | (need & (smaller < kk))).nonzero(as_tuple=True)
-    if len(hh) and first < V:
-        y = torch.empty(len(hh), d, device=dev)
-        for h in hh.unique().tolist():
-            m = hh == h
-            y[m] = torch.matmul(z[h, pp[m]], wo[h])
-        idx = torch.arange(len(hh), device=dev)
-        tgt, lg, kq, nq = targets[pp], logit[hh, pp], k[pp], suppression[pp]
-        g, s = greater[hh, pp], smaller[hh, pp]
-        c0 = first
-        while c0 < V and len(idx):
-            c = max(256, min(CHUNK_ELEMENTS // len(idx), CHUNK_ELEMENTS // d))
-            cols = order[c0:c0 + c]
-            dg, ds = _count(torch.matmul(y, U[:, cols]), cols, tgt, lg)
-            g[idx] += dg
-            s[idx] += ds
-            c0 += c
-            live = (g[idx] < kq) | (nq & (s[idx] < kq))
-            idx, y, tgt, lg, kq, nq = idx[live], y[live], tgt[live], lg[live], kq[live], nq[live]
-        greater[hh, pp], smaller[hh, pp] = g, s
-    return greater < kk, need & (smaller < kk)
+    n = slices(U.shape[1], first)
+    logit, greater, smaller = first_pass(z, wo, U, targets, n)
+    hh, pp, y = _undecided(z, wo, greater, smaller, k, suppression)
+    g, l = rest_pass(y, U, n, targets[pp], logit[hh, pp], k[pp], suppression[pp], greater[hh, pp], smaller[hh, pp])
+    greater[hh, pp], smaller[hh, pp] = g, l
+    H = z.shape[0]
+    return greater < k.expand(H, -1), suppression.expand(H, -1) & (smaller < k.expand(H, -1))
 
 
 @dataclass
@@ -213,18 +229,21 @@ def static_scores(model, tok, ops: list[Operation], *, model_name: str, inputs=(
                   layers: list[int] | None = None, extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                   progress: bool = True) -> StaticResult:
     """Static and suppression scores of every head for every operation under each E' choice of ``inputs``
-    (:data:`extract.maps.folding.INPUTS`), and each head's salient tokens under the first choice.
+    (:data:`extract.maps.run.INPUTS`), and each head's salient tokens under the first choice.
 
     Saliency of token t for head h: ``‖e'_t W_V^h W_O^h‖ / ‖e'_t‖`` over the word-like candidates
     (:func:`word_like`); the ``salient_tokens`` most salient ones are stored with their ``salient_targets``
     top tokens through U. ``extra = (z (L, H, Rx, head_dim), targets (Rx,), k (Rx,))``: more rows in value
-    space (the dynamic check's head outputs), tested in the same pass; they do not depend on E'.
+    space (the dynamic check's head outputs), tested in the same passes; they do not depend on E'.
+    Per layer the rows go through :func:`first_pass`; the undecided rows of all layers then share one
+    :func:`rest_pass`, and the salient tokens of all layers one :func:`top_tokens`.
     """
     choices = check_inputs(inputs)
     cfg = text_config(model)
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     U = unembedding(model)
     dev = U.device
+    n = slices(U.shape[1])
     g_final = final_scale(model)
     src, rows, tgts, offsets = _pairs_index(ops)
     rows, tgts = rows.to(dev), tgts.to(dev)
@@ -233,23 +252,42 @@ def static_scores(model, tok, ops: list[Operation], *, model_name: str, inputs=(
     xs["raw"] = raw  # layer 0 reads E under every choice
     cand = word_like(tok, salient_vocab)
     c_raw, cxs = embedding_inputs(model, cand, choices[:1])
-    score_rows, sal_rows = [], []
-    extra_hit = None if extra is None else torch.zeros(extra[0].shape[:3], dtype=torch.bool)
-    for layer in tqdm(layers if layers is not None else range(L), desc=f"MAPS static {model_name}",
-                      disable=not progress):
+    P = len(tgts)
+    todo = list(layers) if layers is not None else list(range(L))
+    layer_state, pool, sal = {}, [], []
+    for layer in tqdm(todo, desc=f"MAPS static {model_name}", disable=not progress):
         wv, wo = head_weights(model, layer)
         wo_u = fold(g_final, wo, dim=-1)  # W_O diag(γ_final): rows through U = diag(γ_final) W_U
         keys = ["raw" if layer == 0 else c for c in choices]
         uniq = list(dict.fromkeys(keys))
         z = torch.cat([torch.matmul(xs[key], wv)[:, rows] for key in uniq], 1)  # (H, n_keys * P, hd)
         tg, kq = tgts.repeat(len(uniq)), kvec.repeat(len(uniq))
-        supp_q = torch.ones_like(tg, dtype=torch.bool)
-        if extra is not None:
-            zx, xtg, xk = extra[0][layer].to(dev), extra[1].to(dev), extra[2].to(dev)
-            z, tg, kq = torch.cat([z, zx], 1), torch.cat([tg, xtg]), torch.cat([kq, xk])
-            supp_q = torch.cat([supp_q, torch.zeros_like(xtg, dtype=torch.bool)])
-        hit, supp = top_k_tests(z, wo_u, U, tg, kq, supp_q)
-        P = len(tgts)
+        need = torch.ones_like(tg, dtype=torch.bool)
+        if extra is not None:  # the dynamic check's rows: top-k only
+            xtg, xk = extra[1].to(dev), extra[2].to(dev)
+            z, tg, kq = torch.cat([z, extra[0][layer].to(dev)], 1), torch.cat([tg, xtg]), torch.cat([kq, xk])
+            need = torch.cat([need, torch.zeros_like(xtg, dtype=torch.bool)])
+        logit, greater, smaller = first_pass(z, wo_u, U, tg, n)
+        hh, pp, y = _undecided(z, wo_u, greater, smaller, kq, need)
+        pool.append((y, tg[pp], logit[hh, pp], kq[pp], need[pp], greater[hh, pp], smaller[hh, pp]))
+        layer_state[layer] = (keys, uniq, tg, kq, need, greater, smaller, hh, pp)
+        # saliency ‖x W_V W_O‖ / ‖x‖ of the candidates (first choice) via the (hd × hd) Gram matrix of W_O^h
+        cx = c_raw if layer == 0 else cxs[choices[0]]
+        cz = torch.matmul(cx, wv)  # (H, C, hd)
+        gram = torch.bmm(wo, wo.transpose(1, 2))
+        sv = (torch.matmul(cz, gram) * cz).sum(-1).clamp_min(0).sqrt() / cx.norm(dim=-1).clamp_min(1e-30)
+        sv, si = sv.topk(min(salient_tokens, sv.shape[1]), dim=-1)  # (H, n); n = 0 without candidates
+        zs = torch.gather(cz, 1, si[..., None].expand(-1, -1, cz.shape[-1]))
+        sal.append((layer, sv, si, torch.bmm(zs, wo_u).flatten(0, 1)))
+    y, *rest = (torch.cat(parts) for parts in zip(*pool)) if pool else (torch.zeros(0, U.shape[0]),)
+    g_all, s_all = rest_pass(y, U, n, *rest) if pool else (None, None)
+    score_rows, o0 = [], 0
+    extra_hit = None if extra is None else torch.zeros(extra[0].shape[:3], dtype=torch.bool)
+    for layer in todo:
+        keys, uniq, tg, kq, need, greater, smaller, hh, pp = layer_state[layer]
+        greater[hh, pp], smaller[hh, pp] = g_all[o0:o0 + len(hh)], s_all[o0:o0 + len(hh)]
+        o0 += len(hh)
+        hit, supp = greater < kq.expand(H, -1), need.expand(H, -1) & (smaller < kq.expand(H, -1))
         if extra is not None:
             extra_hit[layer] = hit[:, len(uniq) * P:].cpu()
         hit, supp = hit.double().cpu(), supp.double().cpu()
@@ -259,20 +297,15 @@ def static_scores(model, tok, ops: list[Operation], *, model_name: str, inputs=(
                 for o, a, b in zip(ops, offsets[:-1], offsets[1:]):
                     score_rows.append((model_name, c, layer, h, o.name, o.category, o.k,
                                        float(hit[h, b0 + a:b0 + b].mean()), float(supp[h, b0 + a:b0 + b].mean()), b - a))
-        # saliency ‖x W_V W_O‖ / ‖x‖ of the candidates (first choice) via the (hd × hd) Gram matrix of W_O^h
-        cx = c_raw if layer == 0 else cxs[choices[0]]
-        cz = torch.matmul(cx, wv)  # (H, C, hd)
-        gram = torch.bmm(wo, wo.transpose(1, 2))
-        sal = (torch.matmul(cz, gram) * cz).sum(-1).clamp_min(0).sqrt() / cx.norm(dim=-1).clamp_min(1e-30)
-        sv, si = sal.topk(min(salient_tokens, sal.shape[1]), dim=-1)  # (H, n); n = 0 without candidates
-        if si.shape[1]:
-            zs = torch.gather(cz, 1, si[..., None].expand(-1, -1, cz.shape[-1]))
-            tops = scan_vocab(zs, wo_u, U, salient_targets)[1].cpu()
+    tops = top_tokens(torch.cat([t[3] for t in sal]), U, salient_targets).cpu() if sal else None
+    sal_rows, r0 = [], 0
+    for layer, sv, si, _ in sal:
         for h in range(H):
             for r in range(si.shape[1]):
                 tid = int(cand[int(si[h, r])])
                 sal_rows.append((model_name, layer, h, r + 1, tid, tok.decode([tid]), float(sv[h, r]),
-                                 "|".join(tok.decode([int(t)]) for t in tops[h, r])))
+                                 "|".join(tok.decode([int(t)]) for t in tops[r0 + h * si.shape[1] + r])))
+        r0 += si.numel()
     scores = pl.DataFrame(score_rows, orient="row", schema=tables.polars_schema("maps_scores"))
     salient = pl.DataFrame(sal_rows, orient="row", schema=tables.polars_schema("maps_salient"))
     return StaticResult(scores, salient, extra_hit)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, AutoModelForCausalLM
 
-from extract.maps.static import scan_vocab, static_scores, top_k_tests
+from extract.maps.static import static_scores, top_k_tests, top_tokens
 from extract.maps.operations import Operation, filter_pairs, prepare
 from tiny import tiny_model
 from test_folding import independent_inputs, randomise_norms, scale_of
@@ -55,9 +55,10 @@ def test_static_score_on_a_known_permutation():
     z = torch.einsum("rd,de->re", model.model.embed_tokens.weight[S].detach(),
                      model.model.layers[0].self_attn.v_proj.weight[16:32].detach().T)
     wo = model.model.layers[0].self_attn.o_proj.weight[:, 48:64].detach().T
-    top_v, top_i, _, _ = scan_vocab(z[None], wo[None], model.lm_head.weight.detach().T, n=2)
-    assert top_i[0, :, 0].tolist() == right
-    torch.testing.assert_close(top_v[0, :, 0], torch.ones(16), atol=1e-5, rtol=0)
+    U = model.lm_head.weight.detach().T
+    top_i = top_tokens(z @ wo, U, n=2)
+    assert top_i[:, 0].tolist() == right
+    torch.testing.assert_close((z @ wo @ U).max(-1).values, torch.ones(16), atol=1e-5, rtol=0)
 
 
 def _naive_scores(model, ops, layer, inputs):
@@ -155,14 +156,13 @@ def test_top_k_tests_against_brute_force():
     assert want_hit.any() and (~want_hit).any() and want_supp.any()
 
 
-def test_scan_low_rank_and_direct_agree_with_topk():
+def test_top_tokens_is_topk_over_the_whole_vocabulary(monkeypatch):
+    import extract.maps.static as static
+
     g = torch.Generator().manual_seed(3)
-    z, wo, U = torch.randn(3, 7, 4, generator=g), torch.randn(3, 4, 16, generator=g), torch.randn(16, 1000, generator=g)
-    full = torch.einsum("hrk,hkd,dv->hrv", z.double(), wo.double(), U.double())
-    for low_rank in (True, False):
-        tv, ti, bv, bi = scan_vocab(z, wo, U, 5, low_rank=low_rank)
-        assert torch.equal(ti, full.topk(5, dim=-1).indices)
-        assert torch.equal(bi, full.topk(5, dim=-1, largest=False).indices)
+    y, U = torch.randn(7, 16, generator=g), torch.randn(16, 1000, generator=g)
+    monkeypatch.setattr(static, "CHUNK_ELEMENTS", 7 * 300)  # several chunks
+    assert torch.equal(top_tokens(y, U, 5), (y.double() @ U.double()).topk(5, dim=-1).indices)
 
 
 def test_tokenisation_filter(tmp_path):
@@ -224,11 +224,12 @@ def test_report_tables_against_hand_computation():
 
     from analysis.maps import causal_table, correlation_table, join_table
 
-    corr = pl.DataFrame({"model": ["m"] * 4, "operation": ["a", "b", "c", "d"], "context": ["with"] * 4,
-                         "pearson": [0.1, 0.5, float("nan"), 0.9]})
+    corr = pl.DataFrame({"model": ["m"] * 4, "inputs": ["reference"] * 4, "operation": ["a", "b", "c", "d"],
+                         "context": ["with"] * 4, "pearson": [0.1, 0.5, float("nan"), 0.9]})
     t = correlation_table(corr).row(0, named=True)
-    assert (t["median_r"], t["min_r"], t["max_r"], t["operations"]) == (0.5, 0.1, 0.9, 3)
-    causal = pl.DataFrame({"model": ["m"] * 4, "operation": ["a"] * 4, "selection": ["none", "top", "random", "random"],
+    assert (t["inputs"], t["median_r"], t["min_r"], t["max_r"], t["operations"]) == ("reference", 0.5, 0.1, 0.9, 3)
+    causal = pl.DataFrame({"model": ["m"] * 4, "inputs": ["raw"] * 4, "operation": ["a"] * 4,
+                           "selection": ["none", "top", "random", "random"],
                            "n_heads": [0, 2, 2, 2], "draw": [0, 0, 0, 1], "accuracy": [0.8, 0.2, 0.6, 0.8],
                            "base_accuracy": [0.8] * 4, "n_prompts": [10] * 4})
     c = causal_table(causal).row(0, named=True)
@@ -239,6 +240,46 @@ def test_report_tables_against_hand_computation():
     assert (j["heads"], j["inactive"], j["no_salient"], j["both"]) == (5, 2, 3, 2)
     assert j["p_no_salient_if_inactive"] == 1.0 and j["p_no_salient_if_active"] == pytest.approx(1 / 3)
     assert j["spearman"] == pytest.approx(spearmanr(heads["max_static"], heads["median_ahon_ln"]).statistic)
+
+
+def test_inputs_table_in_the_reference_form():
+    """Per model and E' choice: medians over operations by hand (r; relative drops at the largest count, base
+    accuracy 0 left out), a bootstrap CI that holds the median, and the MAPS paper's four rows."""
+    import numpy as np
+    import polars as pl
+
+    from analysis.core import tables
+    from analysis.maps import MAPS_PAPER, inputs_answer, inputs_table
+
+    rng = np.random.default_rng(0)
+    corr = pl.DataFrame([("m", c, f"op{i}", ctx, float(rng.uniform(-1, 1)), 10, 0.5, 0.5)
+                         for c in ("reference", "raw") for i in range(5) for ctx in ("with", "without")],
+                        orient="row", schema=tables.polars_schema("maps_correlations"))
+    acc = {"op0": (0.5, 0.25, 0.5), "op1": (0.8, 0.2, 0.6), "op2": (0.0, 0.0, 0.0)}  # base, top, random
+    causal = pl.DataFrame([("m", c, op, sel, n, d, {"none": b, "top": t * (c == "raw") + b * (c != "raw"),
+                                                       "random": r}[sel] if n == 4 or sel == "none" else 0.0, b, 8)
+                           for c in ("reference", "raw") for op, (b, t, r) in acc.items()
+                           for sel, n, d in (("none", 0, 0), ("top", 1, 0), ("random", 1, 0), ("top", 4, 0),
+                                             ("random", 4, 0), ("random", 4, 1))],
+                          orient="row", schema=tables.polars_schema("maps_causal"))
+    t = inputs_table(corr, causal)
+    assert t.schema == pl.Schema(tables.polars_schema("maps_inputs"))
+    ours = {r["inputs"]: r for r in t.filter(pl.col("source") == "this run").iter_rows(named=True)}
+    for c, r in ours.items():
+        for ctx, col in (("without", "r_without"), ("with", "r_with")):
+            v = corr.filter((pl.col("inputs") == c) & (pl.col("context") == ctx))["pearson"].to_numpy()
+            assert r[col] == pytest.approx(np.median(v)) and r[col + "_low"] <= r[col] <= r[col + "_high"]
+        assert (r["r_operations"], r["n_heads"], r["causal_operations"]) == (5, 4, 2)
+    # raw: top heads drop 0.25/0.5 = 0.5 and 0.6/0.8 = 0.75 -> median 0.625; reference: no drop
+    assert ours["raw"]["drop_top"] == pytest.approx(0.625) and ours["reference"]["drop_top"] == pytest.approx(0.0)
+    assert ours["raw"]["drop_random"] == pytest.approx(np.median([0.0, (0.8 - 0.6) / 0.8]))
+    paper = t.filter(pl.col("source") == "MAPS paper")
+    assert paper["model"].to_list() == [m[0] for m in MAPS_PAPER] and paper["r_without"][0] == 0.945
+    assert paper["drop_top"].to_list() == [0.685, 0.955, 0.785, 0.5]
+    scores = pl.DataFrame([("m", c, 0, 0, "op0", "algorithmic", 1, 0.5, 0.0, 30) for c in ("reference", "raw")],
+                          orient="row", schema=tables.polars_schema("maps_scores"))
+    text = inputs_answer(t, corr, causal, scores)
+    assert "`raw` - `reference`" in text and "(n = 5)" in text and "| m | algorithmic | 0.5 | 0.5 |" in text
 
 
 # ---- settings: dataclass <-> JSON <-> command line; what run() writes ------------------------------------
