@@ -21,7 +21,17 @@ def eager(model):
 
 
 def attention_modules(model):
-    return [layer.self_attn for layer in model.base_model.layers]
+    from extract.engine.hooks import decoder_layers
+
+    return [layer.self_attn for layer in decoder_layers(model)]
+
+
+def value_projection(att, KV: int, D: int):
+    """(module, slice of its output) holding the value states: ``v_proj``, or the last ``KV * D`` outputs of a
+    fused ``qkv_proj`` (phi3: q, k, v concatenated in that order)."""
+    if hasattr(att, "v_proj"):
+        return att.v_proj, slice(None)
+    return att.qkv_proj, slice(att.qkv_proj.out_features - KV * D, None)
 
 
 def reference_scores(model, ids: list[int]) -> torch.Tensor:
@@ -31,7 +41,8 @@ def reference_scores(model, ids: list[int]) -> torch.Tensor:
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     values, o_inputs, hooks = {}, {}, []
     for i, att in enumerate(attention_modules(model)):
-        hooks.append(att.v_proj.register_forward_hook(lambda m, a, out, i=i: values.__setitem__(i, out)))
+        proj, part = value_projection(att, KV, D)
+        hooks.append(proj.register_forward_hook(lambda m, a, out, i=i, p=part: values.__setitem__(i, out[..., p])))
         hooks.append(att.o_proj.register_forward_pre_hook(lambda m, a, i=i: o_inputs.__setitem__(i, a[0])))
     try:
         with eager(model), torch.no_grad():

@@ -1,34 +1,57 @@
-"""Tiny random-initialised models of real configurations (no download), for fast unit tests."""
+"""Tiny random-initialised models of real configurations (no download), for fast unit tests.
+
+``FAMILIES``: the three the zoo ships (what most tests loop over). ``ENGINE_FAMILIES``: every family the score
+engine serves, each with the attention feature that makes it differ (mistral and gemma2 sliding windows,
+gemma2 logit soft-capping, qwen3 and olmo2 q/k norms, phi3 a fused qkv projection, llama4 chunked attention,
+no-RoPE layers and mixture-of-experts MLPs); the engine's oracle test runs on all of them.
+"""
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, Llama4TextConfig,
+                          MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
 
 from extract.engine.attention import register
 
 FAMILIES = ("llama", "qwen2", "gemma3")
+ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3", "phi3", "llama4")
 
 
-def tiny_config(family: str):
+_SPECIFIC = {  # family -> (config class, what differs from the common shape)
+    "llama": (LlamaConfig, dict(head_dim=16)),
+    "qwen2": (Qwen2Config, {}),
+    # sliding-window layers (window 8) interleaved with a global one; one KV head like gemma-3-270m
+    "gemma3": (Gemma3TextConfig, dict(num_key_value_heads=1, head_dim=32, sliding_window=8,
+                                      layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    "mistral": (MistralConfig, dict(head_dim=16, sliding_window=8)),
+    "qwen3": (Qwen3Config, dict(head_dim=16)),
+    "olmo2": (Olmo2Config, {}),
+    # larger weights (initializer_range) give logits of order one, where a soft cap of 1 bends them
+    "gemma2": (Gemma2Config, dict(head_dim=16, sliding_window=8, attn_logit_softcapping=1.0, initializer_range=0.3)),
+    "phi3": (Phi3Config, {}),
+    # chunked attention (chunks of 8) on the first two layers, which use RoPE; the last is global, without RoPE
+    "llama4": (Llama4TextConfig, dict(head_dim=16, attention_chunk_size=8, no_rope_layers=[1, 1, 0],
+                                      num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128,
+                                      interleave_moe_layer_step=2)),
+}
+
+
+def tiny_config(family: str, **overrides):
+    """The config of a 3-layer, 4-head (2 KV heads unless noted), 64-wide model of ``family``; ``overrides``
+    replace any field."""
+    if family not in _SPECIFIC:
+        raise ValueError(f"no tiny config for family {family!r}; choose one of {ENGINE_FAMILIES}")
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if family == "llama":
-        return LlamaConfig(**common, head_dim=16)
-    if family == "qwen2":
-        return Qwen2Config(**common)
-    if family == "gemma3":
-        # sliding-window layers (window 8) interleaved with a global one; one KV head like gemma-3-270m
-        common.update(num_key_value_heads=1, head_dim=32)
-        return Gemma3TextConfig(**common, sliding_window=8,
-                                layer_types=["sliding_attention", "sliding_attention", "full_attention"])
-    raise ValueError(family)
+    cls, specific = _SPECIFIC[family]
+    return cls(**{**common, **specific, **overrides})
 
 
-def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A random-init causal LM of ``family`` using the registered attention function."""
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A random-init causal LM of ``family`` using the registered attention function (``overrides``: config)."""
     torch.manual_seed(seed)
-    cfg = tiny_config(family)
+    cfg = tiny_config(family, **overrides)
     cfg._attn_implementation = register()
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=register(), dtype=dtype)
     return model.eval()

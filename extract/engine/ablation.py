@@ -136,6 +136,6 @@ def head_output_means(model, sequences: Sequence, *, batch_tokens: int = 8192) -
             ids, am = pad_right([seqs[j] for j in idx], pad_id(model), device)
             valid["mask"] = am.bool()
             with torch.inference_mode():
-                model.base_model(input_ids=ids, attention_mask=am, use_cache=False)
+                hooks.decoder(model)(input_ids=ids, attention_mask=am, use_cache=False)
             count += int(am.sum())
     return torch.stack([sums[i] for i in range(len(sums))]) / count

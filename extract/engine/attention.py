@@ -167,8 +167,31 @@ def register() -> str:
     return ATTN_NAME
 
 
+def check_supported(model: PreTrainedModel) -> None:
+    """Raise NotImplementedError naming the family and the feature when the engine cannot score ``model``
+    (learned attention-sink logits, e.g. gpt-oss; layers without a ``self_attn``; no linear ``o_proj``),
+    before any forward pass runs."""
+    from extract.engine.hooks import decoder_layers, text_config
+
+    family = getattr(text_config(model), "model_type", type(model).__name__)
+    for i, layer in enumerate(decoder_layers(model)):
+        att = getattr(layer, "self_attn", None)
+        if att is None:
+            raise NotImplementedError(f"{family}: decoder layer {i} has no self_attn (a recurrent or hybrid "
+                                      "layer); the score engine needs softmax attention in every layer")
+        if any(name in ("sinks", "s_aux") for name, _ in att.named_parameters(recurse=False)):
+            raise NotImplementedError(f"{family}: learned attention-sink logits are not supported by the score "
+                                      "engine yet (definitions §1 assumes a softmax over the keys alone)")
+        weight = getattr(getattr(att, "o_proj", None), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise NotImplementedError(f"{family}: the attention of layer {i} has no linear o_proj; the score "
+                                      "engine's full head output norm and head ablation need one")
+
+
 def use(model: PreTrainedModel) -> PreTrainedModel:
-    """Make ``model`` run its attention through the registered function (idempotent); returns it."""
+    """Make ``model`` run its attention through the registered function (idempotent; unsupported families are
+    refused by :func:`check_supported`); returns it."""
+    check_supported(model)
     register()
     if model.config._attn_implementation != ATTN_NAME:
         model.set_attn_implementation(ATTN_NAME)

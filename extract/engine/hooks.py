@@ -31,15 +31,20 @@ def text_config(model):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+def decoder(model) -> torch.nn.Module:
+    """The decoder stack of ``model`` (a causal LM or its decoder): the module holding ``.layers``, without the LM
+    head. Tried in order: ``get_decoder()``, ``base_model``, ``.model`` (Llama4ForCausalLM's ``base_model`` is
+    the LM itself: its ``base_model_prefix`` names no attribute)."""
+    for base in (model.get_decoder() if hasattr(model, "get_decoder") else None, getattr(model, "base_model", None),
+                 getattr(model, "model", None), model):
+        if isinstance(getattr(base, "layers", None), torch.nn.ModuleList):
+            return base
+    raise TypeError(f"{type(model).__name__}: no decoder layers found (expected `.layers` on its decoder)")
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder blocks of ``model`` (a causal LM or its decoder), in order."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        layers = getattr(getattr(model, "base_model", None), "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__}: no decoder layers found (expected `.layers` on its decoder)")
-    return layers
+    return decoder(model).layers
 
 
 def head_shape(model) -> tuple[int, int, int, int]:
@@ -60,6 +65,10 @@ def _register(model, point: str, layer: int, fn: Hook):
             return None if new is None else (new.reshape(x.shape),) + tuple(args[1:])
         return block.self_attn.o_proj.register_forward_pre_hook(pre)
     if point == "v":
+        if not hasattr(block.self_attn, "v_proj"):
+            raise NotImplementedError(f"{text_config(model).model_type}: capture point 'v' needs a separate v_proj "
+                                      "(this family fuses q, k and v into one projection)")
+
         def post(mod, args, out):
             new = fn(layer, out.view(*out.shape[:-1], KV, D))
             return None if new is None else new.reshape(out.shape)
@@ -142,7 +151,7 @@ def replace_heads(model, heads: Mapping[int, Sequence[int]], value: torch.Tensor
 @contextmanager
 def on_inputs(model, fn: Callable[[torch.Tensor | None, torch.Tensor | None], None]) -> Iterator[None]:
     """Call ``fn(input_ids, attention_mask)`` before every forward pass of the decoder (either may be None)."""
-    base = model.base_model
+    base = decoder(model)
 
     def pre(mod, args, kwargs):
         fn(kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask"))
@@ -154,5 +163,5 @@ def on_inputs(model, fn: Callable[[torch.Tensor | None, torch.Tensor | None], No
         h.remove()
 
 
-__all__ = ["POINTS", "capture", "decoder_layers", "head_shape", "hooked", "on_inputs", "replace_heads",
+__all__ = ["POINTS", "capture", "decoder", "decoder_layers", "head_shape", "hooked", "on_inputs", "replace_heads",
            "text_config"]

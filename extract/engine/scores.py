@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis.core.score_functions import SCORE_FUNCTIONS, ScoreFunction, score_keys, stats_by_key
-from extract.engine import attention, capture
+from extract.engine import attention, capture, hooks
 
 
 def _ratio(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -133,7 +133,7 @@ def raw_head_stats(model, sequences: Sequence, *, batch_tokens: int = 8192, chun
         ids, am = pad_right([seqs[i] for i in idx], pad, device)
         cap = capture.Capture.nested(chunk_size=chunk_size)
         with capture.capturing(cap), torch.inference_mode():
-            model.base_model(input_ids=ids, attention_mask=am, use_cache=False)
+            hooks.decoder(model)(input_ids=ids, attention_mask=am, use_cache=False)
             stats = cap.stacked_stats()
         if stats.shape[1] != n_layers:
             raise RuntimeError(f"captured {stats.shape[1]} of {n_layers} layers: this model's attention does "

@@ -64,3 +64,13 @@ def test_unknown_point_and_head_are_clear_errors():
     with pytest.raises(ValueError, match="outside 0..3"):
         with hooks.replace_heads(model, {0: [4]}):
             pass
+
+
+def test_value_point_on_a_fused_projection_is_a_clear_error():
+    from tiny import tiny_model
+
+    from extract.engine import hooks
+
+    with pytest.raises(NotImplementedError, match="phi3: capture point 'v' needs a separate v_proj"):
+        with hooks.capture(tiny_model("phi3"), "v"):
+            pass

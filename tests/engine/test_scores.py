@@ -6,7 +6,7 @@ import torch
 from analysis.core.score_functions import RAW_STATS, score_keys
 from extract.engine.scores import score_heads, scores_from_stats
 from reference import reference_scores
-from tiny import FAMILIES, tiny_model
+from tiny import ENGINE_FAMILIES, FAMILIES, tiny_model
 
 
 def as_array(df, n_examples, model):
@@ -197,3 +197,40 @@ def test_full_head_output_follows_its_slice_of_o_proj():
     others = [h for h in range(model.config.num_attention_heads) if h != 2]
     np.testing.assert_allclose(after[:, :2, others, fh], before[:, :2, others, fh], rtol=1e-6)
     np.testing.assert_allclose(after[:, :2, :, ah], before[:, :2, :, ah], rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
+def test_every_engine_family_matches_reference(family):
+    """One test per family the engine serves, against the eager reference, padded batches with lengths past
+    every window and chunk (8), and batched = unbatched."""
+    model = tiny_model(family, seed=2)
+    seqs = random_seqs(4, 5, 40, 128, seed=5)
+    assert_close_to_reference(model, seqs)
+    alone = np.stack([as_array(score_heads(model, [s]), 1, model)[0] for s in seqs])
+    np.testing.assert_allclose(as_array(score_heads(model, seqs), len(seqs), model), alone, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family,feature", [("llama4", dict(attention_chunk_size=256)),
+                                            ("mistral", dict(sliding_window=None)),
+                                            ("gemma2", dict(attn_logit_softcapping=None))])
+def test_the_family_feature_matters(family, feature):
+    """The families' features change the scores (so the oracle test above sees them): the same weights without
+    llama4's chunks, mistral's window or gemma2's soft-capping give other scores."""
+    seqs = random_seqs(2, 30, 40, 128, seed=6)
+    a, b = tiny_model(family, seed=2), tiny_model(family, seed=2, **feature)
+    assert not np.allclose(as_array(score_heads(a, seqs), 2, a), as_array(score_heads(b, seqs), 2, b), rtol=1e-3)
+
+
+def test_unsupported_family_fails_before_any_forward():
+    """gpt-oss's learned attention sinks: a clear error naming the family and the feature, from the first call."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                       max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    calls = []
+    model.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(NotImplementedError, match="gpt_oss: learned attention-sink logits"):
+        score_heads(model, [[1, 5, 6]])
+    assert calls == []
