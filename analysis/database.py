@@ -210,11 +210,7 @@ def build(path: str | Path, *, base: str | Path | None = None, **parts) -> dict[
     return counts
 
 
-TABLES = ("models", "examples", "head_scores", "thresholds", "ablation_results", "calibration_scores",
-          "distribution_tests", "bb_metrics", "maps_scores")
-TABLES += ("domain_head_ablation",)
-TABLES += ("finetune_log",)
-TABLES += ("maps_salient", "maps_dynamic", "maps_correlations", "maps_causal", "maps_inputs")
+TABLES = tables.names()  # every declared table, in creation order
 
 
 def row_counts(con) -> dict[str, int]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from analysis.core.names import model_key
 from analysis.core.score_functions import check_score_key, load_plugins
+from extract.data.tasks import get_task  # no torch: cheap at DAG start
+from extract.errors import DormantError
 from extract.models.zoo import HUB_ID, ZOO  # standard library only: cheap at DAG start
 
 DORMANT = f"{sys.executable} -m extract.cli"
@@ -31,6 +33,17 @@ def check_config(cfg):
     for i, m in enumerate(cfg["evaluation"]["models"]):
         if m not in models:
             raise ValueError(f"config key evaluation.models[{i}] = {m!r} is not in `models`; add it there too")
+    cand = cfg["evaluation"].get("candidates") or {}
+    for i, m in enumerate(cand.get("models", [])):
+        if m not in models:
+            raise ValueError(f"config key evaluation.candidates.models[{i}] = {m!r} is not in `models`; add it there too")
+    named = [("evaluation.tasks", t) for t in cfg["evaluation"]["tasks"]]
+    named += [(f"evaluation.candidates.screens.{s}.tasks", t) for s, v in cand.get("screens", {}).items() for t in v["tasks"]]
+    for where, t in named:
+        try:
+            get_task(t)
+        except DormantError as e:
+            raise ValueError(f"config key {where}: {e}") from None
     if 0.0 not in cfg["evaluation"]["fractions"]:
         raise ValueError("config key evaluation.fractions must contain 0.0 (the baseline)")
     c = cfg["corpora"]

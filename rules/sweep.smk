@@ -66,28 +66,33 @@ rule ablation_report:
 CANDIDATES = EV.get("candidates")
 if CANDIDATES:
     rule task_candidates_eval:
-        """Per-question predictions of one model on every candidate task under one scoring mode."""
+        """Per-question predictions of one model on one screen's tasks under one scoring mode."""
         input:
             info="results/models/{model}.json",
             data=rules.fetch_data.output,
-        output: "results/candidates/{model}/{scoring}.parquet"
+        output: "results/candidates/{model}/{screen}-{scoring}.parquet"
         params:
             name=lambda w: MODELS[w.model],
-            tasks=" ".join(f"--task {t}" for t in CANDIDATES["tasks"]),
-        wildcard_constraints: scoring="letter|cloze"
+            tasks=lambda w: " ".join(f"--task {t}" for t in CANDIDATES["screens"][w.screen]["tasks"]),
+            limit=lambda w: CANDIDATES["screens"][w.screen]["limit"],
         threads: THREADS
-        log: "results/logs/task_candidates/{model}-{scoring}.log"
-        benchmark: "results/benchmarks/task_candidates/{model}-{scoring}.tsv"
+        log: "results/logs/task_candidates/{model}-{screen}-{scoring}.log"
+        benchmark: "results/benchmarks/task_candidates/{model}-{screen}-{scoring}.tsv"
+        wildcard_constraints:
+            scoring="letter|cloze",
         shell:
-            "OMP_NUM_THREADS={threads} {DORMANT} eval --model {params.name:q} {params.tasks} "
-            "--limit {CANDIDATES[limit]} --k-shot {CANDIDATES[k_shot]} --seed {EV[seed]} --scoring {wildcards.scoring} "
+            "OMP_NUM_THREADS={threads} {DORMANT} eval --model {params.name:q} {params.tasks} --limit {params.limit} "
+            "--k-shot {CANDIDATES[k_shot]} --seed {EV[seed]} --scoring {wildcards.scoring} "
             "--batch-tokens {EV[batch_tokens]} --out {output:q} > {log:q} 2>&1"
 
     rule task_candidates:
         """The table of candidate tasks: accuracy with its CI, chance, and which tasks qualify for the sweep."""
-        input: expand("results/candidates/{model}/{scoring}.parquet", model=[model_key(m) for m in CANDIDATES["models"]],
-                      scoring=CANDIDATES["scorings"])
-        output: expand("results/tables/task_candidates{part}.{ext}", part=["", "_wide"], ext=["csv", "md", "tex"])
+        input:
+            expand("results/candidates/{model}/{screen}-{scoring}.parquet",
+                   model=[model_key(m) for m in CANDIDATES["models"]], screen=list(CANDIDATES["screens"]),
+                   scoring=CANDIDATES["scorings"]),
+        output:
+            expand("results/tables/task_candidates{part}.{ext}", part=["", "_wide"], ext=["csv", "md", "tex"]),
         log: "results/logs/task_candidates.log"
         shell: "{DORMANT} task-candidates --predictions {input:q} --out results/tables/task_candidates "
                "--seed {EV[seed]} > {log:q} 2>&1"

@@ -55,11 +55,12 @@ def test_smoke_outputs(first_run):
     assert counts["models"] == 3 and counts["examples"] == 3 * 8
     assert counts["head_scores"] == 3 * 8 * 30 * 9
     assert counts["ablation_results"] == 1 + 3 * 3 + 2  # random@0, 3 fns x 3 fractions, random x 2 more
+    assert counts["ablation_questions"] == (1 + 3 * 3 + 2) * 6  # each configuration's 2 tasks x 3 questions
     assert counts["calibration_scores"] == 6 * 30 * 9  # 2 tasks x 3 questions
     # the analysis modules (rules/*.smk) ran and their tables reached the final database
     for table in ("bb_metrics", "maps_scores", "distribution_tests"):
         assert counts[table] > 0, table
-    for f in ("results/summary.md", "results/tables/table2.md", "results/tables/table2.tex",
+    for f in ("results/summary.md", "results/tables/table2.md", "results/tables/table2.tex", "results/tables/table2_kl.csv",
               "results/tables/score_summary.csv", "results/figures/figure3_auc_ranks.svg",
               "results/figures/figure4_top3.png", "results/figures/score_ecdf_ahon_ln.png",
               "results/paper/status.txt"):

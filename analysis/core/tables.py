@@ -140,9 +140,25 @@ _TABLES: dict[str, Table] = {t.name: t for t in [
     Table("thresholds", _key("model, task, score_fn, target_fraction"), "τ per definitions §3.", _columns(
         "model str, task str, score_fn str, target_fraction float64, threshold float64, n_scores int64")),
     Table("ablation_results", _key("model, task, score_fn, target_fraction"),
-          "realized %, accuracy (definitions §4–5).", _columns(
+          "realized %, accuracy and mean KL per sweep configuration, with paired-bootstrap 95% CIs over the "
+          "questions (definitions §4–5).", _columns(
               "model str, task str, score_fn str, target_fraction float64, threshold float64, "
-              "realized_percent float64, accuracy float64, n_questions int32")),
+              "realized_percent float64, accuracy float64, n_questions int32, chance float64, "
+              "accuracy_ci_low float64, accuracy_ci_high float64, delta_ci_low float64, delta_ci_high float64, "
+              "kl_mean float64, kl_ci_low float64, kl_ci_high float64, kl_choices_mean float64",
+              accuracy="points (0-100)", chance="mean of 1 / choices over the questions, in points",
+              delta_ci_low="accuracy minus the baseline's, paired over questions (points)",
+              kl_mean="mean over questions of KL(unablated || ablated) of the next-token distribution at the "
+                      "answer position (nats)",
+              kl_choices_mean="the same KL over the question's choices only (softmax of their log-likelihoods)"),
+          added=("chance", "accuracy_ci_low", "accuracy_ci_high", "delta_ci_low", "delta_ci_high", "kl_mean",
+                 "kl_ci_low", "kl_ci_high", "kl_choices_mean")),
+    Table("ablation_questions", _key("model, task, score_fn, target_fraction, question"),
+          "each question under each sweep configuration: the unit the bootstrap resamples (definitions §5).",
+          _columns("model str, task str, score_fn str, target_fraction float64, question str, question_task str, "
+                   "correct bool, kl float64, kl_choices float64, zeroed int32, triples int32",
+                   zeroed="(row, layer, head) triples zeroed on the question's forward rows",
+                   triples="all (row, layer, head) triples of those rows")),
     Table("calibration_scores", _key("model, task, question, layer, head"),
           "the same scores on the evaluation prompts.", _columns(
               "model str, task str, question_task str, question str, layer int32, head int32, *scores")),

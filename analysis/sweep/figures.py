@@ -1,38 +1,49 @@
-"""Figures of the ablation sweep: Figure 3 (AUC rank heatmap) and Figures 4 / 10 (accuracy curves)."""
+"""Figures of the ablation sweep: Figure 3 (AUC rank heatmap with rank intervals) and Figures 4 / 10
+(accuracy curves with 95% CI bands)."""
 from __future__ import annotations
 
 import polars as pl
 
-from analysis.sweep.stats import auc_ranks, baselines
+from analysis.sweep.stats import baselines
 
 
 def figure3(ranks: pl.DataFrame):
-    """Heatmap of each function's AUC rank per model (1 = best), functions ordered by mean rank."""
+    """Heatmap of each function's AUC rank per model (1 = best), functions ordered by mean rank; each cell
+    shows the rank and, when ``ranks`` has ``rank_low``/``rank_high``, its 95% bootstrap rank interval."""
     import altair as alt
 
     order = ranks.group_by("score_fn", maintain_order=True).agg(pl.col("rank").mean()).sort("rank")["score_fn"].to_list()
+    if "rank_low" in ranks.columns:
+        ranks = ranks.with_columns(pl.format("{} [{}–{}]", "rank", "rank_low", "rank_high").alias("label"))
+    else:
+        ranks = ranks.with_columns(pl.col("rank").cast(pl.String).alias("label"))
     base = alt.Chart(ranks).encode(x=alt.X("score_fn:N", sort=order, title="score function"),
                                    y=alt.Y("model:N", title=None))
     heat = base.mark_rect().encode(color=alt.Color("rank:Q", scale=alt.Scale(scheme="viridis", reverse=True),
                                                    title="rank"))
-    text = base.mark_text(fontSize=10).encode(text="rank:Q", color=alt.value("white"))
-    return (heat + text).properties(title="Rank of each score function by normalised AUC (1 = best)")
+    text = base.mark_text(fontSize=9).encode(text="label:N", color=alt.value("white"))
+    return (heat + text).properties(
+        title="Rank of each score function by normalised AUC (1 = best; 95% bootstrap rank interval)")
 
 
-def accuracy_curves(results: pl.DataFrame, top: int | None = 3):
-    """Accuracy vs realized % of heads zeroed, one panel per model: the ``top`` functions by AUC plus
-    ``random`` (Figure 4), or every function with ``top=None`` (Figure 10); baseline dashed."""
+def accuracy_curves(results: pl.DataFrame, ranks: pl.DataFrame, top: int | None = 3):
+    """Accuracy vs realized % of heads zeroed, one panel per model: the ``top`` functions by AUC (``ranks``)
+    plus ``random`` (Figure 4), or every function with ``top=None`` (Figure 10); baseline dashed; a 95% CI
+    band per curve where ``results`` has ``accuracy_ci_low``/``accuracy_ci_high``."""
     import altair as alt
 
-    ranks = auc_ranks(results)
     keep = ranks if top is None else ranks.filter((pl.col("rank") <= top) | (pl.col("score_fn") == "random"))
     data = (results.join(keep.select("model", "score_fn"), on=["model", "score_fn"])
             .join(baselines(results), on=["model", "task"]).sort("model", "score_fn", "realized_percent"))
     base = alt.Chart().encode(x=alt.X("realized_percent:Q", title="% of heads zeroed (realized)"))
-    lines = base.mark_line(point=True).encode(y=alt.Y("accuracy:Q", title="accuracy (%)",
-                                                      scale=alt.Scale(zero=False)),
-                                              color=alt.Color("score_fn:N", title="function"))
+    color = alt.Color("score_fn:N", title="function")
+    lines = base.mark_line(point=True).encode(y=alt.Y("accuracy:Q", title="accuracy (%)", scale=alt.Scale(zero=False)),
+                                              color=color)
+    layers = [lines]
+    if "accuracy_ci_low" in results.columns and top is not None:  # bands of 14 curves would hide them
+        layers.insert(0, base.mark_area(opacity=0.15).encode(y="accuracy_ci_low:Q", y2="accuracy_ci_high:Q",
+                                                             color=color))
     rule = alt.Chart().mark_rule(strokeDash=[5, 4], color="gray").encode(y="mean(baseline):Q")
-    title = "Accuracy under dynamic ablation" + ("" if top is None else f" (top {top} by AUC and random)")
-    return (alt.layer(lines, rule, data=data).properties(width=260, height=200)
+    title = "Accuracy under dynamic ablation" + ("" if top is None else f" (top {top} by AUC and random; 95% CI bands)")
+    return (alt.layer(*layers, rule, data=data).properties(width=260, height=200)
             .facet(facet=alt.Facet("model:N", title=None), columns=2).properties(title=title))

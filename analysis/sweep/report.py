@@ -1,5 +1,6 @@
-"""All ablation outputs from the database: Table 2, AUC ranks, Figures 3/4/10, agreement between models,
-overlap between functions' head sets, threshold stability, and the sweep's cost."""
+"""All ablation outputs from the database: Table 2 and its KL companion (with paired-bootstrap CIs over the
+questions), AUC ranks with rank intervals, Figures 3/4/10, agreement between models, overlap between
+functions' head sets, threshold stability, and the sweep's cost."""
 from __future__ import annotations
 
 import json
@@ -7,12 +8,14 @@ from pathlib import Path
 
 import polars as pl
 
+from analysis.core.bootstrap import N_BOOT, curves
 from analysis.core.score_functions import SCORE_FUNCTIONS
 from analysis.core.thresholds import stability
 from analysis.database import connect, query
 from analysis.render import write_figure, write_table
+from analysis.sweep import uncertainty
 from analysis.sweep.figures import accuracy_curves, figure3
-from analysis.sweep.stats import auc_ranks, rank_correlation, selection_overlap, table2, top_k_iou
+from analysis.sweep.stats import rank_correlation, selection_overlap, top_k_iou
 
 
 def selected_heads(con, task: str, fraction: float) -> pl.DataFrame:
@@ -27,7 +30,20 @@ def selected_heads(con, task: str, fraction: float) -> pl.DataFrame:
     return query(con, " UNION ALL ".join(parts))
 
 
-def write_ablation_reports(db: Path, out: Path, timings: list[Path] = (), overlap_fraction: float = 0.15) -> list[Path]:
+def with_baselines(t2: pl.DataFrame, results: pl.DataFrame) -> pl.DataFrame:
+    """Table 2 with each model's baseline accuracy (and its CI), chance and question count in front."""
+    base = (results.filter((pl.col("score_fn") == "random") & (pl.col("target_fraction") == 0))
+            .select("model", pl.col("accuracy").alias("baseline"), pl.col("accuracy_ci_low").alias("baseline_ci_low"),
+                    pl.col("accuracy_ci_high").alias("baseline_ci_high"), "chance", "n_questions"))
+    return t2.join(base, on="model", how="left", maintain_order="left").select(
+        "model", "baseline", "baseline_ci_low", "baseline_ci_high", "chance", "n_questions",
+        *[c for c in t2.columns if c != "model"])
+
+
+def write_ablation_reports(db: Path, out: Path, timings: list[Path] = (), overlap_fraction: float = 0.15,
+                           n_boot: int = N_BOOT, seed: int = 0, kl_budget: float = uncertainty.KL_BUDGET) -> list[Path]:
+    """Every ablation table and figure of the database's sweeps (module doc); CIs from ``n_boot`` paired
+    bootstrap replicates over questions (``seed``), the KL companion of Table 2 under ``kl_budget`` nats."""
     con = connect(db, read_only=True)
     results = query(con, "SELECT * FROM ablation_results ORDER BY model, task, score_fn, target_fraction")
     if results.is_empty():
@@ -38,14 +54,19 @@ def write_ablation_reports(db: Path, out: Path, timings: list[Path] = (), overla
     for task in tasks:
         sfx = "" if len(tasks) == 1 else f"_{task}"
         r = results.filter(pl.col("task") == task)
-        t2 = table2(r).with_columns((pl.col("best_other") - pl.col("awft")).alias("gain"))
-        written += write_table(t2.select("model", "awft", "best_other", "gain", "best_other_fn", "best_fn"),
-                               tables / f"table2{sfx}", digits=3)
-        ranks = auc_ranks(r)
+        qs = query(con, "SELECT * FROM ablation_questions WHERE task = ? ORDER BY model, score_fn, target_fraction, "
+                        "question", [task])
+        if qs.is_empty():
+            raise ValueError(f"{db} has no ablation_questions for {task}: rerun the sweep (the bootstrap needs them)")
+        cv = curves(qs, n_boot, seed)
+        written += write_table(with_baselines(uncertainty.table2(cv), r), tables / f"table2{sfx}", digits=2)
+        written += write_table(uncertainty.table2(cv, "kl", kl_budget).with_columns(pl.lit(kl_budget).alias("kl_budget")),
+                               tables / f"table2_kl{sfx}", digits=2)
+        ranks = uncertainty.auc_ranks(cv)
         written += write_table(ranks, tables / f"auc_ranks{sfx}")
         written += write_figure(figure3(ranks), figures / f"figure3_auc_ranks{sfx}")
-        written += write_figure(accuracy_curves(r, top=3), figures / f"figure4_top3{sfx}")
-        written += write_figure(accuracy_curves(r, top=None), figures / f"figure10_all{sfx}")
+        written += write_figure(accuracy_curves(r, ranks, top=3), figures / f"figure4_top3{sfx}")
+        written += write_figure(accuracy_curves(r, ranks, top=None), figures / f"figure10_all{sfx}")
         written += write_table(rank_correlation(ranks), tables / f"auc_rank_correlation{sfx}", digits=3)
         written += write_table(top_k_iou(ranks, 5), tables / f"top5_iou{sfx}", digits=3)
         sel = selected_heads(con, task, overlap_fraction)

@@ -108,12 +108,36 @@ def add_ablation_report_parser(subparsers) -> None:
     p.add_argument("--db", type=Path, default=Path("results/scores.duckdb"))
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--timings", nargs="*", type=Path, default=[], help="sweep timing.json files")
+    from analysis.core.bootstrap import N_BOOT
+    from analysis.sweep.uncertainty import KL_BUDGET
+
+    p.add_argument("--n-boot", type=int, default=N_BOOT, help="paired bootstrap replicates over questions")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (the sweep's)")
+    p.add_argument("--kl-budget", type=float, default=KL_BUDGET,
+                   help="nats: the KL companion of Table 2 (largest %% zeroed with mean KL at most this)")
 
     def run(args):
         from analysis.sweep.report import write_ablation_reports
 
-        options.print_written(write_ablation_reports(args.db, args.out, args.timings),
-                              show=("table2.md", "sweep_cost.md"))
+        options.print_written(write_ablation_reports(args.db, args.out, args.timings, n_boot=args.n_boot,
+                                                     seed=args.seed, kl_budget=args.kl_budget),
+                              show=("table2.md", "table2_kl.md", "sweep_cost.md"))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def add_task_candidates_parser(subparsers) -> None:
+    """``dormant task-candidates``: the table of candidate offline tasks from ``dormant eval`` predictions."""
+    p = subparsers.add_parser("task-candidates", help="accuracy vs chance per model, task and scoring, with CIs")
+    p.add_argument("--predictions", nargs="+", type=Path, required=True, help="dormant eval --out Parquet files")
+    p.add_argument("--out", type=Path, default=Path("results/tables/task_candidates"), help="table stem")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
+    def run(args):
+        from analysis.sweep.candidates import write
+
+        options.print_written(write(args.predictions, args.out, seed=args.seed), show=("task_candidates_wide.md",))
         return 0
 
     p.set_defaults(func=run)
@@ -142,5 +166,6 @@ def add_timings_parser(subparsers) -> None:
 
 
 def register(sub) -> None:
-    for add in (add_db_parser, add_report_parser, add_ablation_report_parser, add_paper_parser, add_timings_parser):
+    for add in (add_db_parser, add_report_parser, add_ablation_report_parser, add_task_candidates_parser, add_paper_parser,
+                add_timings_parser):
         add(sub)

@@ -1,0 +1,78 @@
+"""The sweep's per-question records (definitions §5): they reproduce every ablation_results value, the KL
+equals an independent computation from the kept answer distributions, and batching does not change them."""
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from extract.data.tasks import TaskData, make_question
+from extract.engine.ablation import ablate
+from extract.evaluate import evaluate
+from extract.sweep import run_sweep
+
+
+def toy_task(n=6):
+    qs = [make_question(f"toy/{i}", "toy", f"What is {i} plus {i % 3}?",
+                        [str(i + i % 3 + d) for d in range(-1, 2 + i % 3)], 1) for i in range(n)]
+    return TaskData("toy", qs, {"toy": []}, {"toy": ""})
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tiny import tiny_model
+    from tiny_tokenizer import tiny_tokenizer
+
+    return tiny_model("llama"), tiny_tokenizer()
+
+
+@pytest.mark.parametrize("scoring", ["letter", "cloze"])
+def test_questions_reproduce_the_results(tiny, scoring):
+    model, tok = tiny
+    res = run_sweep(model, tok, toy_task(), score_fns=("awft", "ahon_ln"), fractions=(0.0, 0.25, 0.5),
+                    scoring=scoring, n_boot=50, progress=False)
+    q = res.questions
+    agg = (q.group_by("score_fn", "target_fraction")
+           .agg((100 * pl.col("correct").cast(pl.Float64).mean()).alias("acc"),
+                (100 * pl.col("zeroed").sum() / pl.col("triples").sum()).alias("realized"),
+                pl.col("kl").mean().alias("kl"), pl.len().alias("n")))
+    r = res.results.join(agg, on=["score_fn", "target_fraction"])
+    assert r.height == res.results.height == 1 + 3 * 2 + 2
+    np.testing.assert_allclose(r["accuracy"], r["acc"])
+    np.testing.assert_allclose(r["realized_percent"], r["realized"], atol=1e-9)
+    np.testing.assert_allclose(r["kl_mean"], r["kl"])
+    assert (r["n"] == 6).all() and (r["chance"] == 100 * np.mean([1 / len(x.choices) for x in toy_task().questions])).all()
+    assert (r["accuracy_ci_low"] <= r["accuracy"]).all() and (r["accuracy"] <= r["accuracy_ci_high"]).all()
+    at0 = r.filter(pl.col("target_fraction") == 0)
+    assert (at0["kl_mean"] == 0).all() and (at0["delta_ci_low"] == 0).all() and (at0["delta_ci_high"] == 0).all()
+    ablated = q.filter(pl.col("target_fraction") > 0)
+    assert (ablated["zeroed"] > 0).any() and (ablated["kl"] > 0).any() and (ablated["kl"] >= -1e-12).all()
+
+
+def test_kl_against_an_independent_computation(tiny):
+    model, tok = tiny
+    data = toy_task()
+    base = evaluate(model, tok, data, k_shot=0, keep_distributions=True, progress=False)
+    # letter scoring, single-token letters: the answer distribution is where the letters are read
+    for i, row in enumerate(base.predictions.iter_rows(named=True)):
+        letters = [tok(" " + c, add_special_tokens=False)["input_ids"] for c in "ABCDEF"[:row["n_choices"]]]
+        if all(len(t) == 1 for t in letters):
+            got = [float(base.answer_logp[i, t[0]]) for t in letters]
+            assert got == pytest.approx(row["loglik"], abs=1e-5)
+    for batch_tokens in (8192, 16):  # batched and padded vs one row per forward
+        with ablate(model, "random", p=0.3, seed=1):
+            abl = evaluate(model, tok, data, k_shot=0, reference=base, keep_distributions=True,
+                           batch_tokens=batch_tokens, progress=False)
+        want = torch.nn.functional.kl_div(abl.answer_logp.double(), base.answer_logp.double(), log_target=True,
+                                          reduction="none").sum(-1)
+        np.testing.assert_allclose(abl.predictions["kl"].to_numpy(), want.clamp_min(0).numpy(), rtol=1e-6, atol=1e-9)
+        ll_a, ll_b = abl.predictions["loglik"].to_list(), base.predictions["loglik"].to_list()
+        want_c = [float(torch.nn.functional.kl_div(torch.tensor(a).log_softmax(-1), torch.tensor(b).log_softmax(-1),
+                                                   log_target=True, reduction="sum")) for a, b in zip(ll_a, ll_b)]
+        np.testing.assert_allclose(abl.predictions["kl_choices"].to_numpy(), np.maximum(want_c, 0), rtol=1e-6,
+                                   atol=1e-9)
+        if batch_tokens == 8192:
+            first = abl.predictions["kl"].to_numpy()
+    np.testing.assert_allclose(abl.predictions["kl"].to_numpy(), first, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="keep_distributions"):
+        evaluate(model, tok, data, k_shot=0, reference=abl.__class__(**{**abl.__dict__, "answer_logp": None}),
+                 progress=False)
