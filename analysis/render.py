@@ -37,14 +37,25 @@ def latex(df: pl.DataFrame, digits: int = 4, caption: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(df: pl.DataFrame, stem: str | Path, digits: int = 4) -> list[Path]:
-    """Write ``stem``.csv, .md and .tex; returns the paths."""
+def write_table(df: pl.DataFrame, stem: str | Path, digits: int = 4, display: pl.DataFrame | None = None) -> list[Path]:
+    """Write ``stem``.csv, .md and .tex; returns the paths. ``display``: a compact form of ``df`` for the
+    Markdown and LaTeX files (e.g. ``value [low, high]`` cells); the CSV always holds ``df`` itself."""
     stem = Path(stem)
     out = [stem.with_name(stem.name + ext) for ext in (".csv", ".md", ".tex")]  # stems may hold dots (qwen2.5)
+    shown = df if display is None else display
     write_bytes(out[0], df.write_csv())
-    write_bytes(out[1], markdown(df, digits))
-    write_bytes(out[2], latex(df, digits))
+    write_bytes(out[1], markdown(shown, digits))
+    write_bytes(out[2], latex(shown, digits))
     return out
+
+
+def with_ci(value: float | None, low: float | None, high: float | None, digits: int = 1) -> str:
+    """``"4.6 [2.1, 7.9]"`` (empty for a missing value; no interval when its bounds are missing)."""
+    if value is None:
+        return ""
+    if low is None or high is None or low != low or high != high:  # NaN: no replicates
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def write_figure(chart, stem: str | Path, scale: float = 2.0) -> list[Path]:

@@ -54,10 +54,16 @@ def run_summary(con, figures: list[str]) -> str:
     key = query(con, """SELECT model, score_fn, quantile_cont(score, 0.5) AS median,
                         quantile_cont(score, 0.05) AS q05 FROM head_scores_long
                         WHERE score_fn IN ('awft', 'ahon_ln') GROUP BY ALL ORDER BY ALL""")
+    base = query(con, """SELECT model, task, n_questions, accuracy AS baseline, accuracy_ci_low AS ci_low,
+                         accuracy_ci_high AS ci_high, chance FROM ablation_results
+                         WHERE score_fn = 'random' AND target_fraction = 0 ORDER BY model, task""")
+    sweep = [] if base.is_empty() else [
+        "## Ablation sweep baselines (accuracy and chance in points, 95% bootstrap CI over questions)", "",
+        markdown(base, 3), "Table 2 with CIs: `tables/table2.md`; its KL companion: `tables/table2_kl.md`.", ""]
     parts = ["# Run summary", "", "Row counts: " + ", ".join(f"`{t}` {counts[t]}" for t in TABLES), "",
              "## Models", "", markdown(models), "## Corpora (tokens as each model sees them)", "",
              markdown(corpora), "## Key score functions (pooled over examples, layers, heads)", "", markdown(key),
-             "## Figures", ""] + [f"- `{f}`" for f in figures] + [""]
+             *sweep, "## Figures", ""] + [f"- `{f}`" for f in figures] + [""]
     return "\n".join(parts)
 
 

@@ -34,9 +34,12 @@ def check_config(cfg):
         if m not in models:
             raise ValueError(f"config key evaluation.models[{i}] = {m!r} is not in `models`; add it there too")
     cand = cfg["evaluation"].get("candidates") or {}
-    for i, m in enumerate(cand.get("models", [])):
+    screened = [("evaluation.candidates.models", m) for m in cand.get("models", [])]
+    screened += [(f"evaluation.candidates.screens.{s}.models", m) for s, v in cand.get("screens", {}).items()
+                 for m in v.get("models", [])]
+    for where, m in screened:
         if m not in models:
-            raise ValueError(f"config key evaluation.candidates.models[{i}] = {m!r} is not in `models`; add it there too")
+            raise ValueError(f"config key {where}: {m!r} is not in `models`; add it there too")
     named = [("evaluation.tasks", t) for t in cfg["evaluation"]["tasks"]]
     named += [(f"evaluation.candidates.screens.{s}.tasks", t) for s, v in cand.get("screens", {}).items() for t in v["tasks"]]
     for where, t in named:

@@ -88,9 +88,9 @@ if CANDIDATES:
     rule task_candidates:
         """The table of candidate tasks: accuracy with its CI, chance, and which tasks qualify for the sweep."""
         input:
-            expand("results/candidates/{model}/{screen}-{scoring}.parquet",
-                   model=[model_key(m) for m in CANDIDATES["models"]], screen=list(CANDIDATES["screens"]),
-                   scoring=CANDIDATES["scorings"]),
+            [f"results/candidates/{model_key(m)}/{screen}-{scoring}.parquet"
+             for screen, spec in CANDIDATES["screens"].items() for m in spec.get("models", CANDIDATES["models"])
+             for scoring in CANDIDATES["scorings"]],
         output:
             expand("results/tables/task_candidates{part}.{ext}", part=["", "_wide"], ext=["csv", "md", "tex"]),
         log: "results/logs/task_candidates.log"

@@ -12,7 +12,7 @@ from analysis.core.bootstrap import N_BOOT, curves
 from analysis.core.score_functions import SCORE_FUNCTIONS
 from analysis.core.thresholds import stability
 from analysis.database import connect, query
-from analysis.render import write_figure, write_table
+from analysis.render import with_ci, write_figure, write_table
 from analysis.sweep import uncertainty
 from analysis.sweep.figures import accuracy_curves, figure3
 from analysis.sweep.stats import rank_correlation, selection_overlap, top_k_iou
@@ -40,6 +40,24 @@ def with_baselines(t2: pl.DataFrame, results: pl.DataFrame) -> pl.DataFrame:
         *[c for c in t2.columns if c != "model"])
 
 
+def table2_display(t2: pl.DataFrame) -> pl.DataFrame:
+    """Table 2 for reading: ``value [95% CI]`` cells; a gain whose interval includes 0 is marked ``(ns)``."""
+    def cell(r, c):
+        return with_ci(r[c], r.get(f"{c}_ci_low"), r.get(f"{c}_ci_high"))
+
+    rows = []
+    for r in t2.iter_rows(named=True):
+        row = {"model": r["model"]}
+        if "baseline" in r:
+            row |= {"baseline": cell(r, "baseline"), "chance": with_ci(r["chance"], None, None),
+                    "questions": "" if r["n_questions"] is None else str(r["n_questions"])}
+        row |= {"awft": cell(r, "awft"), "best other": cell(r, "best_other"),
+                "gain": cell(r, "gain") + (" (ns)" if r["gain_ci_has_0"] else ""),
+                "best other fn": r["best_other_fn"] or "", "best fn": r["best_fn"] or ""}
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
 def write_ablation_reports(db: Path, out: Path, timings: list[Path] = (), overlap_fraction: float = 0.15,
                            n_boot: int = N_BOOT, seed: int = 0, kl_budget: float = uncertainty.KL_BUDGET) -> list[Path]:
     """Every ablation table and figure of the database's sweeps (module doc); CIs from ``n_boot`` paired
@@ -59,9 +77,11 @@ def write_ablation_reports(db: Path, out: Path, timings: list[Path] = (), overla
         if qs.is_empty():
             raise ValueError(f"{db} has no ablation_questions for {task}: rerun the sweep (the bootstrap needs them)")
         cv = curves(qs, n_boot, seed)
-        written += write_table(with_baselines(uncertainty.table2(cv), r), tables / f"table2{sfx}", digits=2)
-        written += write_table(uncertainty.table2(cv, "kl", kl_budget).with_columns(pl.lit(kl_budget).alias("kl_budget")),
-                               tables / f"table2_kl{sfx}", digits=2)
+        t2 = with_baselines(uncertainty.table2(cv), r)
+        written += write_table(t2, tables / f"table2{sfx}", digits=2, display=table2_display(t2))
+        t2kl = uncertainty.table2(cv, "kl", kl_budget)
+        written += write_table(t2kl.with_columns(pl.lit(kl_budget).alias("kl_budget")), tables / f"table2_kl{sfx}",
+                               digits=2, display=table2_display(t2kl))
         ranks = uncertainty.auc_ranks(cv)
         written += write_table(ranks, tables / f"auc_ranks{sfx}")
         written += write_figure(figure3(ranks), figures / f"figure3_auc_ranks{sfx}")

@@ -120,3 +120,36 @@ def test_questions_must_match_across_fractions():
     bad = q.filter(~((pl.col("score_fn") == "awft") & (pl.col("target_fraction") == 0.1) & (pl.col("question") == "q003")))
     with pytest.raises(ValueError, match="same questions"):
         bootstrap.curves(bad, n_boot=5)
+
+
+def test_table2_display_cells():
+    from analysis.render import with_ci
+    from analysis.sweep.report import table2_display
+
+    assert with_ci(4.567, 2.1, 7.94) == "4.6 [2.1, 7.9]" and with_ci(3.0, None, None) == "3.0" and with_ci(None, 1, 2) == ""
+    t2 = uncertainty.table2(bootstrap.curves(question_frame(n=30), n_boot=40))
+    shown = table2_display(t2)
+    assert shown.columns == ["model", "awft", "best other", "gain", "best other fn", "best fn"]
+    for r, s in zip(t2.iter_rows(named=True), shown.iter_rows(named=True)):
+        assert s["awft"] == with_ci(r["awft"], r["awft_ci_low"], r["awft_ci_high"])
+        assert s["gain"].endswith("(ns)") == bool(r["gain_ci_has_0"])
+
+
+def test_candidate_table_against_direct_counts():
+    from analysis.sweep.candidates import candidates_table
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for task, p, k in (("easy", 0.9, 4), ("hard", 0.3, 4), ("two", 0.55, 2)):
+        for c in rng.random(80) < p:
+            rows.append(("m", task, "cloze", 0, bool(c), k))
+    frame = pl.DataFrame(rows, schema=["model", "task", "scoring", "k_shot", "correct", "n_choices"], orient="row")
+    t = candidates_table(frame, n_boot=300)
+    for r in t.iter_rows(named=True):
+        g = frame.filter(pl.col("task") == r["task"])
+        acc = 100 * g["correct"].mean()
+        chance = 100 * (1 / g["n_choices"]).mean()
+        assert r["accuracy"] == pytest.approx(acc) and r["chance"] == pytest.approx(chance)
+        assert r["ci_low"] < acc < r["ci_high"] and r["n_questions"] == 80
+        assert r["qualifies"] == (r["above_ci_low"] >= 15)
+    assert t.filter(pl.col("task") == "easy")["qualifies"][0] and not t.filter(pl.col("task") == "hard")["qualifies"][0]
