@@ -37,7 +37,13 @@ CREATE TABLE thresholds (
 CREATE TABLE ablation_results (
   model VARCHAR, task VARCHAR, score_fn VARCHAR, target_fraction DOUBLE, threshold DOUBLE,
   realized_percent DOUBLE, accuracy DOUBLE, n_questions INTEGER,
+  chance DOUBLE, accuracy_ci_low DOUBLE, accuracy_ci_high DOUBLE, delta_ci_low DOUBLE, delta_ci_high DOUBLE,
+  kl_mean DOUBLE, kl_ci_low DOUBLE, kl_ci_high DOUBLE, kl_choices_mean DOUBLE,
   PRIMARY KEY (model, task, score_fn, target_fraction));
+CREATE TABLE ablation_questions (
+  model VARCHAR, task VARCHAR, score_fn VARCHAR, target_fraction DOUBLE, question VARCHAR, question_task VARCHAR,
+  correct BOOLEAN, kl DOUBLE, kl_choices DOUBLE, zeroed INTEGER, triples INTEGER,
+  PRIMARY KEY (model, task, score_fn, target_fraction, question));
 CREATE TABLE calibration_scores (
   model VARCHAR, task VARCHAR, question_task VARCHAR, question VARCHAR, layer INTEGER, head INTEGER,
   {BUILTIN_SCORES}, PRIMARY KEY (model, task, question, layer, head));
@@ -159,14 +165,18 @@ def test_a_registered_score_function_is_a_column_of_both_score_tables(tmp_path):
 
 def test_migrations_add_exactly_the_added_columns(tmp_path):
     added = {(t.name, c) for t in tables.all_tables() for c in t.added}
-    assert added == {("domain_head_ablation", "loss_mean_ablated"), ("domain_head_ablation", "delta_loss_mean")}
+    assert added == {("domain_head_ablation", "loss_mean_ablated"), ("domain_head_ablation", "delta_loss_mean")} | {
+        ("ablation_results", c) for c in ("chance", "accuracy_ci_low", "accuracy_ci_high", "delta_ci_low",
+                                          "delta_ci_high", "kl_mean", "kl_ci_low", "kl_ci_high", "kl_choices_mean")}
     statements = re.findall(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+) (\w+);", migrations())
     assert len(statements) == len(migrations().strip().splitlines()) == len(added)
     assert {(t, c) for t, c, _ in statements} == added
     # a database from before the added columns shipped: they are missing; one row in it
     path = tmp_path / "old.duckdb"
     old = duckdb.connect(str(path))
-    ddl = SHIPPED.replace("  loss_mean_ablated DOUBLE, delta_loss_mean DOUBLE,\n", "")
+    ddl = SHIPPED.replace("  loss_mean_ablated DOUBLE, delta_loss_mean DOUBLE,\n", "").replace(
+        "  chance DOUBLE, accuracy_ci_low DOUBLE, accuracy_ci_high DOUBLE, delta_ci_low DOUBLE, delta_ci_high DOUBLE,\n"
+        "  kl_mean DOUBLE, kl_ci_low DOUBLE, kl_ci_high DOUBLE, kl_choices_mean DOUBLE,\n", "")
     old.execute(ddl)
     old.execute("INSERT INTO domain_head_ablation (model, dataset, example, layer, head, delta_loss) "
                 "VALUES ('m', 'd', 'e', 0, 1, 0.5)")
