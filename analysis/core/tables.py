@@ -212,10 +212,11 @@ _TABLES: dict[str, Table] = {t.name: t for t in [
           "bootstrap CIs over operations; the MAPS paper's own rows beside ours.", _columns(
               "source str, model str, inputs str, r_without float64, r_without_low float64, "
               "r_without_high float64, r_with float64, r_with_low float64, r_with_high float64, "
-              "r_operations int32, n_heads int32, drop_top float64, drop_top_low float64, "
+              "r_operations int32, r_undefined int32, n_heads int32, drop_top float64, drop_top_low float64, "
               "drop_top_high float64, drop_random float64, drop_random_low float64, drop_random_high float64, "
               "causal_operations int32",
               source="'this run' or the MAPS paper (Elhelo & Geva)",
+              r_undefined="operations left out of the r medians: every head's static score the same (mostly 0)",
               n_heads="heads ablated in the causal columns (the largest count of the run)")),
     Table("score_functions", _key("score_fn"),
           "each registered score function and its inactive side (``>`` or ``<``), written on every writable "

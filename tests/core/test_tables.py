@@ -80,7 +80,8 @@ CREATE TABLE maps_causal (
   PRIMARY KEY (model, inputs, operation, selection, n_heads, draw));
 CREATE TABLE maps_inputs (
   source VARCHAR, model VARCHAR, inputs VARCHAR, r_without DOUBLE, r_without_low DOUBLE, r_without_high DOUBLE,
-  r_with DOUBLE, r_with_low DOUBLE, r_with_high DOUBLE, r_operations INTEGER, n_heads INTEGER, drop_top DOUBLE,
+  r_with DOUBLE, r_with_low DOUBLE, r_with_high DOUBLE, r_operations INTEGER, r_undefined INTEGER, n_heads INTEGER,
+  drop_top DOUBLE,
   drop_top_low DOUBLE, drop_top_high DOUBLE, drop_random DOUBLE, drop_random_low DOUBLE, drop_random_high DOUBLE,
   causal_operations INTEGER, PRIMARY KEY (source, model, inputs));
 CREATE TABLE score_functions (
