@@ -98,7 +98,8 @@ def _median_ci(values, seed: int) -> tuple[float | None, float | None, float | N
 
 def relative_drops(causal: pl.DataFrame) -> pl.DataFrame:
     """Per (model, E' choice, operation) at the largest number of heads ablated: the relative accuracy drop
-    ``(base - ablated) / base`` with the top heads and with random heads (mean over draws); base > 0 only."""
+    ``(base - ablated) / base`` with the top heads and with random heads (mean over draws); base > 0 only,
+    and only where the choice has top heads (some head's static score > 0)."""
     if not causal.height:
         return pl.DataFrame(schema={"model": pl.Utf8, "inputs": pl.Utf8, "operation": pl.Utf8,
                                     "n_heads": pl.Int32, "top": pl.Float64, "random": pl.Float64})
@@ -108,7 +109,7 @@ def relative_drops(causal: pl.DataFrame) -> pl.DataFrame:
     return (c.group_by("model", "inputs", "operation", "n_heads", maintain_order=True)
             .agg(rel.filter(pl.col("selection") == "top").first().alias("top"),
                  rel.filter(pl.col("selection") == "random").mean().alias("random"))
-            .sort("model", "inputs", "operation"))
+            .drop_nulls("top").sort("model", "inputs", "operation"))
 
 
 def inputs_table(corr: pl.DataFrame, causal: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
@@ -125,18 +126,18 @@ def inputs_table(corr: pl.DataFrame, causal: pl.DataFrame, seed: int = 0) -> pl.
     for model, inputs in keys:
         def r(context):
             if not corr.height:
-                return [None] * 3, 0
+                return [None] * 3, 0, 0
             v = corr.filter((pl.col("model") == model) & (pl.col("inputs") == inputs)
                             & (pl.col("context") == context))["pearson"].to_list()
-            v = [x for x in v if x is not None and x == x]
-            return list(_median_ci(v, seed)), len(v)
-        (rw, nw), (rc, _) = r("without"), r("with")
+            ok = [x for x in v if x is not None and x == x]  # undefined where every static score is equal
+            return list(_median_ci(ok, seed)), len(ok), len(v) - len(ok)
+        (rw, nw, undefined), (rc, _, _) = r("without"), r("with")
         dm = drops.filter((pl.col("model") == model) & (pl.col("inputs") == inputs))
         n_heads = int(dm["n_heads"][0]) if dm.height else None
         top, rnd = _median_ci(dm["top"].to_list(), seed), _median_ci(dm["random"].to_list(), seed)
-        rows.append(("this run", model, inputs, *rw, *rc, nw, n_heads, *top, *rnd, dm.height))
+        rows.append(("this run", model, inputs, *rw, *rc, nw, undefined, n_heads, *top, *rnd, dm.height))
     for name, r_without, r_with, top, rnd in MAPS_PAPER:
-        rows.append(("MAPS paper", name, "reference", r_without, None, None, r_with, None, None, None, None,
+        rows.append(("MAPS paper", name, "reference", r_without, None, None, r_with, None, None, None, None, None,
                      top, None, None, rnd, None, None, None))
     return pl.DataFrame(rows, orient="row", schema=tables.polars_schema("maps_inputs"))
 

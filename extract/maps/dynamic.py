@@ -2,17 +2,18 @@
 
 Dynamic: each source word X goes into templates such as "This is a document about X"; at the last
 position every head's output ``O_h[last]`` (the per-head slice of the input of ``o_proj``) is projected
-through ``W_O^h`` and ``U``, and the same top-k rule as the static score is applied ("with context").
-"Without context" forces the head's attention at the last position onto the source token, i.e. its output
-becomes ``V_h[src]`` (the value of the KV head it reads, captured at ``v_proj``'s output); causality makes
-this exactly the forced-attention output without a second forward pass.
+through ``W_O^h`` and the static score's ``U = diag(γ_final) W_U``, and the same top-k rule as the static
+score is applied ("with context"). "Without context" forces the head's attention at the last position onto
+the source token, i.e. its output becomes ``V_h[src]`` (the value of the KV head it reads, captured at
+``v_proj``'s output); causality makes this exactly the forced-attention output without a second forward pass.
 
 Causal: few-shot prompts "s1: t1\\ns2: t2\\ns3: t3\\ns:" whose answer is the single token " t"; heads are
-ablated by zeroing their slice of ``o_proj``'s input at the last position only, so the prompt without its
-last token is run once (KV cache) and every ablation re-runs just the last token.
+ablated by zeroing their slice of ``o_proj``'s input at the last position only, so the prompts without their
+last token are run once as one left-padded batch (KV cache) and every ablation re-runs just the last token.
 """
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -127,6 +128,19 @@ def fewshot_prompts(tok, op: Operation, n: int | None, shots: int, seed: int) ->
     return prompts, answers
 
 
+def left_padded(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch padded on the left, so that every last token is at position
+    -1: ``(input_ids, attention_mask, position_ids)``, each ``(n, S)``; the positions count real tokens only."""
+    S = max(map(len, ids))
+    x = torch.full((len(ids), S), pad, dtype=torch.long)
+    mask = torch.zeros(len(ids), S, dtype=torch.long)
+    for i, p in enumerate(ids):
+        x[i, S - len(p):] = torch.tensor(p)
+        mask[i, S - len(p):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    return x.to(device), mask.to(device), pos.to(device)
+
+
 def ablate_last(model, heads: list[tuple[int, int]]):
     """Zero the listed (layer, head) outputs (``"z"``) at the last position. A context manager."""
     by_layer: dict[int, list[int]] = {}
@@ -140,8 +154,9 @@ def causal_check(model, tok, op: Operation, static: pl.DataFrame, *, model_name:
                  draws: int, prompts: int | None, shots: int, seed: int) -> pl.DataFrame:
     """Accuracy (answer token = argmax at the last position) with no ablation, with the ``n`` top-scoring
     heads of ``op`` ablated, and with ``draws`` seeded random sets of ``n`` heads, for n in ``counts``; the
-    top heads per E' choice of ``static`` (its ``inputs`` column), each choice's rows with the same
-    no-ablation and random-set accuracies."""
+    top heads per E' choice of ``static`` (its ``inputs`` column; equal scores in a seeded random order, no
+    "top" rows where every head scores 0), each choice's rows with the same no-ablation and random-set
+    accuracies."""
     L, H, _, _ = head_shape(model)
     every = [(la, h) for la in range(L) for h in range(H)]
     choices = static["inputs"].unique(maintain_order=True).to_list()
@@ -150,43 +165,44 @@ def causal_check(model, tok, op: Operation, static: pl.DataFrame, *, model_name:
         for d in range(draws):
             configs.append(("random", n, d, random.Random(f"{seed}:{op.name}:{n}:{d}").sample(every, n)))
     top_of = {}
+    order = random.Random(f"{seed}:{op.name}:ties").sample(every, len(every))
+    tie = pl.DataFrame({"layer": [la for la, _ in order], "head": [h for _, h in order],
+                        "tie": list(range(len(order)))}, schema={"layer": pl.Int32, "head": pl.Int32, "tie": pl.Int64})
     for c in choices:
-        ranked = (static.filter((pl.col("operation") == op.name) & (pl.col("inputs") == c))
-                  .sort(["score", "layer", "head"], descending=[True, False, False]))
+        ranked = static.filter((pl.col("operation") == op.name) & (pl.col("inputs") == c))
+        if not ranked.height or ranked["score"].max() <= 0:
+            continue  # no head scores: no top heads (equal scores go in the seeded random order `tie`)
+        ranked = ranked.join(tie, on=["layer", "head"]).sort(["score", "tie"], descending=[True, False])
         top = list(zip(ranked["layer"].to_list(), ranked["head"].to_list()))
         for n in counts:
             top_of[c, n] = len(configs)
             configs.append(("top", n, 0, top[:n]))
     ids, answers = fewshot_prompts(tok, op, prompts, shots, seed)
     correct = np.zeros((len(configs), len(ids)))
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(ids):
-        groups.setdefault(len(p), []).append(i)
+    x, mask, pos = left_padded(ids, tok.pad_token_id if tok.pad_token_id is not None else 0, model.device)
+    ans = torch.tensor(answers, device=model.device)
     head = model.get_output_embeddings()
     dec = model.get_decoder()
+    past = dec(input_ids=x[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+               use_cache=True).past_key_values
     done: dict[tuple, int] = {}  # a head set already run (the top heads of two choices may agree)
-    for length, members in groups.items():
-        x = torch.tensor([ids[i] for i in members], device=model.device)
-        ans = torch.tensor([answers[i] for i in members], device=model.device)
-        past = dec(input_ids=x[:, :-1], use_cache=True).past_key_values
-        done.clear()
-        for c, (_, _, _, heads) in enumerate(configs):
-            key = tuple(sorted(heads))
-            if key in done:
-                correct[c, members] = correct[done[key], members]
-                continue
-            done[key] = c
-            with ablate_last(model, heads):
-                hidden = dec(input_ids=x[:, -1:], past_key_values=past, use_cache=True).last_hidden_state
-            past.crop(-1)  # drop the last token again
-            pred = head(hidden[:, -1]).argmax(-1)
-            correct[c, members] = (pred == ans).cpu().numpy()
+    for c, (_, _, _, heads) in enumerate(configs):
+        key = tuple(sorted(heads))
+        if key in done:
+            correct[c] = correct[done[key]]
+            continue
+        done[key] = c
+        with ablate_last(model, heads):  # on a copy of the cache (a sliding-window cache cannot be cropped back)
+            hidden = dec(input_ids=x[:, -1:], attention_mask=mask, position_ids=pos[:, -1:],
+                         past_key_values=copy.deepcopy(past), use_cache=True).last_hidden_state
+        correct[c] = (head(hidden[:, -1]).argmax(-1) == ans).cpu().numpy()
     base = float(correct[0].mean())
     rows = []
     for ch in choices:
-        picks = [0]  # none, then per count: top, random draws
+        picks = [0]  # none, then per count: top (where some head scores), random draws
         for n in counts:
-            picks += [top_of[ch, n]] + [j for j, cf in enumerate(configs) if cf[0] == "random" and cf[1] == n]
+            picks += ([top_of[ch, n]] if (ch, n) in top_of else []) + [
+                j for j, cf in enumerate(configs) if cf[0] == "random" and cf[1] == n]
         rows += [(model_name, ch, op.name, configs[c][0], configs[c][1], configs[c][2], float(correct[c].mean()),
                   base, len(ids)) for c in picks]
     return pl.DataFrame(rows, orient="row", schema=tables.polars_schema("maps_causal"))

@@ -269,7 +269,7 @@ def test_inputs_table_in_the_reference_form():
         for ctx, col in (("without", "r_without"), ("with", "r_with")):
             v = corr.filter((pl.col("inputs") == c) & (pl.col("context") == ctx))["pearson"].to_numpy()
             assert r[col] == pytest.approx(np.median(v)) and r[col + "_low"] <= r[col] <= r[col + "_high"]
-        assert (r["r_operations"], r["n_heads"], r["causal_operations"]) == (5, 4, 2)
+        assert (r["r_operations"], r["r_undefined"], r["n_heads"], r["causal_operations"]) == (5, 0, 4, 2)
     # raw: top heads drop 0.25/0.5 = 0.5 and 0.6/0.8 = 0.75 -> median 0.625; reference: no drop
     assert ours["raw"]["drop_top"] == pytest.approx(0.625) and ours["reference"]["drop_top"] == pytest.approx(0.0)
     assert ours["raw"]["drop_random"] == pytest.approx(np.median([0.0, (0.8 - 0.6) / 0.8]))
@@ -394,7 +394,7 @@ def test_run_returns_exactly_the_files_it_wrote(tmp_path, monkeypatch):
     (data / "name_copying" / "name_copying.json").write_text(json.dumps([[c, c] for c in "ABCDEF"]))
     # the tiny tokenizer has six single-token words; an operation normally needs 30
     monkeypatch.setattr(operations, "prepare", functools.partial(operations.prepare, min_pairs=2))
-    s = MapsSettings(operations=("name_copying",), data_dir=str(data), salient=SalientSettings(vocab=None),
+    s = MapsSettings(operations=("name_copying",), data_dir=str(data), salient=SalientSettings(vocab=None), k_copy=50,
                      dynamic=DynamicSettings(pairs=3),
                      causal=CausalSettings(operations=("name_copying",), counts=(1, 2), draws=1, prompts=4, shots=2))
     out = tmp_path / "out"
@@ -407,3 +407,33 @@ def test_run_returns_exactly_the_files_it_wrote(tmp_path, monkeypatch):
     assert pl.read_parquet(out / "causal.parquet")["selection"].to_list() == ["none", "top", "random", "top",
                                                                                "random"]
     assert set(json.loads((out / "timing.json").read_text())) >= {"load_s", "total_s", "threads"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_causal_check_batch_equals_one_prompt_at_a_time(family):
+    """The left-padded batch with its KV cache gives each prompt the answer it gets alone, ablated or not."""
+    import polars as pl
+
+    from analysis.core import tables
+    from extract.maps.dynamic import ablate_last, causal_check, fewshot_prompts
+
+    model, tok = tiny_model(family, seed=4), tiny_tokenizer()
+    op = _op("letters", list(range(20, 40)), list(range(40, 60)), 3)
+    words = tuple(("ABCDEF"[i % 6] * (1 + i % 4), "ABCDEF"[(i + 1) % 6]) for i in range(20))  # 1-4 tokens
+    op = op.__class__(**{**op.__dict__, "words": words})
+    static = pl.DataFrame([("m", c, la, h, "letters", "test", 3, float(la * 4 + h) * (c == "reference"), 0.0, 20)
+                           for c in ("reference", "raw") for la in range(3) for h in range(4)], orient="row",
+                          schema=tables.polars_schema("maps_scores"))
+    got = causal_check(model, tok, op, static, model_name="m", counts=[2], draws=1, prompts=6, shots=2, seed=1)
+    ids, answers = fewshot_prompts(tok, op, 6, 2, 1)
+    assert len({len(p) for p in ids}) > 1  # the batch is padded
+    for sel, heads in (("none", []), ("top", [(2, 3), (2, 2)])):
+        with ablate_last(model, heads), torch.no_grad():
+            pred = [int(model(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p in ids]
+        acc = sum(p == a for p, a in zip(pred, answers)) / len(ids)
+        assert got.filter(pl.col("selection") == sel)["accuracy"][0] == pytest.approx(acc), sel
+    # every head of `raw` scores 0: no top heads there, the same none / random rows as `reference`
+    raw = got.filter(pl.col("inputs") == "raw")
+    assert raw["selection"].to_list() == ["none", "random"]
+    assert raw.drop("inputs").equals(got.filter((pl.col("inputs") == "reference") & (pl.col("selection") != "top"))
+                                     .drop("inputs"))
