@@ -7,7 +7,7 @@ import polars as pl
 
 from analysis.distributions.score_matrix import ScoreMatrix
 
-FACETS = 5  # facet columns for the 13 score functions
+FACETS = 5  # facet columns of the score-function panels
 
 
 def finite(df: pl.DataFrame) -> pl.DataFrame:

@@ -75,5 +75,5 @@ def register(sub) -> None:
     p.add_argument("--mmlu-dir", type=Path, help="local MMLU CSV directory instead of the hub")
     p.add_argument("--out", type=Path, help="Parquet file of per-question predictions")
     p.add_argument("--calibrate-out", type=Path,
-                   help="also record the 13 head scores per question (definitions §3 calibration) to this Parquet file")
+                   help="also record every registered head score per question (definitions §3 calibration) to this Parquet file")
     p.set_defaults(func=_eval)

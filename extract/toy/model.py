@@ -5,7 +5,7 @@ Softmax attention goes through transformers' attention registry (``config._attn_
 eager, or the score engine's ``"dormant"``) with a mask from ``create_causal_mask``, so
 ``extract.engine.scores.score_heads`` and ``extract.engine.ablation.ablate`` work on it unchanged. ReLU attention
 (``attention="relu"``) is its own path: ``A = ReLU(QKᵀ·scale) / i`` with ``i`` the number of visible keys;
-the 13 head scores are defined for softmax attention only, and a capture session (scores, ablation)
+the head scores are defined for softmax attention only, and a capture session (scores, ablation)
 refuses ReLU models with a ``DormantError``.
 """
 from __future__ import annotations
