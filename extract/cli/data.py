@@ -47,7 +47,7 @@ def _data_tasks(args: argparse.Namespace) -> int:
 
         print("\n".join(task_paths()))
         return 0
-    names = [n for n, t in TASKS.items() if t.source == "bigbench" or mmlu_dir_or_none(args.mmlu_dir)]
+    names = [n for n, t in TASKS.items() if t.source != "mmlu" or mmlu_dir_or_none(args.mmlu_dir)]
     rows = [("task", "source", "questions", "shots", "choices (n:count)", "chance", "what")]
     for task in load_tasks(names, mmlu_dir=args.mmlu_dir):
         spec = TASKS[task.name]
