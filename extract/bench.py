@@ -75,7 +75,9 @@ def _naive_eager(model, ids):
         full = torch.stack([(O[:, h] @ W[:, h * O.shape[-1]:(h + 1) * O.shape[-1]].T).norm(dim=-1)
                             for h in range(H)], 1)  # (S, H): ‖O_h W_O^h‖
         by_name = {"p_first": A[:, :, 0].mean(-1), "entropy": ent, "v_first_norm": vn[0], "v_norm": vn.mean(0),
-                   "o_last_norm": on[-1], "o_norm": on.mean(0), "o_full_norm": full.mean(0)}
+                   "o_last_norm": on[-1], "o_norm": on.mean(0), "o_full_norm": full.mean(0),
+                   "p_sink": (1 - A.sum(-1)).mean(-1) if hasattr(hooks.decoder_layers(model)[i].self_attn, "sinks")
+                   else torch.zeros(H, dtype=A.dtype, device=A.device)}
         stats.append(torch.stack(ordered_stats(by_name), -1).double())
     return scores_from_stats(torch.stack(stats))
 

@@ -1,6 +1,10 @@
 """Naive, obviously-correct head scores: eager attention with ``output_attentions=True`` plus hooks on
 the value projection's output and on the output projection's input, then plain tensor ops per head (the full
-head output multiplies ``O_h`` by its columns of ``o_proj.weight``, no Gram matrix)."""
+head output multiplies ``O_h`` by its columns of ``o_proj.weight``, no Gram matrix).
+
+Learned attention sinks (gpt-oss): the family's own eager attention returns the visible rows (the sink's
+column dropped), so the sink's weight is what a row is missing, ``1 - Σ_k A[q,k]`` (float64), and the entropy
+takes it as one more outcome."""
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +39,7 @@ def value_projection(att, KV: int, D: int):
 
 
 def reference_scores(model, ids: list[int]) -> torch.Tensor:
-    """The 15 built-in scores ``(layers, heads, 15)`` float64 of one unpadded sequence, definitions §2 literally."""
+    """The 16 built-in scores ``(layers, heads, 16)`` float64 of one unpadded sequence, definitions §2 literally."""
     cfg = model.config
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
@@ -57,14 +61,16 @@ def reference_scores(model, ids: list[int]) -> torch.Tensor:
         V = values[layer][0].double().cpu().view(S, KV, D)
         O = o_inputs[layer][0].double().cpu().view(S, H, D)
         W = attention_modules(model)[layer].o_proj.weight.detach().double().cpu()  # (d_model, H * D)
-        a, e, v0, vm, ol, om, fo = [], [], [], [], [], [], []  # per head: the quantities definitions §2 names
+        has_sink = hasattr(attention_modules(model)[layer], "sinks")
+        a, e, v0, vm, ol, om, fo, sk = [], [], [], [], [], [], [], []  # per head: the quantities §2 names
         for h in range(H):
             Ah = A[h]
             ent = torch.zeros(S, dtype=torch.float64)
+            sink = (1 - Ah.sum(-1)) if has_sink else torch.zeros(S, dtype=torch.float64)  # (S,) sink weights
             for q in range(S):
                 # -sum p log p, with the largest weight taken as 1 - (sum of the others): a float32 weight
                 # stored as 0.9999995 would otherwise carry a 6e-8 error into near-zero entropies
-                row = Ah[q, : q + 1]
+                row = torch.cat([Ah[q, : q + 1], sink[q : q + 1]]) if has_sink else Ah[q, : q + 1]
                 i = int(row.argmax())
                 others = torch.cat([row[:i], row[i + 1 :]])
                 others = others[others > 0]
@@ -73,16 +79,17 @@ def reference_scores(model, ids: list[int]) -> torch.Tensor:
             Vh = V[:, h // (H // KV)]
             Oh = O[:, h]
             a.append(Ah[:, 0].mean())
+            sk.append(sink.mean())
             e.append(ent.mean())
             v0.append(Vh[0].norm())
             vm.append(Vh.norm(dim=-1).mean())
             ol.append(Oh[-1].norm())
             om.append(Oh.norm(dim=-1).mean())
             fo.append((Oh @ W[:, h * D : (h + 1) * D].T).norm(dim=-1).mean())  # ‖O_h W_O^h‖ over d_model
-        a, e, v0, vm, ol, om, fo = (torch.stack(x) for x in (a, e, v0, vm, ol, om, fo))
+        a, e, v0, vm, ol, om, fo, sk = (torch.stack(x) for x in (a, e, v0, vm, ol, om, fo, sk))
         scores = {"awft": a, "awft_ln": a / a.mean(), "aeqd": e, "aeqd_ln": e / e.mean(), "ftvvn": v0,
                   "ftvvn_ln": v0 / v0.mean(), "avvn": vm, "avvn_ln": vm / vm.mean(), "lthon": ol,
                   "lthon_ln": ol / om.mean(), "lthon_hn": ol / om, "ahon": om, "ahon_ln": om / om.mean(),
-                  "afhon": fo, "afhon_ln": fo / fo.mean()}
+                  "afhon": fo, "afhon_ln": fo / fo.mean(), "awls": sk}
         rows.append(torch.stack([scores[k] for k in score_keys()], -1))
     return torch.stack(rows)

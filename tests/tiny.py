@@ -3,18 +3,19 @@
 ``FAMILIES``: the three the zoo ships (what most tests loop over). ``ENGINE_FAMILIES``: every family the score
 engine serves, each with the attention feature that makes it differ (mistral and gemma2 sliding windows,
 gemma2 logit soft-capping, qwen3 and olmo2 q/k norms, phi3 a fused qkv projection, llama4 chunked attention,
-no-RoPE layers and mixture-of-experts MLPs); the engine's oracle test runs on all of them.
+no-RoPE layers and mixture-of-experts MLPs, gpt_oss learned attention sinks with alternating sliding windows and
+mixture-of-experts MLPs); the engine's oracle test runs on all of them.
 """
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, Llama4TextConfig,
-                          MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GptOssConfig, LlamaConfig,
+                          Llama4TextConfig, MistralConfig, Olmo2Config, Phi3Config, Qwen2Config, Qwen3Config)
 
 from extract.engine.attention import register
 
 FAMILIES = ("llama", "qwen2", "gemma3")
-ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3", "phi3", "llama4")
+ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "gemma3", "phi3", "llama4", "gpt_oss")
 
 
 _SPECIFIC = {  # family -> (config class, what differs from the common shape)
@@ -33,7 +34,14 @@ _SPECIFIC = {  # family -> (config class, what differs from the common shape)
     "llama4": (Llama4TextConfig, dict(head_dim=16, attention_chunk_size=8, no_rope_layers=[1, 1, 0],
                                       num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128,
                                       interleave_moe_layer_step=2)),
+    # sliding (window 8) / full / sliding layers as gpt-oss alternates them, YaRN RoPE, 2 experts; the sinks are
+    # spread over [-2, 4] after initialisation (SINK_RANGE), so some heads send most of their mass to the sink
+    "gpt_oss": (GptOssConfig, dict(head_dim=16, sliding_window=8, num_local_experts=2, num_experts_per_tok=1,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                   rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
+                                                    "original_max_position_embeddings": 128})),
 }
+SINK_RANGE = (-2.0, 4.0)  # learned sink logits of the tiny models (N(0, 0.02²) at initialisation: no sink to see)
 
 
 def tiny_config(family: str, **overrides):
@@ -54,4 +62,15 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     cfg = tiny_config(family, **overrides)
     cfg._attn_implementation = register()
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=register(), dtype=dtype)
+    _spread_sinks(model, seed)
     return model.eval()
+
+
+def _spread_sinks(model, seed: int) -> None:
+    """Set every learned sink logit (a ``sinks`` parameter of shape (heads,)) uniformly in ``SINK_RANGE``, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = SINK_RANGE
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".sinks"):
+                p.copy_(lo + (hi - lo) * torch.rand(p.shape, generator=g))

@@ -4,7 +4,7 @@
 tensor ``(..., heads, len(RAW_STATS))`` (float64, one value per example, layer and head). A
 :class:`ScoreFunction` reads one raw stat, optionally normalises it, and names the side of a threshold τ
 that means "inactive"; scores are stored raw, the side is metadata. The registry (``SCORE_FUNCTIONS``,
-:func:`score_keys`) holds the 15 built-ins in definitions §2 order, then any registered by the user; every consumer
+:func:`score_keys`) holds the 16 built-ins in definitions §2 order, then any registered by the user; every consumer
 (scoring, thresholds, ablation, database columns and views, reports) loops over it::
 
     from analysis.core.score_functions import ScoreFunction, register_score_function
@@ -41,6 +41,8 @@ RAW_STATS: tuple[RawStat, ...] = (
     RawStat("o_norm", "mean L2 norm of the head output, over valid positions", "activation units"),
     RawStat("o_full_norm", "mean L2 norm of the head output after its slice of the output projection "
             "(O[t] W_O^h, no bias; L2 over d_model), over valid positions", "activation units"),
+    RawStat("p_sink", "mean attention weight on the head's learned sink (the softmax's extra outcome; 0 in "
+            "families without sinks), over valid queries", "probability"),
 )
 """Per (example, layer, head); norms over head_dim (``o_full_norm``: over d_model), query head h reading KV head
 h // (heads / kv_heads)."""
@@ -164,7 +166,7 @@ def registered(fn: ScoreFunction) -> Iterator[ScoreFunction]:
 
 
 def score_keys() -> tuple[str, ...]:
-    """Keys of the registered functions, in order (15 built-ins first)."""
+    """Keys of the registered functions, in order (16 built-ins first)."""
     return tuple(_REGISTRY)
 
 
@@ -223,6 +225,8 @@ for _fn in (
     # IH's FullHeadOutput / FullHeadOutputNormalized: the output after the head's slice of o_proj
     ScoreFunction("afhon", "Avg Full Head Output Norm", "o_full_norm", "below"),
     ScoreFunction("afhon_ln", "Avg Full Head Output Norm (LN)", "o_full_norm", "below", "layer"),
+    # learned attention sinks (gpt-oss): a head that sends its mass to the sink is that family's dormant pattern
+    ScoreFunction("awls", "Avg Weight of the Learned Sink", "p_sink", "above"),
 ):
     register_score_function(_fn)
 _BUILTIN = frozenset(_REGISTRY)

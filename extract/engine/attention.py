@@ -5,13 +5,16 @@ with ``AttentionMaskInterface`` (without the latter a custom attention receives 
 family's own attention module computes q, k, v (rotary, q/k norms, scaling, sliding window, soft-capping
 are the family's business) and calls this function; nothing of the model classes is patched.
 
-* No capture session active (see :mod:`extract.engine.capture`): plain SDPA (the chunked kernel when the family
-  soft-caps logits, which SDPA cannot do).
+* No capture session active (see :mod:`extract.engine.capture`): plain SDPA (the score kernels when the family
+  soft-caps logits or has learned attention sinks, which SDPA cannot do).
 * Session active: :func:`extract.engine.kernels.attend` computes the output and per-query statistics in one
   memory-bounded pass (the first forward of a model with a fast backend is checked against the exact
   kernel, :mod:`extract.engine.selfcheck`); the raw per-head stats go to the session, which may return
   heads to ablate; their output ``O`` (all positions) is zeroed or replaced by a mean before the output
   projection.
+* Learned attention sinks (gpt-oss's ``s_aux``: one extra softmax outcome per head, with no value): the kernel
+  runs over the keys alone and :func:`extract.engine.kernels.with_sinks` folds the sink in from its
+  log-sum-exp (definitions §1).
 """
 from __future__ import annotations
 
@@ -33,18 +36,18 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention signature: q ``(B, H, S, D)``, k/v ``(B, KV, S, D)`` -> ``((B, S, H, D), None)``."""
     cap = capture.current()
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        raise NotImplementedError("models with learned attention-sink logits are not supported by the score engine")
+    sinks = kwargs.pop("s_aux", None)  # learned attention-sink logits (H,), gpt-oss
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     full = query.shape[2] == key.shape[2]
     if cap is None or not full:
         if cap is not None and cap.rule is not None:
             raise RuntimeError("ablate() needs full forward passes: call the model with use_cache=False")
-        if softcap is None:
+        if softcap is None and sinks is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
-    if not full:  # cached decoding with soft-capping (outside a session)
-        raise NotImplementedError("cached decoding with logit soft-capping is not supported; use use_cache=False")
+    if not full:  # cached decoding with soft-capping or sinks (outside a session)
+        raise NotImplementedError("cached decoding with logit soft-capping or learned attention sinks is not "
+                                  "supported; use use_cache=False")
     B, H, S, D = query.shape
     n_rep = H // key.shape[1]
     k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
@@ -52,12 +55,17 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     valid, first, last, add_mask = layout
     backend = "chunked" if softcap is not None else kernels.choose_backend(query.device, softcap)
     chunk = cap.chunk_size if cap else 256
-    out, p_first, entropy = kernels.attend(query, k, v, add_mask, scale, first, valid=valid, softcap=softcap,
-                                           backend=backend, chunk_size=chunk,
-                                           need_entropy=cap.need_entropy if cap else False)
-    if cap is not None:
+    need_entropy = cap.need_entropy if cap else False
+    out, p_first, entropy, lse = kernels.attend_lse(query, k, v, add_mask, scale, first, valid=valid,
+                                                    softcap=softcap, backend=backend, chunk_size=chunk,
+                                                    need_entropy=need_entropy)
+    if cap is not None:  # the fast kernel's own numbers, over the keys alone
         selfcheck.check(module, query, k, v, add_mask, scale, first, valid, backend, (out, p_first, entropy), chunk)
-        stats = head_stats(out, value, p_first, entropy, valid, first, last, output_gram(module))
+    p_sink = None
+    if sinks is not None:
+        out, p_first, entropy, p_sink = kernels.with_sinks(out, p_first, entropy, lse, sinks)
+    if cap is not None:
+        stats = head_stats(out, value, p_first, entropy, valid, first, last, output_gram(module), p_sink)
         ablated = cap.record(module.layer_idx, stats)
         if ablated is not None and bool(ablated.any()):
             out = _replace(out, ablated.to(out.device), cap, module.layer_idx)
@@ -65,8 +73,11 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 
 def head_stats(out: torch.Tensor, value: torch.Tensor, p_first: torch.Tensor, entropy: torch.Tensor,
-               valid: torch.Tensor, first: torch.Tensor, last: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+               valid: torch.Tensor, first: torch.Tensor, last: torch.Tensor, gram: torch.Tensor,
+               p_sink: torch.Tensor | None = None) -> torch.Tensor:
     """The raw stats per (example, query head): ``(B, H, len(RAW_STATS))`` float64, ``RAW_STATS`` order.
+
+    ``p_first``, ``entropy`` and ``p_sink`` (the learned sink's weight; None: no sink, 0) are ``(B, H, S)``.
 
     ``value`` is ``(B, KV, S, D)``: query head h reads KV head ``h // (H / KV)``. ``gram`` ``(H, D, D)``:
     the output projection's per-head Gram matrices (:func:`output_gram`), ``‖o W_O^h‖² = o G_h oᵀ``.
@@ -88,7 +99,9 @@ def head_stats(out: torch.Tensor, value: torch.Tensor, p_first: torch.Tensor, en
     o = out.to(work)
     full = torch.einsum("bhsd,hde,bhse->bhs", o, gram.to(work), o).clamp_min(0).sqrt().double()
     stats = {"p_first": mean_t(p_first), "entropy": mean_t(entropy), "v_first_norm": at(vn, first),
-             "v_norm": mean_t(vn), "o_last_norm": at(on, last), "o_norm": mean_t(on), "o_full_norm": mean_t(full)}
+             "v_norm": mean_t(vn), "o_last_norm": at(on, last), "o_norm": mean_t(on), "o_full_norm": mean_t(full),
+             "p_sink": torch.zeros(out.shape[:2], dtype=torch.float64, device=out.device) if p_sink is None
+             else mean_t(p_sink)}
     return torch.stack(ordered_stats(stats), -1)
 
 
@@ -169,8 +182,7 @@ def register() -> str:
 
 def check_supported(model: PreTrainedModel) -> None:
     """Raise NotImplementedError naming the family and the feature when the engine cannot score ``model``
-    (learned attention-sink logits, e.g. gpt-oss; layers without a ``self_attn``; no linear ``o_proj``),
-    before any forward pass runs."""
+    (layers without a ``self_attn``; no linear ``o_proj``), before any forward pass runs."""
     from extract.engine.hooks import decoder_layers, text_config
 
     family = getattr(text_config(model), "model_type", type(model).__name__)
@@ -179,9 +191,6 @@ def check_supported(model: PreTrainedModel) -> None:
         if att is None:
             raise NotImplementedError(f"{family}: decoder layer {i} has no self_attn (a recurrent or hybrid "
                                       "layer); the score engine needs softmax attention in every layer")
-        if any(name in ("sinks", "s_aux") for name, _ in att.named_parameters(recurse=False)):
-            raise NotImplementedError(f"{family}: learned attention-sink logits are not supported by the score "
-                                      "engine yet (definitions §1 assumes a softmax over the keys alone)")
         weight = getattr(getattr(att, "o_proj", None), "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise NotImplementedError(f"{family}: the attention of layer {i} has no linear o_proj; the score "

@@ -1,6 +1,6 @@
 """Capture sessions: what the registered attention function records while a session is active.
 
-A :class:`Capture` lives for one or more forward passes. For every attention layer it receives the six
+A :class:`Capture` lives for one or more forward passes. For every attention layer it receives the
 raw per-head statistics (``RAW_STATS``, each ``(batch, heads)`` float64, means over valid positions) and,
 when it carries an ablation ``rule``, returns the ``(batch, heads)`` bool mask of heads whose output
 ``O`` is replaced before the output projection. Outside any session the attention is plain SDPA.

@@ -18,6 +18,10 @@ and the entropy of the attention row, without ever holding a (heads x S x S) ten
 * ``"chunked"``: the portable fallback for any device, dtype or feature (logit soft-capping): explicit
   softmax over query chunks, so extra memory is bounded by ``chunk_size x S`` per head.
 
+Learned attention sinks (one extra softmax outcome per head, no value): :func:`attend_lse` also returns the
+keys' log-sum-exp and :func:`with_sinks` folds the sink logits in from it (the sink's weight, the rescaled output
+and first-key weight, the entropy with the sink as one outcome), still without rows.
+
 Shapes: q ``(B, H, S, D)``; k, v ``(B, H, S, D)`` (KV heads already repeated for grouped-query attention);
 ``mask`` additive ``(B, 1, S, S)`` in q's dtype (0 = visible, -inf = hidden) or None for plain causal.
 Outputs: ``out (B, H, S, D)`` in q's dtype; ``p_first, entropy (B, H, S)`` float64 (entropy in nats).
@@ -61,11 +65,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ``(B, S)`` bool non-padding positions (default all), used to pick heads for the exact entropy.
     ``need_entropy=False`` skips the second pass and returns NaN entropies (ablation by other scores).
     """
+    return attend_lse(q, k, v, mask, scale, first, valid=valid, softcap=softcap, backend=backend,
+                      chunk_size=chunk_size, need_entropy=need_entropy)[:3]
+
+
+def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+               first: torch.Tensor, *, valid: torch.Tensor | None = None, softcap: float | None = None,
+               backend: str | None = None, chunk_size: int = 256,
+               need_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`attend` plus each row's log-sum-exp ``lse (B, H, S)`` float64 (of the scaled, capped, masked logits)."""
     backend = backend or choose_backend(q.device, softcap)
     if backend == "chunked" or softcap is not None:
-        out, p_first, entropy = _chunked(q, k, v, mask, scale, first, softcap, chunk_size)
+        out, p_first, entropy, lse = _chunked(q, k, v, mask, scale, first, softcap, chunk_size)
         _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size, softcap)
-        return out, p_first, entropy
+        return out, p_first, entropy, lse
     if backend not in ("flash_cpu", "efficient_cuda"):
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     kernel = FAST_KERNELS[backend]
@@ -78,12 +91,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     lse = lse.double()
     p_first = _weight_on_first(q, k, mask, scale, first, lse)
     if not need_entropy:
-        return out, p_first, torch.full_like(lse, float("nan"))
+        return out, p_first, torch.full_like(lse, float("nan")), lse
     if ak is None:
         ak, _ = kernel(q, k, k, mask, scale)
     entropy = lse - scale * _rowdot(q, ak).double()
     _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size)
-    return out, p_first, entropy
+    return out, p_first, entropy, lse
+
+
+def with_sinks(out: torch.Tensor, p_first: torch.Tensor, entropy: torch.Tensor, lse: torch.Tensor,
+               sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The statistics of a softmax over the visible keys plus one learned sink per head (definitions §1).
+
+    Inputs are those of the keys alone (:func:`attend_lse`): ``out (B, H, S, D)``; ``p_first``, ``entropy``
+    (nats), ``lse`` ``(B, H, S)``; ``sinks (H,)`` the sink logits. With ``z = lse - sink``, the visible mass is
+    ``1 - σ = sigmoid(z)`` and the sink's ``σ = sigmoid(-z)``: the output and the weight on the first key scale
+    by ``1 - σ``, and the entropy with the sink as one more outcome is, by the grouping rule,
+    ``h(σ) + (1 - σ) H_keys`` with ``h`` the binary entropy (from log-sigmoids: no cancellation, no rows).
+    Returns ``(out, p_first, entropy, p_sink)``, the last three float64 ``(B, H, S)``.
+    """
+    z = lse - sinks.detach().double().to(lse.device)[None, :, None]
+    keep, p_sink = torch.sigmoid(z), torch.sigmoid(-z)
+    binary = -(keep * F.logsigmoid(z) + p_sink * F.logsigmoid(-z))
+    work = torch.promote_types(out.dtype, torch.float32)
+    out = (out.to(work) * keep.to(work)[..., None]).to(out.dtype)
+    return out, p_first * keep, binary + keep * entropy, p_sink
 
 
 def _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size, softcap=None):
@@ -97,8 +129,8 @@ def _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size, 
     for b in low.any(1).nonzero().flatten().tolist():
         hs = low[b].nonzero().flatten()
         m = None if mask is None else mask[b : b + 1]
-        _, _, ent = _chunked(q[b : b + 1, hs], k[b : b + 1, hs], v[b : b + 1, hs], m, scale,
-                             first[b : b + 1], softcap, chunk_size)
+        ent = _chunked(q[b : b + 1, hs], k[b : b + 1, hs], v[b : b + 1, hs], m, scale,
+                             first[b : b + 1], softcap, chunk_size)[2]
         entropy[b, hs] = ent[0]
 
 
@@ -171,11 +203,12 @@ def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
           first: torch.Tensor, softcap: float | None = None,
           chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact portable computation (backend ``"chunked"``), same shapes and outputs as :func:`attend`."""
-    return _chunked(q, k, v, mask, scale, first, softcap, chunk_size)
+    return _chunked(q, k, v, mask, scale, first, softcap, chunk_size)[:3]
 
 
 def _chunked(q, k, v, mask, scale, first, softcap, chunk_size, work=torch.float32):
     """Portable exact path: explicit softmax over query chunks (extra memory chunk_size x S per head).
+    Returns ``(out, p_first, entropy, lse)`` (``lse = m + log1p(rest)``, float64).
 
     The entropy has no cancellation: with m the row max, e = exp(s - m), the max entry (e = 1) dropped
     and rest = sum of the other e, ``H = log1p(rest) - sum_others e (s - m) / (1 + rest)``; every term
@@ -186,6 +219,7 @@ def _chunked(q, k, v, mask, scale, first, softcap, chunk_size, work=torch.float3
     out = torch.empty_like(q)
     p_first = torch.empty(B, H, S, dtype=torch.float64, device=q.device)
     entropy = torch.empty_like(p_first)
+    lse = torch.empty_like(p_first)
     rows = torch.arange(B, device=q.device)
     for s0 in range(0, S, chunk_size):
         e = min(S, s0 + chunk_size)
@@ -208,7 +242,8 @@ def _chunked(q, k, v, mask, scale, first, softcap, chunk_size, work=torch.float3
         out[:, :, s0:e] = torch.matmul(p, v[:, :, :e].to(work)).to(q.dtype)
         ent = torch.log1p(rest) - (ex * d.nan_to_num(neginf=0.0)).sum(-1, keepdim=True) / z
         entropy[:, :, s0:e] = ent.squeeze(-1).double()
+        lse[:, :, s0:e] = (m.double() + torch.log1p(rest.double())).squeeze(-1)
         idx = first.clamp(max=e - 1)
         pf = p[rows, :, :, idx].double()  # (B, H, chunk)
         p_first[:, :, s0:e] = torch.where((first < e).view(-1, 1, 1), pf, torch.zeros_like(pf))
-    return out, p_first, entropy
+    return out, p_first, entropy, lse

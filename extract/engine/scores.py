@@ -1,7 +1,7 @@
 """Per-head, per-example scores (definitions §2) as a by-product of one forward pass.
 
 ``score_heads(model, sequences)`` runs the decoder stack (no LM head) under a capture session and turns
-the raw stats of every (example, layer, head) into the registered scores (``score_functions``: the 15 of
+the raw stats of every (example, layer, head) into the registered scores (``score_functions``: the 16 of
 definitions §2, plus any user-registered). Sequences are sorted by length, batched under a token budget and
 right-padded; padding never changes a score.
 

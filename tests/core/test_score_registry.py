@@ -1,5 +1,5 @@
 """The score-function registry: one definition of the raw stats' order, inactive sides on any array type, and a
-user-registered 16th function scored, thresholded, ablated and stored with no other change."""
+user-registered 17th function scored, thresholded, ablated and stored with no other change."""
 import numpy as np
 import polars as pl
 import pytest
@@ -17,7 +17,7 @@ from fakes import fake_inputs, fake_shard
 from tiny import tiny_model
 
 BUILTIN = ("awft", "awft_ln", "aeqd", "aeqd_ln", "ftvvn", "ftvvn_ln", "avvn", "avvn_ln", "lthon", "lthon_ln",
-           "lthon_hn", "ahon", "ahon_ln", "afhon", "afhon_ln")
+           "lthon_hn", "ahon", "ahon_ln", "afhon", "afhon_ln", "awls")
 # entropy per unit of mean value norm, inactive when low; reads the entropy stat (needs the kernel's entropy pass)
 EXTRA = ScoreFunction("aeqd_hn", "Avg Entropy per Value Norm", stat="entropy", inactive_side="below",
                       normalisation="head", norm_stat="v_norm")
@@ -48,7 +48,7 @@ def batch(seed=0, n=6, lo=6, hi=30):
 
 def test_builtins_keep_their_order_and_sides():
     assert score_keys() == BUILTIN
-    assert [k for k in BUILTIN if get_score_function(k).inactive_side == "above"] == ["awft", "awft_ln"]
+    assert [k for k in BUILTIN if get_score_function(k).inactive_side == "above"] == ["awft", "awft_ln", "awls"]
     assert [k for k in BUILTIN if get_score_function(k).needs_entropy] == ["aeqd", "aeqd_ln"]
     ln = get_score_function("lthon_ln")
     assert (ln.stat, ln.normalisation, ln.norm_stat) == ("o_last_norm", "layer", "o_norm")
@@ -56,6 +56,8 @@ def test_builtins_keep_their_order_and_sides():
     full = get_score_function("afhon_ln")  # normalised like ahon_ln: by the layer mean of the same stat
     assert (full.stat, full.normalisation, full.norm_stat, full.inactive_side) == ("o_full_norm", "layer",
                                                                                   "o_full_norm", "below")
+    sink = get_score_function("awls")  # the learned sink's weight, inactive when high like awft
+    assert (sink.stat, sink.normalisation, sink.unit) == ("p_sink", "none", "probability")
 
 
 def test_raw_stat_order_is_defined_once():

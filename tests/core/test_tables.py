@@ -14,12 +14,12 @@ from analysis.database import connect, migrations, schema
 
 # The schema as it shipped before analysis.core.tables (the DDL of analysis/database.py at abe9ea2), written
 # out by hand: the 13 built-in score columns in definitions §2 order. Changed since: two built-in scores (afhon,
-# afhon_ln: IH's full head output norm) follow the 13; bb_metrics has layer and part
+# afhon_ln: IH's full head output norm) follow the 13, then awls (the learned sink's weight); bb_metrics has layer and part
 # (key columns; the toy metrics no longer spell them in the metric name); maps_scores, maps_correlations and
 # maps_causal have inputs (the E' choice, a key column) and maps_inputs is new.
 BUILTIN_SCORES = ("awft DOUBLE, awft_ln DOUBLE, aeqd DOUBLE, aeqd_ln DOUBLE, ftvvn DOUBLE, ftvvn_ln DOUBLE, "
                   "avvn DOUBLE, avvn_ln DOUBLE, lthon DOUBLE, lthon_ln DOUBLE, lthon_hn DOUBLE, ahon DOUBLE, "
-                  "ahon_ln DOUBLE, afhon DOUBLE, afhon_ln DOUBLE")
+                  "ahon_ln DOUBLE, afhon DOUBLE, afhon_ln DOUBLE, awls DOUBLE")
 SHIPPED = f"""
 CREATE TABLE models (
   model VARCHAR PRIMARY KEY, upstream VARCHAR, family VARCHAR, variant VARCHAR, quantisation VARCHAR,
@@ -135,7 +135,8 @@ def test_a_few_tables_against_literal_column_lists(fresh):
         "head_scores": [("model", "VARCHAR", 1), ("dataset", "VARCHAR", 1), ("example", "VARCHAR", 1),
                         ("layer", "INTEGER", 1), ("head", "INTEGER", 1)] + [
             (k, "DOUBLE", 0) for k in ("awft", "awft_ln", "aeqd", "aeqd_ln", "ftvvn", "ftvvn_ln", "avvn", "avvn_ln",
-                                       "lthon", "lthon_ln", "lthon_hn", "ahon", "ahon_ln", "afhon", "afhon_ln")],
+                                       "lthon", "lthon_ln", "lthon_hn", "ahon", "ahon_ln", "afhon", "afhon_ln",
+                                       "awls")],
     }
     for t, cols in want.items():
         assert [(n, ty, int(pk > 0)) for n, ty, _, _, pk in table_info(fresh, t)] == cols, t

@@ -168,3 +168,33 @@ def test_aligned_bias_keeps_an_aligned_mask():
     odd = torch.randn(2, 1, 9, 9)
     got = aligned_bias(odd, (2, 4, 9, 9))
     assert got.stride() == (144, 0, 16, 1) and torch.equal(got[:, 0], odd[:, 0])
+
+
+@pytest.mark.parametrize("backend", ["flash_cpu", "chunked"])
+def test_sinks_match_explicit_softmax_over_keys_and_sink(backend):
+    """with_sinks against a float64 softmax over the visible keys plus one sink column (padded, windowed): the
+    output and first-key weight of the visible rows, the sink's weight and the entropy with the sink as one
+    outcome; sink weights from negligible (logit -30) to dominant (+30) keep their relative precision."""
+    from extract.engine.kernels import attend_lse, with_sinks
+
+    torch.manual_seed(4)
+    B, H, S, D = 2, 5, 29, 16
+    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
+    allowed, add = masks(B, S, 6, [0, 4])
+    sinks = torch.tensor([-30.0, -1.0, 0.5, 3.0, 30.0])
+    first = torch.zeros(B, dtype=torch.long)
+    out, pf, ent, lse = attend_lse(q, k, v, add, 0.3, first, backend=backend, chunk_size=8)
+    out, pf, ent, ps = with_sinks(out, pf, ent, lse, sinks)
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.3
+    s = torch.cat([s.masked_fill(~allowed, float("-inf")), sinks.double().view(1, H, 1, 1).expand(B, H, S, 1)], -1)
+    logp = s.log_softmax(-1)
+    p = logp.exp()
+    rent = -(p * logp.nan_to_num(neginf=0.0)).sum(-1)
+    sel = (torch.arange(S)[None] < S - torch.tensor([0, 4])[:, None])[:, None, :].expand(B, H, S)
+    assert torch.allclose(out.double()[sel], (p[..., :S] @ v.double())[sel], atol=1e-5)
+    assert torch.allclose(pf[sel], p[..., 0][sel], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ps[sel], p[..., S][sel], rtol=1e-5, atol=0)
+    assert torch.allclose(ent[sel], rent[sel], atol=2e-5)  # the fast kernel's ~1e-7-nat rows, as above
+    dominant = sel[:, 4]  # the sink takes all but ~1e-12: the entropy (~1e-11 nats) keeps its relative precision
+    torch.testing.assert_close(ent[:, 4][dominant], rent[:, 4][dominant], rtol=1e-4, atol=0)
+    assert float(ps[:, 4].min()) > 1 - 1e-9 and float(ps[:, 0].max()) < 1e-9  # both ends are really reached

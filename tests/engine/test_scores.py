@@ -212,25 +212,77 @@ def test_every_engine_family_matches_reference(family):
 
 @pytest.mark.parametrize("family,feature", [("llama4", dict(attention_chunk_size=256)),
                                             ("mistral", dict(sliding_window=None)),
-                                            ("gemma2", dict(attn_logit_softcapping=None))])
+                                            ("gemma2", dict(attn_logit_softcapping=None)),
+                                            ("gpt_oss", dict(sliding_window=256))])
 def test_the_family_feature_matters(family, feature):
     """The families' features change the scores (so the oracle test above sees them): the same weights without
-    llama4's chunks, mistral's window or gemma2's soft-capping give other scores."""
+    llama4's chunks, mistral's or gpt_oss's window or gemma2's soft-capping give other scores."""
     seqs = random_seqs(2, 30, 40, 128, seed=6)
     a, b = tiny_model(family, seed=2), tiny_model(family, seed=2, **feature)
     assert not np.allclose(as_array(score_heads(a, seqs), 2, a), as_array(score_heads(b, seqs), 2, b), rtol=1e-3)
 
 
 def test_unsupported_family_fails_before_any_forward():
-    """gpt-oss's learned attention sinks: a clear error naming the family and the feature, from the first call."""
-    from transformers import AutoModelForCausalLM, GptOssConfig
+    """lfm2's convolution layers (no self_attn): a clear error naming the family and the layer, from the first call."""
+    from transformers import AutoModelForCausalLM, Lfm2Config
 
-    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
-                       max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    cfg = Lfm2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, layer_types=["conv", "full_attention"], max_position_embeddings=256)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     calls = []
     model.model.register_forward_pre_hook(lambda *a: calls.append(1))
-    with pytest.raises(NotImplementedError, match="gpt_oss: learned attention-sink logits"):
+    with pytest.raises(NotImplementedError, match="lfm2: decoder layer 0 has no self_attn"):
         score_heads(model, [[1, 5, 6]])
     assert calls == []
+
+
+def padded(seqs):
+    from extract.engine.scores import pad_right
+
+    return pad_right(seqs, 0, "cpu")
+
+
+def test_gpt_oss_logits_equal_its_eager_attention():
+    """The learned sinks through the registered function: logits (padded batch, valid positions) and the
+    attention output equal the family's own eager attention, outside and inside a capture session."""
+    from extract.engine.scores import recording
+    from reference import eager
+
+    model = tiny_model("gpt_oss", seed=4)
+    ids, am = padded(random_seqs(3, 5, 30, 128, seed=7))
+    with torch.no_grad():
+        with eager(model):
+            ref = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+        ours = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+        with recording(model) as rec:
+            scored = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+    keep = am.bool()
+    scale = ref[keep].abs().max()
+    assert float((ours[keep] - ref[keep]).abs().max() / scale) < 1e-5
+    assert float((scored[keep] - ref[keep]).abs().max() / scale) < 1e-5
+    assert rec.raw_stats().shape[1] == model.config.num_hidden_layers
+
+
+def test_sink_scores_see_the_sinks():
+    """The sinks change the scores: weight on the sink in (0, 1), larger for a larger sink logit, zero in a family
+    without sinks; a head whose sink logit is raised sends its mass there (awls up, awft down)."""
+    seqs = random_seqs(2, 20, 30, 128, seed=8)
+    k = score_keys()
+    ws, wf = k.index("awls"), k.index("awft")
+    llama = tiny_model("llama")
+    assert np.all(as_array(score_heads(llama, seqs), 2, llama)[..., ws] == 0)
+    model = tiny_model("gpt_oss", seed=1)
+    before = as_array(score_heads(model, seqs), 2, model)
+    assert np.all((before[..., ws] > 0) & (before[..., ws] < 1))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.sinks[0] = 12.0
+    after = as_array(score_heads(model, seqs), 2, model)
+    assert np.all(after[:, 1, 0, ws] > 0.99) and np.all(after[:, 1, 0, wf] < before[:, 1, 0, wf] / 10)
+    np.testing.assert_allclose(after[:, 0], before[:, 0], rtol=1e-6)  # the layer before it: unchanged
+
+
+def test_cached_decoding_with_sinks_is_a_clear_error():
+    model = tiny_model("gpt_oss")
+    with pytest.raises(NotImplementedError, match="learned attention sinks"), torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 5, 6]]), use_cache=True)
+        model(input_ids=torch.tensor([[7]]), past_key_values=out.past_key_values, use_cache=True)
