@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from extract.data.tasks import LETTERS, TaskData, load_task
 from extract.engine.scores import batches, pad_id, pad_right, recording
 from extract.errors import DormantError
-from extract.prompts import build_prompt, check_choice, encode, lm_eval_adds_special_tokens
+from extract.prompts import build_prompt, check_choice, delimiter, encode, lm_eval_adds_special_tokens
 
 
 @dataclass
@@ -135,13 +135,15 @@ def kl_divergence(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: int | None = None,
              chat_template: bool | None = None, chat_format: str = "multiturn", tokenization: str = "bos_first",
+             chat_delimiter: str = "none",
              batch_tokens: int = 8192, calibrate: bool = False, scoring: str = "letter",
              keep_distributions: bool = False, reference: EvalResult | None = None,
              progress: bool = True) -> EvalResult:
     """Evaluate ``model`` on a multiple-choice task (a name is loaded with ``limit``, see extract.data.tasks).
 
     k_shot: shots from the task's held-out pool (the first k). chat_template: None = the chat template for
-    instruct models. chat_format ("multiturn", "single_user") and tokenization ("bos_first", "lm_eval"):
+    instruct models. chat_format ("multiturn", "single_user"), tokenization ("bos_first", "lm_eval") and
+    chat_delimiter ("none": the bare letter after a multiturn chat prompt, "space": lm-eval 0.4.5's " A"):
     extract.prompts. batch_tokens: padded tokens per forward pass. calibrate: also record every head's
     scores on each question's prompt, in the same forward passes (``result.scores``; the row read, i.e.
     the prompt and the tokens its continuations share, or with multi-token continuations the row of the
@@ -157,13 +159,14 @@ def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: 
     data = load_task(task, limit=limit, progress=progress) if isinstance(task, str) else task
     chat = uses_chat_template(model, tokenizer, chat_template)
     texts, conts = [], []
+    delim = delimiter(chat, chat_format, chat_delimiter)
     for q in data.questions:
         pool = data.shots.get(q.task, [])
         if len(pool) < k_shot:
             raise DormantError(f"{k_shot}-shot asked, but task {q.task!r} has {len(pool)} held-out shots")
         texts.append(build_prompt(q, pool[:k_shot], data.descriptions.get(q.task, ""), tokenizer if chat else None,
                                   scoring, chat_format))
-        conts.append([" " + c for c in (LETTERS[:len(q.choices)] if scoring == "letter" else q.choices)])
+        conts.append([delim + c for c in (LETTERS[:len(q.choices)] if scoring == "letter" else q.choices)])
     encoded = encode(tokenizer, texts, conts, chat=chat, tokenization=tokenization,
                      special_tokens=lm_eval_adds_special_tokens(model))
     rows: list[_Row] = [r for i, (prompt, ids) in enumerate(encoded) for r in _rows(prompt, ids, i)]

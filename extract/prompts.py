@@ -13,8 +13,12 @@ question's block. With the tokenizer's chat template (instruct models) the forma
 * ``single_user``: the plain prompt up to its final ``"Answer:"`` as one user message, and ``"Answer:"``
   after the generation prompt.
 
-Tokens. Choice j is scored as the continuation ``" " + answer_j`` (" A", or " {choice}" for cloze) of the
-prompt, tokenized by one of :data:`TOKENIZATIONS`:
+Tokens. Choice j is scored as the continuation ``delimiter + answer_j`` of the prompt: the delimiter is
+" " (" A", or " {choice}" for cloze) except after a ``multiturn`` chat prompt, where :data:`CHAT_DELIMITERS`
+decide: ``none`` (definitions §5: the bare letter "A" right after the assistant's generation prompt, as
+lm-evaluation-harness 0.4.7 and later build it) or ``space`` (lm-evaluation-harness 0.4.5's code keeps its
+target delimiter " " in chat mode: lm_eval/api/task.py ``construct_requests``). Then tokenized by one of
+:data:`TOKENIZATIONS`:
 
 * ``bos_first``: the prompt's tokens with the tokenizer's BOS first (a chat prompt as its template writes
   it, special tokens included), and each continuation tokenized on its own.
@@ -22,8 +26,8 @@ prompt, tokenized by one of :data:`TOKENIZATIONS`:
   special tokens are added only for models whose ``model_type`` contains "gemma" (the harness forces its BOS
   there), none for the others (llama, qwen2, olmo2: no BOS unless the template writes one); the prompt's
   trailing whitespace moves to the front of each continuation (after a chat generation prompt: its "\\n",
-  so a chat model's continuation is "\\n A" after ``<|im_start|>assistant``), and a continuation's tokens are
-  those of prompt + continuation beyond those of the prompt alone.
+  so a chat model's continuation is "\\nA", or "\\n A" with ``space``, after ``<|im_start|>assistant``), and a
+  continuation's tokens are those of prompt + continuation beyond those of the prompt alone.
 """
 from __future__ import annotations
 
@@ -33,8 +37,17 @@ from extract.data.tasks import LETTERS, Question
 
 ChatFormat = Literal["multiturn", "single_user"]
 Tokenization = Literal["bos_first", "lm_eval"]
+ChatDelimiter = Literal["none", "space"]
 CHAT_FORMATS: tuple[str, ...] = get_args(ChatFormat)
 TOKENIZATIONS: tuple[str, ...] = get_args(Tokenization)
+CHAT_DELIMITERS: tuple[str, ...] = get_args(ChatDelimiter)
+
+
+def delimiter(chat: bool, chat_format: str = "multiturn", chat_delimiter: str = "none") -> str:
+    """What precedes each answer in the continuation (module doc): "" only after a ``multiturn`` chat prompt
+    with ``chat_delimiter="none"``."""
+    check_choice("chat_delimiter", chat_delimiter, CHAT_DELIMITERS)
+    return "" if chat and chat_format == "multiturn" and chat_delimiter == "none" else " "
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:

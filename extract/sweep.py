@@ -30,7 +30,7 @@ from analysis.core.bootstrap import N_BOOT, curves, point_intervals
 from analysis.core.score_functions import score_keys
 from analysis.core.thresholds import TARGET_FRACTIONS, thresholds
 from extract.data.tasks import TaskData, load_tasks  # no torch: the CLI reads SweepSettings at start-up
-from extract.prompts import ChatFormat, Tokenization
+from extract.prompts import ChatDelimiter, ChatFormat, Tokenization
 
 RESULT_COLUMNS = tables.column_names("ablation_results")
 POINT_COLUMNS = RESULT_COLUMNS[:RESULT_COLUMNS.index("n_questions") + 1]  # one config's values; the rest: bootstrap
@@ -62,6 +62,7 @@ class SweepSettings:
     n_boot: int = N_BOOT  # paired bootstrap replicates over questions for every CI (definitions §5)
     chat_format: ChatFormat = "multiturn"  # instruct models' chat prompts (extract.prompts; definitions §5)
     tokenization: Tokenization = "bos_first"  # BOS first, or lm-evaluation-harness 0.4.5's (definitions §5)
+    chat_delimiter: ChatDelimiter = "none"  # "A" after a multiturn chat prompt (§5), or 0.4.5's " A"
     dtype: str = "float32"
     device: str = "cpu"
 
@@ -99,7 +100,8 @@ class SweepResult:
 
 def run_sweep(model, tokenizer, data: TaskData, *, score_fns=None, fractions=TARGET_FRACTIONS,
               seed: int = 0, k_shot: int = 0, batch_tokens: int = 8192, chat_template: bool | None = None,
-              chat_format: str = "multiturn", tokenization: str = "bos_first", scoring: str = "letter",
+              chat_format: str = "multiturn", tokenization: str = "bos_first", chat_delimiter: str = "none",
+              scoring: str = "letter",
               n_boot: int = N_BOOT, progress: bool = True) -> SweepResult:
     """Calibrate, threshold and sweep ``data`` (see module doc); accuracy in points (0–100).
 
@@ -112,7 +114,7 @@ def run_sweep(model, tokenizer, data: TaskData, *, score_fns=None, fractions=TAR
 
     name = model_info(model)["model"]
     kw = dict(k_shot=k_shot, batch_tokens=batch_tokens, chat_template=chat_template, chat_format=chat_format,
-              tokenization=tokenization, scoring=scoring, progress=False)
+              tokenization=tokenization, chat_delimiter=chat_delimiter, scoring=scoring, progress=False)
     t0 = time.perf_counter()
     base = evaluate(model, tokenizer, data, calibrate=True, keep_distributions=True, **kw)
     t_cal = time.perf_counter() - t0

@@ -13,7 +13,7 @@ from analysis.sweep.uncertainty import KL_BUDGET
 # the sweep's settings (extract.sweep.SweepSettings): the `evaluation` keys it has, plus the scoring dtype/device
 SWEEP = settings_json({**{k: EV[k] for k in ("tasks", "task_name", "limit", "k_shot", "seed", "score_functions",
                                                "fractions", "batch_tokens", "scoring", "n_boot", "chat_format",
-                                               "tokenization") if k in EV},
+                                               "tokenization", "chat_delimiter") if k in EV},
                        "dtype": config["scoring"]["dtype"], "device": config["scoring"]["device"]})
 
 
@@ -82,7 +82,8 @@ if CANDIDATES:
             scoring="letter|cloze",
         shell:
             "OMP_NUM_THREADS={threads} {DORMANT} eval --model {params.name:q} {params.tasks} --limit {params.limit} "
-            "--k-shot {CANDIDATES[k_shot]} --seed {EV[seed]} --scoring {wildcards.scoring} "
+            "--k-shot {CANDIDATES[k_shot]} --seed {EV[seed]} --scoring {wildcards.scoring} --chat-format {EV[chat_format]} "
+            "--tokenization {EV[tokenization]} --chat-delimiter {EV[chat_delimiter]} "
             "--batch-tokens {EV[batch_tokens]} --out {output:q} > {log:q} 2>&1"
 
     rule task_candidates:

@@ -105,9 +105,10 @@ def test_chat_template_option():
         evaluate(model, tok, task, k_shot=4, progress=False)
 
 
-def chat_by_hand(model, tok, task, k_shot, scoring="letter"):
-    """lm-eval 0.4.5's chat log-likelihoods one choice at a time: the prompt's trailing whitespace moved into the
-    continuation, one full sequence per choice, no BOS (a llama model)."""
+def chat_by_hand(model, tok, task, k_shot, scoring="letter", delim=" "):
+    """lm-eval's chat log-likelihoods one choice at a time: the prompt's trailing whitespace moved into the
+    continuation ``delim + answer`` (0.4.5: " A"; definitions §5: "A"), one full sequence per choice, no BOS
+    (a llama model)."""
     out = []
     for q in task.questions:
         text = build_prompt(q, task.shots["toy"][:k_shot], task.descriptions["toy"], tok, scoring)
@@ -115,7 +116,7 @@ def chat_by_hand(model, tok, task, k_shot, scoring="letter"):
         ctx = tok(context, add_special_tokens=False)["input_ids"]
         lls = []
         for c in ("ABCDEF"[:len(q.choices)] if scoring == "letter" else q.choices):
-            ids = tok(text + " " + c, add_special_tokens=False)["input_ids"]
+            ids = tok(text + delim + c, add_special_tokens=False)["input_ids"]
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
             lls.append(sum(float(logp[t - 1, ids[t]]) for t in range(len(ctx), len(ids))))
@@ -123,23 +124,26 @@ def chat_by_hand(model, tok, task, k_shot, scoring="letter"):
     return out
 
 
+@pytest.mark.parametrize("chat_delimiter", ["none", "space"])
 @pytest.mark.parametrize("letter_tokens,scoring", [(True, "letter"), (False, "letter"), (True, "cloze")],
                          ids=["one-token-letters", "two-token-letters", "cloze"])
-def test_multiturn_lm_eval_loglik_by_hand(letter_tokens, scoring):
+def test_multiturn_lm_eval_loglik_by_hand(letter_tokens, scoring, chat_delimiter):
     """chat_format="multiturn" + tokenization="lm_eval": the shared "\\n" of the generation prompt is read in
-    the same row as the letters, and the numbers equal one-sequence-per-choice forwards."""
+    the same row as the letters, and the numbers equal one-sequence-per-choice forwards, with the bare answer
+    (definitions §5) and with lm-eval 0.4.5's " A"."""
     model, tok = tiny_model("llama", seed=7), tiny_tokenizer(letter_tokens, chat_template=True)
     model.config.dormant_source = {"name": "tiny-instruct", "variant": "instruct"}
     task = toy_task(5)
-    res = evaluate(model, tok, task, k_shot=2, tokenization="lm_eval", scoring=scoring, batch_tokens=400,
-                   progress=False)
+    res = evaluate(model, tok, task, k_shot=2, tokenization="lm_eval", chat_delimiter=chat_delimiter,
+                   scoring=scoring, batch_tokens=400, progress=False)
     assert res.chat_template
-    expect = chat_by_hand(model, tok, task, 2, scoring)
+    expect = chat_by_hand(model, tok, task, 2, scoring, "" if chat_delimiter == "none" else " ")
     for g, e in zip(res.predictions["loglik"].to_list(), expect):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
     text = build_prompt(task.questions[0], task.shots["toy"][:2], task.descriptions["toy"], tok, scoring)
     assert res.predictions["n_tokens"][0] == len(tok(text.rstrip(), add_special_tokens=False)["input_ids"])
-    bos_first = evaluate(model, tok, task, k_shot=2, scoring=scoring, batch_tokens=400, progress=False)
+    bos_first = evaluate(model, tok, task, k_shot=2, scoring=scoring, chat_delimiter=chat_delimiter, batch_tokens=400,
+                         progress=False)
     if scoring == "letter":  # the newline's log-probability is shared by every choice: same predictions
         assert bos_first.predictions["predicted"].to_list() == res.predictions["predicted"].to_list()
 
@@ -158,6 +162,7 @@ def test_logliks_equal_lm_eval_on_smollm2(zoo_model):
     for case in [c for c in d["cases"] if c["model"] == "smollm2-135m-instruct"]:
         data = TaskData("fixture", [questions[w["id"]] for w in case["questions"]], shots, d["descriptions"])
         res = evaluate(model, tok, data, k_shot=case["k_shot"], chat_template=case["chat"], tokenization="lm_eval",
+                       chat_delimiter="space",
                        scoring=case["scoring"], progress=False)
         for got, want in zip(res.predictions["loglik"].to_list(), case["questions"]):
             ref = [c["loglik"] for c in want["choices"]]

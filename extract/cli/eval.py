@@ -26,7 +26,7 @@ def _eval(args: argparse.Namespace) -> int:
     for task in tasks:
         t0 = time.perf_counter()
         res = evaluate(model, tok, task, k_shot=args.k_shot, chat_template=chat, chat_format=args.chat_format,
-                       tokenization=args.tokenization, batch_tokens=args.batch_tokens,
+                       tokenization=args.tokenization, chat_delimiter=args.chat_delimiter, batch_tokens=args.batch_tokens,
                        calibrate=args.calibrate_out is not None, scoring=args.scoring)
         meta = [pl.lit(res.model).alias("model"), pl.lit(task.name).alias("dataset"),
                 pl.lit(args.k_shot).alias("k_shot"), pl.lit(res.chat_template).alias("chat_template"),
@@ -50,7 +50,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from extract.prompts import CHAT_FORMATS, TOKENIZATIONS
+    from extract.prompts import CHAT_DELIMITERS, CHAT_FORMATS, TOKENIZATIONS
 
     p = sub.add_parser("eval", help="multiple-choice accuracy of one model (letter log-likelihoods)")
     options.add_model(p)
@@ -69,6 +69,9 @@ def register(sub) -> None:
     p.add_argument("--tokenization", choices=TOKENIZATIONS, default="bos_first",
                    help="bos_first: BOS first on plain prompts; lm_eval: lm-evaluation-harness 0.4.5's (paper "
                         "profile; definitions §5)")
+    p.add_argument("--chat-delimiter", choices=CHAT_DELIMITERS, default="none",
+                   help="after a multiturn chat prompt: none = the bare letter (definitions §5), space = lm-eval "
+                        "0.4.5's ' A'")
     p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
     p.add_argument("--scoring", choices=["letter", "cloze"], default="letter",
                    help="letter: definitions §5 (paper); cloze: per-character log-likelihood of each choice's text")

@@ -21,6 +21,7 @@ def _sweep(args: argparse.Namespace) -> int:
     data = load_suite(list(s.tasks), limit=s.limit, seed=s.seed, name=s.task_name)
     r = run_sweep(model, tok, data, score_fns=fns, fractions=list(s.fractions), seed=s.seed, k_shot=s.k_shot,
                   batch_tokens=s.batch_tokens, chat_format=s.chat_format, tokenization=s.tokenization,
+                  chat_delimiter=s.chat_delimiter,
                   scoring=s.scoring, n_boot=s.n_boot)
     out = args.out_dir
     write_parquet(r.calibration, out / "calibration.parquet")
