@@ -142,12 +142,13 @@ def ingest_scores(con, shards: list[Path], corpora: dict[str, Path]) -> int:
     """Load score shards (``extract.score`` Parquet) and their examples; returns head_scores rows seen."""
     if not shards:
         return 0
-    files = _sql_list(shards)
-    cols = ", ".join(score_keys())
+    source = f"read_parquet({_sql_list(shards)}, union_by_name = true)"  # shards of older code: fewer scores
+    present = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    cols = ", ".join(k if k in present else f"NULL AS {k}" for k in score_keys())  # not computed: NULL
     con.execute(f"""INSERT OR REPLACE INTO head_scores
-        SELECT model, dataset, example_id, layer, head, {cols} FROM read_parquet({files})""")
+        SELECT model, dataset, example_id, layer, head, {cols} FROM {source}""")
     meta = con.execute(f"""SELECT DISTINCT model, dataset, example_id, n_tokens, bos_first
-                           FROM read_parquet({files})""").fetchall()
+                           FROM {source}""").fetchall()
     info = {}
     for name, path in corpora.items():
         with open(path, encoding="utf-8") as f:
@@ -160,7 +161,7 @@ def ingest_scores(con, shards: list[Path], corpora: dict[str, Path]) -> int:
         domain, max_tokens, sha = info.get((d, e), (None, None, None))
         rows.append((m, d, e, domain, n, max_tokens, b, sha))
     con.executemany("INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    return con.execute(f"SELECT count(*) FROM read_parquet({files})").fetchone()[0]
+    return con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
 
 
 def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterable[Path] = (),

@@ -176,3 +176,21 @@ def test_atomic_dir_replaces_on_success_and_keeps_the_old_one_on_failure(tmp_pat
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_shards_from_older_code_ingest_with_null_scores(tmp_path):
+    """A shard written before a score function was added lacks its column: the other shards keep theirs, the
+    missing scores are NULL (not computed), nothing else changes."""
+    parts, df = fake_inputs(tmp_path)
+    old = tmp_path / "old.parquet"
+    missing = score_keys()[-1]
+    fake_shard(old, dataset="e", seed=5).drop(missing).write_parquet(old)
+    db = tmp_path / "x.duckdb"
+    counts = ingest(db, **{**parts, "shards": [*parts["shards"], old]})
+    con = connect(db, read_only=True)
+    got = query(con, f"SELECT dataset, count(*) AS n, count({missing}) AS scored FROM head_scores GROUP BY 1 ORDER BY 1")
+    assert got.rows() == [("d", df.height, df.height), ("e", 18, 0)] and counts["head_scores"] == df.height + 18
+    kept = query(con, f"SELECT {score_keys()[0]} FROM head_scores WHERE dataset = 'e' ORDER BY example, layer, head")
+    want = pl.read_parquet(old).sort("example", "layer", "head")[score_keys()[0]].to_list()
+    assert kept[score_keys()[0]].to_list() == want
+    con.close()
