@@ -1,7 +1,9 @@
 """The one attention function every model family runs through, registered as ``"dormant"``.
 
 It is registered with transformers' ``AttentionInterface`` and, under the same name, a mask function
-with ``AttentionMaskInterface`` (without the latter a custom attention receives no mask at all). Each
+with ``AttentionMaskInterface`` (without the latter a custom attention receives no mask at all): the lazy
+:func:`extract.engine.masks.lazy_mask`, so no (S x S) mask is built for a scoring forward (masks are read band by
+band into per-row key intervals and the kernels run block by block, :mod:`extract.engine.masks`). Each
 family's own attention module computes q, k, v (rotary, q/k norms, scaling, sliding window, soft-capping
 are the family's business) and calls this function; nothing of the model classes is patched.
 
@@ -23,10 +25,10 @@ import weakref
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
 from analysis.core.score_functions import ordered_stats
-from extract.engine import capture, kernels, selfcheck
+from extract.engine import capture, kernels, masks, selfcheck
 
 ATTN_NAME = "dormant"
 
@@ -43,6 +45,8 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if cap is not None and cap.rule is not None:
             raise RuntimeError("ablate() needs full forward passes: call the model with use_cache=False")
         if softcap is None and sinks is None:
+            if isinstance(attention_mask, masks.LazyMask):
+                attention_mask = attention_mask.dense()  # plain SDPA gets the stock mask
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
     if not full:  # cached decoding with soft-capping or sinks (outside a session)
@@ -97,7 +101,7 @@ def head_stats(out: torch.Tensor, value: torch.Tensor, p_first: torch.Tensor, en
     vn = vn.repeat_interleave(H // value.shape[1], dim=1)
     on = torch.linalg.vector_norm(out, dim=-1, dtype=work).double()
     o = out.to(work)
-    full = torch.einsum("bhsd,hde,bhse->bhs", o, gram.to(work), o).clamp_min(0).sqrt().double()
+    full = ((o @ gram.to(work)) * o).sum(-1).clamp_min(0).sqrt().double()  # o G_h oᵀ, (B, H, S, D) at most
     stats = {"p_first": mean_t(p_first), "entropy": mean_t(entropy), "v_first_norm": at(vn, first),
              "v_norm": mean_t(vn), "o_last_norm": at(on, last), "o_norm": mean_t(on), "o_full_norm": mean_t(full),
              "p_sink": torch.zeros(out.shape[:2], dtype=torch.float64, device=out.device) if p_sink is None
@@ -134,12 +138,14 @@ def output_gram(module: torch.nn.Module) -> torch.Tensor:
 
 
 def _mask_layout(attention_mask, B, S, query, cap):
-    """Valid positions ``(B, S)``, first/last valid index ``(B,)`` and the kernel's additive mask.
+    """Valid positions ``(B, S)``, first/last valid index ``(B,)`` and the kernel's mask.
 
     A key t is valid (not padding) iff query t may attend to it: the mask's diagonal. When the mask is
     plain causal on every valid query row (right padding, no window) the kernel gets None (causal),
-    which changes nothing for valid queries and is twice as fast. Otherwise the diagonal is always
-    opened, so no row is fully masked (padding rows would else turn into NaN).
+    which changes nothing for valid queries and is twice as fast. A :class:`~extract.engine.masks.LazyMask`
+    otherwise becomes :class:`~extract.engine.masks.Blocks` (per-row key intervals, O(B·S)); a dense mask (or
+    a lazy one whose rows are not intervals) an additive ``(B, 1, S, S)`` one. Padding rows see their own
+    position (the diagonal is opened), so no row is fully masked (they would else turn into NaN).
     """
     dev = query.device
     if attention_mask is None:
@@ -148,20 +154,46 @@ def _mask_layout(attention_mask, B, S, query, cap):
         return valid, zero, zero + S - 1, None
 
     def make():
-        m = attention_mask[:, 0]
-        m = m if m.dtype == torch.bool else m == 0
-        m = m.expand(B, S, S)
-        valid = torch.diagonal(m, dim1=-2, dim2=-1)
-        first = valid.int().argmax(-1)
-        last = S - 1 - valid.flip(-1).int().argmax(-1)
-        causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
-        if bool(((m == causal) | ~valid[:, :, None]).all()):
-            return valid, first, last, None
-        opened = m | torch.eye(S, dtype=torch.bool, device=dev)
-        add = torch.zeros(opened.shape, dtype=query.dtype, device=dev).masked_fill_(~opened, float("-inf"))
-        return valid, first, last, add[:, None]
+        if isinstance(attention_mask, masks.LazyMask):
+            lo, hi, exact, valid = masks.intervals(attention_mask)
+            t = torch.arange(S, device=dev)
+            if bool((exact | ~valid).all()) and bool((hi <= t).all()):
+                return _interval_layout(valid, lo, hi, t)
+            dense = attention_mask.dense()
+        else:
+            dense = attention_mask
+        return _dense_layout(dense, B, S, query)
 
     return cap.cached(attention_mask, make) if cap is not None else make()
+
+
+def _interval_layout(valid, lo, hi, t):
+    """The layout of a mask given as per-row key intervals ``lo, hi (B, S)`` (``hi <= t``)."""
+    S = valid.shape[1]
+    first = valid.int().argmax(-1)
+    last = S - 1 - valid.flip(-1).int().argmax(-1)
+    if bool(((lo == 0) & (hi == t) | ~valid).all()):
+        return valid, first, last, None
+    lo = torch.where(valid, lo, t)  # padding rows: their own position only
+    hi = torch.where(valid, hi, t)
+    return valid, first, last, masks.Blocks(lo, hi, masks.BLOCK_ROWS)
+
+
+def _dense_layout(attention_mask, B, S, query):
+    """The layout of a dense ``(B or 1, 1, S, S)`` mask (bool, or additive with 0 = visible)."""
+    dev = query.device
+    m = attention_mask[:, 0]
+    m = m if m.dtype == torch.bool else m == 0
+    m = m.expand(B, S, S)
+    valid = torch.diagonal(m, dim1=-2, dim2=-1)
+    first = valid.int().argmax(-1)
+    last = S - 1 - valid.flip(-1).int().argmax(-1)
+    causal = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+    if bool(((m == causal) | ~valid[:, :, None]).all()):
+        return valid, first, last, None
+    opened = m | torch.eye(S, dtype=torch.bool, device=dev)
+    add = torch.zeros(opened.shape, dtype=query.dtype, device=dev).masked_fill_(~opened, float("-inf"))
+    return valid, first, last, add[:, None]
 
 
 def _replace(out, ablated, cap, layer):
@@ -176,7 +208,7 @@ def _replace(out, ablated, cap, layer):
 def register() -> str:
     """Register the attention function and its mask function under ``ATTN_NAME``; returns the name."""
     AttentionInterface.register(ATTN_NAME, dormant_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_NAME, masks.lazy_mask)
     return ATTN_NAME
 
 

@@ -23,7 +23,10 @@ keys' log-sum-exp and :func:`with_sinks` folds the sink logits in from it (the s
 and first-key weight, the entropy with the sink as one outcome), still without rows.
 
 Shapes: q ``(B, H, S, D)``; k, v ``(B, H, S, D)`` (KV heads already repeated for grouped-query attention);
-``mask`` additive ``(B, 1, S, S)`` in q's dtype (0 = visible, -inf = hidden) or None for plain causal.
+``mask`` additive ``(B, 1, S, S)`` in q's dtype (0 = visible, -inf = hidden), None for plain causal, or
+:class:`extract.engine.masks.Blocks` (per-row key intervals: every backend then runs query block by query block
+on the keys the block can see, extra memory O(B·S) plus one block's mask). A rectangular mask ``(B, 1, S_q,
+S_k)`` with ``S_k >= S_q`` aligns the last query with the last key (query i is position ``S_k - S_q + i``).
 Outputs: ``out (B, H, S, D)`` in q's dtype; ``p_first, entropy (B, H, S)`` float64 (entropy in nats).
 """
 from __future__ import annotations
@@ -33,6 +36,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from extract.engine.masks import Blocks
 
 BACKENDS = ("flash_cpu", "efficient_cuda", "chunked")
 EXACT_ENTROPY_BELOW = 0.05  # nats; heads (per example) under it get the exact entropy
@@ -74,6 +79,10 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
                backend: str | None = None, chunk_size: int = 256,
                need_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`attend` plus each row's log-sum-exp ``lse (B, H, S)`` float64 (of the scaled, capped, masked logits)."""
+    if isinstance(mask, Blocks):
+        return _blockwise(lambda *a: attend_lse(*a[:4], scale, a[4], valid=a[5], softcap=softcap, backend=backend,
+                                                chunk_size=chunk_size, need_entropy=need_entropy),
+                          q, k, v, mask, first, valid)
     backend = backend or choose_backend(q.device, softcap)
     if backend == "chunked" or softcap is not None:
         out, p_first, entropy, lse = _chunked(q, k, v, mask, scale, first, softcap, chunk_size)
@@ -97,6 +106,23 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     entropy = lse - scale * _rowdot(q, ak).double()
     _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size)
     return out, p_first, entropy, lse
+
+
+def _blockwise(run: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: Blocks,
+               first: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``run(q, k, v, add, first, valid)`` on each query block ``[s0, s1)`` with keys ``[k0, s1)`` (``first``
+    relative to k0), results (each ``(B, H, rows, ...)``) concatenated; the first key's weight is 0 in the
+    blocks whose keys do not include it."""
+    S = q.shape[2]
+    parts = []
+    for s0 in range(0, S, blocks.rows):
+        s1 = min(S, s0 + blocks.rows)
+        k0, add = blocks(s0, s1, q.dtype)
+        inside = ((first >= k0) & (first < s1)).view(-1, 1, 1)
+        res = run(q[:, :, s0:s1], k[:, :, k0:s1], v[:, :, k0:s1], add, (first - k0).clamp(0, s1 - k0 - 1),
+                  None if valid is None else valid[:, s0:s1])
+        parts.append((res[0], torch.where(inside, res[1], torch.zeros_like(res[1])), *res[2:]))
+    return tuple(torch.cat(x, 2) for x in zip(*parts))
 
 
 def with_sinks(out: torch.Tensor, p_first: torch.Tensor, entropy: torch.Tensor, lse: torch.Tensor,
@@ -203,7 +229,15 @@ def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
           first: torch.Tensor, softcap: float | None = None,
           chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact portable computation (backend ``"chunked"``), same shapes and outputs as :func:`attend`."""
-    return _chunked(q, k, v, mask, scale, first, softcap, chunk_size)[:3]
+    return _exact(q, k, v, mask, scale, first, softcap, chunk_size)[:3]
+
+
+def _exact(q, k, v, mask, scale, first, softcap, chunk_size):
+    """:func:`_chunked` on a dense mask or block by block on :class:`Blocks`; (out, p_first, entropy, lse)."""
+    if isinstance(mask, Blocks):
+        return _blockwise(lambda q, k, v, m, f, _: _chunked(q, k, v, m, scale, f, softcap, chunk_size),
+                          q, k, v, mask, first, None)
+    return _chunked(q, k, v, mask, scale, first, softcap, chunk_size)
 
 
 def _chunked(q, k, v, mask, scale, first, softcap, chunk_size, work=torch.float32):
@@ -216,6 +250,7 @@ def _chunked(q, k, v, mask, scale, first, softcap, chunk_size, work=torch.float3
     """
     work = torch.promote_types(work, q.dtype)
     B, H, S, D = q.shape
+    off = k.shape[2] - S  # query i is key position off + i (rectangular masks of query blocks)
     out = torch.empty_like(q)
     p_first = torch.empty(B, H, S, dtype=torch.float64, device=q.device)
     entropy = torch.empty_like(p_first)
@@ -223,14 +258,15 @@ def _chunked(q, k, v, mask, scale, first, softcap, chunk_size, work=torch.float3
     rows = torch.arange(B, device=q.device)
     for s0 in range(0, S, chunk_size):
         e = min(S, s0 + chunk_size)
-        s = torch.matmul(q[:, :, s0:e].to(work), k[:, :, :e].to(work).transpose(-1, -2)) * scale
+        ke = e + off  # keys [0, ke) can be visible to queries [s0, e)
+        s = torch.matmul(q[:, :, s0:e].to(work), k[:, :, :ke].to(work).transpose(-1, -2)) * scale
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
         if mask is None:
-            causal = torch.ones(e - s0, e, dtype=torch.bool, device=q.device).tril(s0)
+            causal = torch.ones(e - s0, ke, dtype=torch.bool, device=q.device).tril(s0 + off)
             s = s.masked_fill(~causal, float("-inf"))
         else:
-            s = s + mask[:, :, s0:e, :e].to(work)
+            s = s + mask[:, :, s0:e, :ke].to(work)
         m, arg = s.max(-1, keepdim=True)
         d = s - m  # <= 0, -inf where masked
         ex = d.exp()
@@ -239,11 +275,11 @@ def _chunked(q, k, v, mask, scale, first, softcap, chunk_size, work=torch.float3
         z = 1 + rest
         p = ex / z
         p.scatter_(-1, arg, 1 / z)
-        out[:, :, s0:e] = torch.matmul(p, v[:, :, :e].to(work)).to(q.dtype)
+        out[:, :, s0:e] = torch.matmul(p, v[:, :, :ke].to(work)).to(q.dtype)
         ent = torch.log1p(rest) - (ex * d.nan_to_num(neginf=0.0)).sum(-1, keepdim=True) / z
         entropy[:, :, s0:e] = ent.squeeze(-1).double()
         lse[:, :, s0:e] = (m.double() + torch.log1p(rest.double())).squeeze(-1)
-        idx = first.clamp(max=e - 1)
+        idx = first.clamp(max=ke - 1)
         pf = p[rows, :, :, idx].double()  # (B, H, chunk)
-        p_first[:, :, s0:e] = torch.where((first < e).view(-1, 1, 1), pf, torch.zeros_like(pf))
+        p_first[:, :, s0:e] = torch.where((first < ke).view(-1, 1, 1), pf, torch.zeros_like(pf))
     return out, p_first, entropy, lse
