@@ -142,56 +142,67 @@ def inputs_table(corr: pl.DataFrame, causal: pl.DataFrame, seed: int = 0) -> pl.
     return pl.DataFrame(rows, orient="row", schema=tables.polars_schema("maps_inputs"))
 
 
-def _paired(frame: pl.DataFrame, value: str, a: str, b: str, seed: int) -> str:
-    """``a - b`` of ``value`` paired over (model, operation): median [95% CI], units."""
-    w = frame.pivot(on="inputs", index=["model", "operation"], values=value)
-    if a not in w.columns or b not in w.columns:
-        return "n/a"
-    diff = (w[a] - w[b]).drop_nulls().drop_nans().to_list()
-    m, lo, hi = _median_ci(diff, seed)
+def _cell(values, seed: int, signed: bool = False) -> str:
+    m, lo, hi = _median_ci(list(values), seed)
+    f = "{:+.3f}" if signed else "{:.3f}"
     if m is None:
         return "n/a"
-    ci = f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None else ""
-    return f"{m:+.3f}{ci} (n = {len(diff)})"
+    return f.format(m) + (f" [{f.format(lo)}, {f.format(hi)}]" if lo is not None else "") + f" (n = {len(values)})"
 
 
 def inputs_answer(table: pl.DataFrame, corr: pl.DataFrame, causal: pl.DataFrame, scores: pl.DataFrame,
                   seed: int = 0) -> str:
-    """Which E' predicts inference: a paragraph with the pooled medians and paired differences over
-    (model, operation) units, and the best static scores of the copying and knowledge operations."""
+    """Which E' predicts inference: per choice, medians over (model, operation) units with 95% bootstrap CIs
+    (r where defined, and r with an undefined r, every static score equal, counted as 0 = no prediction; the
+    causal gap = relative drop with the top heads minus with random heads), the paired differences against
+    ``reference``, and the best static scores of the copying and knowledge operations."""
     ours = table.filter(pl.col("source") == "this run")
-    if not ours.height:
-        return "# Which E' predicts inference\n\nNo MAPS run.\n"
+    if not ours.height or not corr.height:
+        return "# Which E' predicts inference\n\nNo MAPS run with a dynamic check.\n"
     choices = ours["inputs"].unique(maintain_order=True).to_list()
-    lines = ["# Which E' predicts inference", "",
-             "Medians over (model, operation) units [95% bootstrap CI]; paired differences against `reference`.", ""]
+    filled = corr.with_columns(pl.col("pearson").fill_nan(None).fill_null(0.0).alias("r0"),
+                               pl.col("pearson").fill_nan(None).alias("pearson"))
     drops = relative_drops(causal).with_columns((pl.col("top") - pl.col("random")).alias("gap"))
-    pooled = []
+    rows = []
     for c in choices:
-        cells = []
-        for context in ("without", "with"):
-            v = corr.filter((pl.col("inputs") == c) & (pl.col("context") == context))["pearson"] if corr.height else []
-            m, lo, hi = _median_ci(list(v), seed)
-            cells.append("n/a" if m is None else f"{m:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""))
-        m, lo, hi = _median_ci(drops.filter(pl.col("inputs") == c)["gap"].to_list(), seed)
-        cells.append("n/a" if m is None else f"{m:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""))
-        pooled.append((c, *cells))
-    lines.append(markdown(pl.DataFrame(pooled, orient="row", schema=["inputs", "r without context", "r with context",
-                                                                      "relative drop, top - random heads"])))
-    if corr.height and "reference" in choices:
+        f = filled.filter(pl.col("inputs") == c)
+        row = [c, int(f.filter(pl.col("context") == "without")["pearson"].is_null().sum())]
+        for col in ("pearson", "r0"):
+            for context in ("without", "with"):
+                row.append(_cell(f.filter(pl.col("context") == context)[col].drop_nulls().to_list(), seed))
+        row.append(_cell(drops.filter(pl.col("inputs") == c)["gap"].to_list(), seed))
+        rows.append(row)
+    lines = ["# Which E' predicts inference", "",
+             "Medians over (model, operation) units [95% bootstrap CI] (n units). r: Pearson r of static vs "
+             "dynamic scores over heads x templates; undefined where every head has the same static score (then "
+             "also shown as 0, no prediction). Causal gap: relative accuracy drop with the top static heads "
+             "removed minus with random heads.", "",
+             markdown(pl.DataFrame(rows, orient="row", schema=[
+                 "inputs", "r undefined", "r without context", "r with context", "r without (undefined = 0)",
+                 "r with (undefined = 0)", "causal gap"]))]
+    if "reference" in choices:
+        lines.append("Paired differences against `reference` over the same units:")
+        lines.append("")
         for c in (x for x in choices if x != "reference"):
-            lines.append(f"- `{c}` - `reference`: r without context "
-                         f"{_paired(corr.filter(pl.col('context') == 'without'), 'pearson', c, 'reference', seed)}, "
-                         f"with context {_paired(corr.filter(pl.col('context') == 'with'), 'pearson', c, 'reference', seed)}, "
-                         f"causal gap {_paired(drops, 'gap', c, 'reference', seed)}.")
+            cells = []
+            for col in ("pearson", "r0"):
+                for context in ("without", "with"):
+                    w = filled.filter(pl.col("context") == context).pivot(
+                        on="inputs", index=["model", "operation"], values=col)
+                    cells.append(_cell((w[c] - w["reference"]).drop_nulls().to_list(), seed, signed=True))
+            g = drops.pivot(on="inputs", index=["model", "operation"], values="gap")
+            gap = _cell((g[c] - g["reference"]).drop_nulls().to_list(), seed, signed=True) \
+                if {c, "reference"} <= set(g.columns) else "n/a"
+            lines.append(f"- `{c}` - `reference`: r without context {cells[0]}, with context {cells[1]}; "
+                         f"undefined as 0: without {cells[2]}, with {cells[3]}; causal gap {gap}.")
         lines.append("")
     best = (scores.filter(pl.col("category").is_in(["algorithmic", "knowledge"])
-                          & pl.col("operation").is_in(corr["operation"].unique().to_list() if corr.height else []))
+                          & pl.col("operation").is_in(corr["operation"].unique().to_list()))
             .group_by("model", "inputs", "category").agg(pl.col("score").max().alias("best_static"))
             .pivot(on="inputs", index=["model", "category"], values="best_static").sort("model", "category"))
     if best.height:
         lines += ["Best static score of any head over the dynamic check's copying (algorithmic) and knowledge "
-                  "operations:", "", markdown(best)]
+                  "operations:", "", markdown(best.select("model", "category", *[c for c in choices if c in best.columns]))]
     return "\n".join(lines) + "\n"
 
 
