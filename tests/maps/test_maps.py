@@ -252,9 +252,9 @@ def test_inputs_table_in_the_reference_form():
     from analysis.maps import MAPS_PAPER, inputs_answer, inputs_table
 
     rng = np.random.default_rng(0)
-    corr = pl.DataFrame([("m", c, f"op{i}", ctx, float(rng.uniform(-1, 1)), 10, 0.5, 0.5)
-                         for c in ("reference", "raw") for i in range(5) for ctx in ("with", "without")],
-                        orient="row", schema=tables.polars_schema("maps_correlations"))
+    corr = pl.DataFrame([("m", c, f"op{i}", ctx, float("nan") if (c, i) == ("raw", 0) else float(rng.uniform(-1, 1)),
+                          10, 0.5, 0.5) for c in ("reference", "raw") for i in range(5) for ctx in ("with", "without")],
+                        orient="row", schema=tables.polars_schema("maps_correlations"))  # raw op0: r undefined
     acc = {"op0": (0.5, 0.25, 0.5), "op1": (0.8, 0.2, 0.6), "op2": (0.0, 0.0, 0.0)}  # base, top, random
     causal = pl.DataFrame([("m", c, op, sel, n, d, {"none": b, "top": t * (c == "raw") + b * (c != "raw"),
                                                        "random": r}[sel] if n == 4 or sel == "none" else 0.0, b, 8)
@@ -267,9 +267,10 @@ def test_inputs_table_in_the_reference_form():
     ours = {r["inputs"]: r for r in t.filter(pl.col("source") == "this run").iter_rows(named=True)}
     for c, r in ours.items():
         for ctx, col in (("without", "r_without"), ("with", "r_with")):
-            v = corr.filter((pl.col("inputs") == c) & (pl.col("context") == ctx))["pearson"].to_numpy()
+            v = corr.filter((pl.col("inputs") == c) & (pl.col("context") == ctx))["pearson"].drop_nans().to_numpy()
             assert r[col] == pytest.approx(np.median(v)) and r[col + "_low"] <= r[col] <= r[col + "_high"]
-        assert (r["r_operations"], r["r_undefined"], r["n_heads"], r["causal_operations"]) == (5, 0, 4, 2)
+        undefined = int(c == "raw")
+        assert (r["r_operations"], r["r_undefined"], r["n_heads"], r["causal_operations"]) == (5 - undefined, undefined, 4, 2)
     # raw: top heads drop 0.25/0.5 = 0.5 and 0.6/0.8 = 0.75 -> median 0.625; reference: no drop
     assert ours["raw"]["drop_top"] == pytest.approx(0.625) and ours["reference"]["drop_top"] == pytest.approx(0.0)
     assert ours["raw"]["drop_random"] == pytest.approx(np.median([0.0, (0.8 - 0.6) / 0.8]))
@@ -279,7 +280,8 @@ def test_inputs_table_in_the_reference_form():
     scores = pl.DataFrame([("m", c, 0, 0, "op0", "algorithmic", 1, 0.5, 0.0, 30) for c in ("reference", "raw")],
                           orient="row", schema=tables.polars_schema("maps_scores"))
     text = inputs_answer(t, corr, causal, scores)
-    assert "`raw` - `reference`" in text and "(n = 5)" in text and "| m | algorithmic | 0.5 | 0.5 |" in text
+    assert "`raw` - `reference`" in text and "(n = 4)" in text and "| m | algorithmic | 0.5 | 0.5 |" in text
+    assert "| raw | 1 |" in text  # one undefined r, counted as 0 in the `undefined = 0` columns (n = 5)
 
 
 # ---- settings: dataclass <-> JSON <-> command line; what run() writes ------------------------------------
