@@ -133,6 +133,23 @@ def kl_divergence(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (ref - other), 0.0).sum(-1).clamp_min(0.0)  # 0 · log 0 = 0
 
 
+def encode_questions(model, tokenizer, data: TaskData, *, k_shot: int, chat: bool, chat_format: str = "multiturn",
+                     tokenization: str = "bos_first", chat_delimiter: str = "none",
+                     scoring: str = "letter") -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt ids, each choice's continuation ids) per question, as :func:`evaluate` scores them."""
+    texts, conts = [], []
+    delim = delimiter(chat, chat_format, chat_delimiter)
+    for q in data.questions:
+        pool = data.shots.get(q.task, [])
+        if len(pool) < k_shot:
+            raise DormantError(f"{k_shot}-shot asked, but task {q.task!r} has {len(pool)} held-out shots")
+        texts.append(build_prompt(q, pool[:k_shot], data.descriptions.get(q.task, ""), tokenizer if chat else None,
+                                  scoring, chat_format))
+        conts.append([delim + c for c in (LETTERS[:len(q.choices)] if scoring == "letter" else q.choices)])
+    return encode(tokenizer, texts, conts, chat=chat, tokenization=tokenization,
+                  special_tokens=lm_eval_adds_special_tokens(model))
+
+
 def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: int | None = None,
              chat_template: bool | None = None, chat_format: str = "multiturn", tokenization: str = "bos_first",
              chat_delimiter: str = "none",
@@ -158,17 +175,8 @@ def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: 
 
     data = load_task(task, limit=limit, progress=progress) if isinstance(task, str) else task
     chat = uses_chat_template(model, tokenizer, chat_template)
-    texts, conts = [], []
-    delim = delimiter(chat, chat_format, chat_delimiter)
-    for q in data.questions:
-        pool = data.shots.get(q.task, [])
-        if len(pool) < k_shot:
-            raise DormantError(f"{k_shot}-shot asked, but task {q.task!r} has {len(pool)} held-out shots")
-        texts.append(build_prompt(q, pool[:k_shot], data.descriptions.get(q.task, ""), tokenizer if chat else None,
-                                  scoring, chat_format))
-        conts.append([delim + c for c in (LETTERS[:len(q.choices)] if scoring == "letter" else q.choices)])
-    encoded = encode(tokenizer, texts, conts, chat=chat, tokenization=tokenization,
-                     special_tokens=lm_eval_adds_special_tokens(model))
+    encoded = encode_questions(model, tokenizer, data, k_shot=k_shot, chat=chat, chat_format=chat_format,
+                               tokenization=tokenization, chat_delimiter=chat_delimiter, scoring=scoring)
     rows: list[_Row] = [r for i, (prompt, ids) in enumerate(encoded) for r in _rows(prompt, ids, i)]
     n_tokens = [len(prompt) for prompt, _ in encoded]
     pad = pad_id(model, tokenizer)
