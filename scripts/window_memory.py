@@ -7,7 +7,10 @@ vocab 128); batch: two sequences of ``length`` and ``length // 2`` tokens, right
 ``--cap-gib`` stops a run whose RSS passes the cap (reported as ``over cap``) so that a quadratic run cannot
 take the machine down.
 
-    OMP_NUM_THREADS=1 python scripts/window_memory.py --lengths 2048 8192 32768
+    MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 python scripts/window_memory.py --lengths 2048 8192 32768
+
+Without a fixed mmap threshold glibc's heap keeps freed blocks of many sizes mapped (its dynamic threshold
+grows to 32 MiB), and peak RSS then measures fragmentation as much as live tensors.
 """
 from __future__ import annotations
 

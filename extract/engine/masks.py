@@ -76,7 +76,7 @@ def intervals(mask: LazyMask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
         lo.append(first)
         hi.append(last)
         exact.append((count == 0) | (count == last - first + 1))
-        diagonal.append(torch.diagonal(m, offset=s0, dim1=1, dim2=2))
+        diagonal.append(torch.diagonal(m, offset=s0, dim1=1, dim2=2).clone())  # a view would keep m alive
     return torch.cat(lo, 1), torch.cat(hi, 1), torch.cat(exact, 1), torch.cat(diagonal, 1)
 
 
