@@ -20,3 +20,8 @@ class DownloadError(DormantError):
 
 class HubError(DormantError):
     """A hub id that cannot be loaded (hub unreachable, offline mode, or no such repository)."""
+
+
+class InputError(DormantError, ValueError):
+    """Input the package cannot use as given (empty, wrong dtype, out of range, unreadable file); also a
+    ValueError, so callers catching ValueError keep working."""

@@ -118,9 +118,12 @@ def head_output_means(model, sequences: Sequence, *, batch_tokens: int = 8192) -
 
     Read at the ``"z"`` capture point (the input of each layer's output projection, per head).
     """
-    from extract.engine.scores import _as_lists, batches
+    from extract.engine.scores import batches, check_sequences
+    from extract.errors import InputError
 
-    seqs = _as_lists(sequences)
+    seqs = check_sequences(model, sequences)
+    if not seqs:
+        raise InputError("head_output_means needs at least one sequence (the means average over their positions)")
     attention.use(model)
     sums: dict[int, torch.Tensor] = {}
     valid: dict[str, torch.Tensor] = {}

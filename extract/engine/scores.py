@@ -21,8 +21,9 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from analysis.core.score_functions import SCORE_FUNCTIONS, ScoreFunction, score_keys, stats_by_key
+from analysis.core.score_functions import RAW_STATS, SCORE_FUNCTIONS, ScoreFunction, score_keys, stats_by_key
 from extract.engine import attention, capture, hooks
+from extract.errors import InputError
 
 
 def _ratio(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -54,14 +55,77 @@ def scores_from_stats(stats: torch.Tensor) -> torch.Tensor:
     return torch.stack([_score(by_stat, fn) for fn in SCORE_FUNCTIONS.values()], -1)
 
 
-def _as_lists(sequences: Sequence) -> list[list[int]]:
+def _ids(i: int, s) -> list[int]:
+    """Sequence ``i`` as a list of ints; a float, bool or str sequence is an error (never cast silently)."""
+    if isinstance(s, str):
+        raise InputError(f"sequence {i} is a str, not token ids; score texts with score_texts(model, tokenizer, "
+                         "texts)")
+    if isinstance(s, (int, np.integer)):
+        raise InputError(f"sequence {i} is the single int {s}; pass a list of token-id sequences ([ids], not ids)")
+    if isinstance(s, (torch.Tensor, np.ndarray)):
+        integer = (not s.dtype.is_floating_point and not s.dtype.is_complex and s.dtype != torch.bool
+                   if isinstance(s, torch.Tensor) else np.issubdtype(s.dtype, np.integer))
+        if not integer:
+            raise InputError(f"sequence {i} has dtype {s.dtype}; token ids must be integers: pass the tokenizer's "
+                             "input_ids (e.g. torch.long), not embeddings, logits or a mask")
+        if s.ndim != 1:
+            raise InputError(f"sequence {i} has shape {tuple(s.shape)}; each sequence is 1-D (iterate the rows "
+                             "of a batch, or drop padding first)")
+        return [int(t) for t in s.tolist()]
+    try:
+        ids = list(s)
+    except TypeError:
+        raise InputError(f"sequence {i} is a {type(s).__name__}, not a sequence of token ids; pass lists of ints "
+                         "or 1-D integer tensors") from None
+    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
+    if bad is not None:
+        raise InputError(f"sequence {i} holds {type(bad).__name__} {bad!r}; token ids must be ints: pass the "
+                         "tokenizer's input_ids, not embeddings, logits or a mask")
+    return [int(t) for t in ids]
+
+
+def context_length(model) -> int | None:
+    """The model's trained context (``max_position_embeddings``), None when its config has none."""
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(text, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def beyond_context(model, seqs: Sequence[Sequence[int]]) -> list[bool]:
+    """Per sequence: longer than the model's trained context (scored anyway, with a warning)."""
+    n = context_length(model)
+    return [n is not None and len(s) > n for s in seqs]
+
+
+def check_sequences(model, sequences: Sequence) -> list[list[int]]:
+    """``sequences`` as lists of token ids, checked against ``model`` before any forward pass.
+
+    Errors (:class:`InputError`, one line naming the fix): a sequence shorter than 2 tokens, float/bool/str
+    sequences (never cast to ids), ids outside the model's vocabulary. A warning: sequences longer than the
+    trained context (``max_position_embeddings``) are scored, and :func:`beyond_context` flags them.
+    """
+    if isinstance(sequences, str) or getattr(sequences, "ndim", 2) < 2:
+        raise InputError("sequences must be a list of token-id sequences; wrap one sequence in a list ([ids]), "
+                         "or score texts with score_texts(model, tokenizer, texts)")
     out = []
     for i, s in enumerate(sequences):
-        ids = s.tolist() if isinstance(s, torch.Tensor) else list(s)
+        ids = _ids(i, s)
         if len(ids) < 2:
-            raise ValueError(f"sequence {i} has {len(ids)} token(s); head scores need at least 2 "
+            raise InputError(f"sequence {i} has {len(ids)} token(s); head scores need at least 2 "
                              "(a one-token row has no attention choice: drop it or give more text)")
-        out.append([int(t) for t in ids])
+        out.append(ids)
+    vocab = model.get_input_embeddings().num_embeddings
+    for i, ids in enumerate(out):
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= vocab:
+            raise InputError(f"sequence {i} holds token id {lo if lo < 0 else hi}, outside this model's vocabulary "
+                             f"(0..{vocab - 1}); encode the text with this model's own tokenizer")
+    long = [i for i, b in enumerate(beyond_context(model, out)) if b]
+    if long:
+        warnings.warn(f"{len(long)} of {len(out)} sequences are longer than the model's trained context "
+                      f"({context_length(model)} tokens; first: #{long[0]}, {len(out[long[0]])} tokens); scored "
+                      "anyway, flagged per example as beyond_context", stacklevel=4)
     return out
 
 
@@ -115,10 +179,13 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 def raw_head_stats(model, sequences: Sequence, *, batch_tokens: int = 8192, chunk_size: int = 256,
                    progress: bool = False) -> torch.Tensor:
     """Raw stats ``(examples, layers, heads, n_stats)`` float64 (``RAW_STATS`` order), in input order."""
-    seqs = _as_lists(sequences)
+    seqs = check_sequences(model, sequences)
     attention.use(model)
     cfg = model.config
     n_layers = cfg.num_hidden_layers
+    if not seqs:  # nothing to score: an empty result of the right shape
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return torch.empty((0, n_layers, text.num_attention_heads, len(RAW_STATS)), dtype=torch.float64)
     bos = getattr(cfg, "bos_token_id", None)
     no_bos = [i for i, s in enumerate(seqs) if bos is not None and s[0] != bos]
     if no_bos:
@@ -150,7 +217,10 @@ def score_heads(model, sequences: Sequence, *, batch_tokens: int = 8192, chunk_s
                 progress: bool = False) -> pl.DataFrame:
     """Every registered score for every (example, layer, head).
 
-    sequences: token-id sequences (lists of ints or 1-D tensors) of any lengths >= 2.
+    sequences: token-id sequences (lists of ints or 1-D integer tensors) of any lengths >= 2, checked before
+    any forward (:func:`check_sequences`: a clear :class:`InputError` for float ids, ids outside the
+    vocabulary, a sequence shorter than 2; a warning for sequences beyond the trained context). No
+    sequences: an empty frame with the same columns and dtypes.
     batch_tokens: padded tokens per forward pass (memory budget). chunk_size: query chunk of the
     portable kernel. Returns one row per (example, layer, head): ``example`` (index into
     ``sequences``), ``layer``, ``head``, then ``score_keys()`` as float64.
