@@ -15,6 +15,7 @@ layer, head: mean, median, quantiles, fraction of examples on the inactive side 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Iterable
@@ -71,14 +72,51 @@ GROUP BY ALL;
 """
 
 
+class DatabaseFileError(ValueError):
+    """A database or Parquet file that cannot be read (damaged, truncated by a crash, or locked by another
+    process); the message names the file and the fix. A ValueError, so the command line prints it on one line."""
+
+
+REBUILD = "delete it and run the workflow again (bash scripts/run.sh), which writes it anew"
+
+
+def _open(path: str | Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "lock" in first.lower():
+            raise DatabaseFileError(f"{path} is in use by another process ({first}); wait for that run to finish "
+                                    "or stop it, then run again") from None
+        raise DatabaseFileError(f"{path} is not a readable DuckDB database, e.g. truncated by a crash ({first}); "
+                                f"{REBUILD}") from None
+
+
+def check_parquet(files: Iterable[str | Path]) -> None:
+    """Every file is a whole Parquet file (``PAR1`` at both ends), else a :class:`DatabaseFileError` naming it:
+    a shard truncated by a crash or a full disk is found before any of it is ingested."""
+    for f in files:
+        try:
+            size = os.path.getsize(f)
+            with open(f, "rb") as fh:
+                head = fh.read(4)
+                fh.seek(max(size - 4, 0))
+                tail = fh.read(4)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Parquet file {f} not found; run the workflow step that writes it") from None
+        if size < 12 or head != b"PAR1" or tail != b"PAR1":
+            raise DatabaseFileError(f"{f} is not a complete Parquet file ({size} bytes; truncated or damaged, e.g. "
+                                    f"by a crash or a full disk); {REBUILD}")
+
+
 def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """Open the database; a writable connection creates the schema and views if missing (and adds the columns
-    of :func:`migrations` to an older database)."""
+    of :func:`migrations` to an older database). A damaged or locked file: :class:`DatabaseFileError`."""
     if read_only:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no database at {path}; run the workflow first (bash scripts/run.sh)")
-        return duckdb.connect(str(path), read_only=True)
-    con = duckdb.connect(str(path))
+        return _open(path, read_only=True)
+    con = _open(path, read_only=False)
     con.execute(schema())
     _recreate_rekeyed(con, path)
     con.execute(migrations())
@@ -147,20 +185,27 @@ def ingest_scores(con, shards: list[Path], corpora: dict[str, Path]) -> int:
     cols = ", ".join(k if k in present else f"NULL AS {k}" for k in score_keys())  # not computed: NULL
     con.execute(f"""INSERT OR REPLACE INTO head_scores
         SELECT model, dataset, example_id, layer, head, {cols} FROM {source}""")
-    meta = con.execute(f"""SELECT DISTINCT model, dataset, example_id, n_tokens, bos_first
+    beyond = "beyond_context" if "beyond_context" in present else "NULL::BOOLEAN"  # older shards: unknown
+    meta = con.execute(f"""SELECT DISTINCT model, dataset, example_id, n_tokens, bos_first, {beyond}
                            FROM {source}""").fetchall()
     info = {}
     for name, path in corpora.items():
         with open(path, encoding="utf-8") as f:
-            for line in f:
+            for k, line in enumerate(f):
                 if line.strip():
-                    ex = json.loads(line)
+                    try:
+                        ex = json.loads(line.rstrip("\r\n"))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{k + 1}: not valid JSON ({e.msg} at column {e.colno}); fix or "
+                                         "delete that line (one JSON object per line)") from None
                     info[(name, str(ex["id"]))] = (ex.get("domain"), ex.get("max_tokens"), ex.get("sha256"))
     rows = []
-    for m, d, e, n, b in meta:
+    for m, d, e, n, b, far in meta:
         domain, max_tokens, sha = info.get((d, e), (None, None, None))
-        rows.append((m, d, e, domain, n, max_tokens, b, sha))
-    con.executemany("INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        rows.append((m, d, e, domain, n, max_tokens, b, sha, far))
+    cols = tables.column_names("examples")
+    con.executemany(f"INSERT OR REPLACE INTO examples ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    rows)
     return con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
 
 
@@ -171,15 +216,17 @@ def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterab
     ``tables``: table name -> Parquet files to upsert into it (columns matched by name; a column some files
     lack is NULL in their rows, or a key column's ``null_as`` sentinel, as is NULL there).
     """
+    shards = sorted(Path(s) for s in shards)
+    table_files = {t: [f] if isinstance(f, (str, Path)) else list(f) for t, f in (tables or {}).items()}
+    check_parquet([*shards, *(f for fs in table_files.values() for f in fs)])
     con = connect(path)
     try:
         con.execute("BEGIN TRANSACTION")
         ingest_models(con, model_jsons)
-        ingest_scores(con, sorted(Path(s) for s in shards), corpora or {})
-        for table, files in (tables or {}).items():
+        ingest_scores(con, shards, corpora or {})
+        for table, files in table_files.items():
             if table not in TABLES:
                 raise ValueError(f"unknown table {table!r}; tables: {', '.join(TABLES)}")
-            files = [files] if isinstance(files, (str, Path)) else list(files)
             if files:
                 sql_files = _sql_list(files)
                 con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT {_parquet_select(con, table, sql_files)} "
@@ -200,6 +247,8 @@ def build(path: str | Path, *, base: str | Path | None = None, **parts) -> dict[
     """
     if base is not None and not Path(base).is_file():
         raise FileNotFoundError(f"no base database at {base}; build it first")
+    if base is not None:
+        _open(base, read_only=True).close()  # a damaged base: an error naming it, not the temporary copy
     with atomic_path(path) as tmp:
         tmp.unlink(missing_ok=True)
         try:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from analysis.core import tables
 from analysis.core.score_functions import score_keys
 from analysis.core.settings import setting
+from extract.score import read_examples
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def ablate(model_name: str, candidates: str | Path, data: Sequence[str | Path], 
         raise DormantError(f"{candidates} has no candidate heads for {name!r}; run `dormant domains candidates` "
                            "on a database that holds its scores")
     heads = list(zip(mine["layer"].to_list(), mine["head"].to_list()))
-    examples = [json.loads(line) for f in data for line in open(f, encoding="utf-8") if line.strip()]
+    examples = [ex for f in data for ex in read_examples(f)]  # a bad line: an error naming file:line
     if s.limit:
         by_corpus: dict[str, list[dict]] = {}
         for ex in examples:

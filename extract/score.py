@@ -3,8 +3,8 @@
 Input: a JSON-lines file, one example per line with ``id`` (str) and ``text`` (str), optionally ``domain``
 and ``max_tokens`` (per-example truncation, e.g. the paper's uniform length draw). Shard ``i`` of ``n`` is
 the examples whose line index ``k`` has ``k % n == i``. Output: one row per (example, layer, head) with
-``model, dataset, example_id, example`` (line index), ``n_tokens, bos_first, layer, head`` and the
-scores (``score_keys()``); written to a temporary name beside ``out`` and renamed, so a killed job leaves
+``model, dataset, example_id, example`` (line index), ``n_tokens, bos_first, layer, head``, the
+scores (``score_keys()``) and ``beyond_context`` (the example is longer than the model's trained context); written to a temporary name beside ``out`` and renamed, so a killed job leaves
 no partial file. Provenance: the Parquet key-value metadata ``SELF_CHECK_KEY`` holds the engine's first-use
 self-checks of the model (JSON list, :func:`extract.engine.selfcheck.checks`).
 """
@@ -18,25 +18,38 @@ import polars as pl
 
 from analysis.core.io import atomic_path
 from analysis.core.score_functions import score_keys
+from extract.errors import InputError
 
 SELF_CHECK_KEY = "dormant_heads.self_checks"
 
 
 def read_examples(path: Path) -> list[dict]:
-    """The examples of a JSON-lines dataset file, validated (``id`` and non-empty ``text``)."""
+    """The examples of a JSON-lines dataset file, validated (``id`` and non-empty ``text``); a bad line is an
+    :class:`InputError` naming ``file:line``."""
     rows = []
     if not Path(path).is_file():
         raise FileNotFoundError(f"dataset file {path} not found; write it first (one JSON object per line)")
-    with open(path, encoding="utf-8") as f:
-        for k, line in enumerate(f):
-            if not line.strip():
-                continue
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = Path(path).read_bytes()[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text ({e.reason}); re-save the file as UTF-8") from None
+    for k, line in enumerate(text.split("\n")):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            if "id" not in row or not str(row.get("text", "")).strip():
-                raise ValueError(f"{path}:{k + 1}: each line needs an 'id' and a non-empty 'text'")
-            rows.append(row)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{k + 1}: not valid JSON ({e.msg} at column {e.colno}); fix or delete "
+                             "that line (one JSON object per line)") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{k + 1}: a JSON {type(row).__name__}, not an object; write one "
+                             '{"id": ..., "text": ...} object per line')
+        if "id" not in row or not str(row.get("text", "")).strip():
+            raise InputError(f"{path}:{k + 1}: each line needs an 'id' and a non-empty 'text'")
+        rows.append(row)
     if not rows:
-        raise ValueError(f"{path} holds no examples")
+        raise InputError(f"{path} holds no examples; write one JSON object per line")
     return rows
 
 
@@ -54,7 +67,7 @@ def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: 
     """Score shard ``shard`` of ``num_shards`` of ``data`` with ``model_name``; write ``out``; return the frame."""
     import torch
 
-    from extract.engine.scores import encode_texts, score_heads
+    from extract.engine.scores import beyond_context, encode_texts, score_heads
     from extract.engine.selfcheck import checks
     from extract.models.load import load_model, model_info
 
@@ -78,6 +91,7 @@ def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: 
         "example_id": [str(ex["id"]) for _, ex in picked],
         "n_tokens": [len(s) for s in seqs],
         "bos_first": [bos is not None and s[0] == bos for s in seqs],
+        "beyond_context": beyond_context(model, seqs),
     }, schema_overrides={"example": pl.Int64, "example_index": pl.Int64, "n_tokens": pl.Int64})
     if df is None:
         df = pl.DataFrame(schema={"example": pl.Int64, "layer": pl.Int32, "head": pl.Int32,
@@ -85,7 +99,8 @@ def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: 
     df = df.join(meta, on="example", how="left").with_columns(
         pl.lit(info["model"]).alias("model"), pl.lit(dataset).alias("dataset"))
     df = df.drop("example").rename({"example_index": "example"}).select(
-        "model", "dataset", "example_id", "example", "n_tokens", "bos_first", "layer", "head", *score_keys())
+        "model", "dataset", "example_id", "example", "n_tokens", "bos_first", "layer", "head", *score_keys(),
+        "beyond_context")
     with atomic_path(out) as tmp:
         df.write_parquet(tmp, metadata={SELF_CHECK_KEY: json.dumps(checks(model))})
     return df

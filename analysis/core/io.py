@@ -2,16 +2,26 @@
 
 Every file the project writes goes to a temporary name beside its target and is renamed into place when it
 is complete, so a reader (or a rerun after a crash) sees either the old file or the whole new one, never a
-half-written one. The temporary name carries the process id, so two writers never share one.
+half-written one. The temporary name carries the process id, so two writers never share one. A full disk
+(or quota) is a :class:`WriteError` naming the file, the previous file kept.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+
+class WriteError(OSError):
+    """A write that failed for want of space (or quota): the message names the file and the fix; the
+    previous file is kept. The command line prints it on one line."""
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def _tmp(out: Path) -> Path:
@@ -28,6 +38,11 @@ def atomic_path(out: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, out)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, WriteError):
+            raise WriteError(e.errno, f"no space left on the device of {out} while writing it; free some space "
+                                      "and run again (the previous file, if any, is kept)") from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

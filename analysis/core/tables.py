@@ -131,9 +131,12 @@ _TABLES: dict[str, Table] = {t.name: t for t in [
         "model str, upstream str, family str, variant str, quantisation str, n_params int64, n_layers int32, "
         "n_heads int32, n_kv_heads int32, head_dim int32, d_model int32, source_sha256 str")),
     Table("examples", _key("model, dataset, example"),
-          "domain, tokens seen by that model, BOS-first flag, content hash.", _columns(
-              "model str, dataset str, example str, domain str, n_tokens int32, max_tokens int32, bos_first bool, "
-              "sha256 str")),
+          "domain, tokens seen by that model, BOS-first flag, content hash, longer than the trained context.",
+          _columns("model str, dataset str, example str, domain str, n_tokens int32, max_tokens int32, "
+                   "bos_first bool, sha256 str, beyond_context bool",
+                   beyond_context="n_tokens > the model's max_position_embeddings (scored anyway, with a warning); "
+                                  "NULL for shards written before this column"),
+          added=("beyond_context",)),
     Table("head_scores", _key("model, dataset, example, layer, head"),
           "the raw scores, one column per score function (definitions §2).", _columns(
               "model str, dataset str, example str, layer int32, head int32, *scores")),

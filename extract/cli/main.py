@@ -2,8 +2,9 @@
 
 Every module has ``register(subparsers)``, which adds its commands with ``set_defaults(func=handler)``; the
 options several commands share are declared once in :mod:`extract.cli.options`. Handlers import torch /
-transformers lazily, so ``dormant --help`` stays fast. A ``DormantError`` (or ValueError, FileNotFoundError)
-is printed as ``error: <message>`` on stderr with exit status 2 (``DORMANT_DEBUG=1`` shows the traceback).
+transformers lazily, so ``dormant --help`` stays fast. A ``DormantError`` (or ValueError, FileNotFoundError, a
+full disk's ``WriteError``) is printed as ``error: <message>`` on stderr with exit status 2 (``DORMANT_DEBUG=1``
+shows the traceback).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import importlib
 import os
 import sys
 
+from analysis.core.io import WriteError
 from analysis.core.score_functions import load_plugins
 from extract.errors import DormantError
 
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         return args.func(args) or 0
-    except (DormantError, ValueError, FileNotFoundError) as e:
+    except (DormantError, ValueError, FileNotFoundError, WriteError) as e:
         if os.environ.get("DORMANT_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ CREATE TABLE models (
   d_model INTEGER, source_sha256 VARCHAR);
 CREATE TABLE examples (
   model VARCHAR, dataset VARCHAR, example VARCHAR, domain VARCHAR, n_tokens INTEGER, max_tokens INTEGER,
-  bos_first BOOLEAN, sha256 VARCHAR, PRIMARY KEY (model, dataset, example));
+  bos_first BOOLEAN, sha256 VARCHAR, beyond_context BOOLEAN, PRIMARY KEY (model, dataset, example));
 CREATE TABLE head_scores (
   model VARCHAR, dataset VARCHAR, example VARCHAR, layer INTEGER, head INTEGER, {BUILTIN_SCORES},
   PRIMARY KEY (model, dataset, example, layer, head));
@@ -125,7 +125,7 @@ def test_a_few_tables_against_literal_column_lists(fresh):
                    ("head_dim", "INTEGER", 0), ("d_model", "INTEGER", 0), ("source_sha256", "VARCHAR", 0)],
         "examples": [("model", "VARCHAR", 1), ("dataset", "VARCHAR", 1), ("example", "VARCHAR", 1),
                      ("domain", "VARCHAR", 0), ("n_tokens", "INTEGER", 0), ("max_tokens", "INTEGER", 0),
-                     ("bos_first", "BOOLEAN", 0), ("sha256", "VARCHAR", 0)],
+                     ("bos_first", "BOOLEAN", 0), ("sha256", "VARCHAR", 0), ("beyond_context", "BOOLEAN", 0)],
         "thresholds": [("model", "VARCHAR", 1), ("task", "VARCHAR", 1), ("score_fn", "VARCHAR", 1),
                        ("target_fraction", "DOUBLE", 1), ("threshold", "DOUBLE", 0), ("n_scores", "BIGINT", 0)],
         "maps_salient": [("model", "VARCHAR", 1), ("layer", "INTEGER", 1), ("head", "INTEGER", 1),
@@ -167,7 +167,8 @@ def test_a_registered_score_function_is_a_column_of_both_score_tables(tmp_path):
 
 def test_migrations_add_exactly_the_added_columns(tmp_path):
     added = {(t.name, c) for t in tables.all_tables() for c in t.added}
-    assert added == {("domain_head_ablation", "loss_mean_ablated"), ("domain_head_ablation", "delta_loss_mean")} | {
+    assert added == {("domain_head_ablation", "loss_mean_ablated"), ("domain_head_ablation", "delta_loss_mean"),
+                     ("examples", "beyond_context")} | {
         ("ablation_results", c) for c in ("chance", "accuracy_ci_low", "accuracy_ci_high", "delta_ci_low",
                                           "delta_ci_high", "kl_mean", "kl_ci_low", "kl_ci_high", "kl_choices_mean")}
     statements = re.findall(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+) (\w+);", migrations())
@@ -176,7 +177,8 @@ def test_migrations_add_exactly_the_added_columns(tmp_path):
     # a database from before the added columns shipped: they are missing; one row in it
     path = tmp_path / "old.duckdb"
     old = duckdb.connect(str(path))
-    ddl = SHIPPED.replace("  loss_mean_ablated DOUBLE, delta_loss_mean DOUBLE,\n", "").replace(
+    ddl = SHIPPED.replace(" beyond_context BOOLEAN,", "").replace(
+        "  loss_mean_ablated DOUBLE, delta_loss_mean DOUBLE,\n", "").replace(
         "  chance DOUBLE, accuracy_ci_low DOUBLE, accuracy_ci_high DOUBLE, delta_ci_low DOUBLE, delta_ci_high DOUBLE,\n"
         "  kl_mean DOUBLE, kl_ci_low DOUBLE, kl_ci_high DOUBLE, kl_choices_mean DOUBLE,\n", "")
     old.execute(ddl)
