@@ -13,17 +13,20 @@ def figure3(ranks: pl.DataFrame):
     import altair as alt
 
     order = ranks.group_by("score_fn", maintain_order=True).agg(pl.col("rank").mean()).sort("rank")["score_fn"].to_list()
-    if "rank_low" in ranks.columns:
-        ranks = ranks.with_columns(pl.format("{} [{}–{}]", "rank", "rank_low", "rank_high").alias("label"))
+    if "rank_low" in ranks.columns:  # the rank over its interval, on two lines
+        ranks = ranks.with_columns(pl.format("{}\n[{}–{}]", "rank", "rank_low", "rank_high").alias("label"))
     else:
         ranks = ranks.with_columns(pl.col("rank").cast(pl.String).alias("label"))
     base = alt.Chart(ranks).encode(x=alt.X("score_fn:N", sort=order, title="score function"),
                                    y=alt.Y("model:N", title=None))
     heat = base.mark_rect().encode(color=alt.Color("rank:Q", scale=alt.Scale(scheme="viridis", reverse=True),
                                                    title="rank"))
-    text = base.mark_text(fontSize=9).encode(text="label:N", color=alt.value("white"))
+    n_fns, n_models = ranks["score_fn"].n_unique(), ranks["model"].n_unique()
+    ink = alt.condition(f"datum.rank <= {(n_fns + 1) / 2}", alt.value("black"), alt.value("white"))  # light cells
+    text = base.mark_text(fontSize=10, lineBreak="\n").encode(text="label:N", color=ink)
     return (heat + text).properties(
-        title="Rank of each score function by normalised AUC (1 = best; 95% bootstrap rank interval)")
+        width=46 * n_fns, height=40 * n_models,
+        title="Rank of each score function by normalised AUC (1 = best; below: 95% bootstrap rank interval)")
 
 
 def accuracy_curves(results: pl.DataFrame, ranks: pl.DataFrame, top: int | None = 3):
