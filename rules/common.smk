@@ -10,7 +10,7 @@ from analysis.core.names import model_key
 from analysis.core.score_functions import check_score_key, load_plugins
 from extract.data.tasks import get_task  # no torch: cheap at DAG start
 from extract.errors import DormantError
-from extract.models.zoo import HUB_ID, ZOO  # standard library only: cheap at DAG start
+from extract.models.zoo import model_name_problem  # standard library only: cheap at DAG start
 
 DORMANT = f"{sys.executable} -m extract.cli"
 
@@ -27,9 +27,8 @@ def check_config(cfg):
         except ValueError as e:
             raise ValueError(f"config key evaluation.score_functions[{i}]: {e}") from None
     for i, m in enumerate(models):
-        if not (m in ZOO or Path(m).expanduser().exists() or HUB_ID.match(m)):
-            raise ValueError(f"config key models[{i}] = {m!r}: not a zoo name ({', '.join(ZOO)}), "
-                             "an existing path, or a hub id (org/name)")
+        if problem := model_name_problem(m):
+            raise ValueError(f"config key models[{i}] = {m!r}: {problem}")
     for i, m in enumerate(cfg["evaluation"]["models"]):
         if m not in models:
             raise ValueError(f"config key evaluation.models[{i}] = {m!r} is not in `models`; add it there too")

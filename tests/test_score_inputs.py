@@ -75,3 +75,25 @@ def test_disk_full_keeps_the_earlier_shard(tmp_path, tiny_dir, monkeypatch):
     monkeypatch.undo()
     assert pl.read_parquet(out).equals(first)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_real_full_disk_keeps_the_earlier_file(tmp_path):
+    """A 256 KiB tmpfs (needs mount rights: skipped elsewhere; the monkeypatched test above runs everywhere)."""
+    import subprocess
+
+    import numpy as np
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = mnt / "s.parquet"
+        small = pl.DataFrame({"a": [1.0, 2.0]})
+        io.write_parquet(small, out)
+        with pytest.raises(io.WriteError, match=f"^no space left on the device of {out} while writing it"):
+            io.write_parquet(pl.DataFrame({"a": np.random.default_rng(0).random(200_000)}), out)
+        assert pl.read_parquet(out).equals(small)
+        assert [p.name for p in mnt.iterdir()] == ["s.parquet"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -24,6 +24,13 @@ class WriteError(OSError):
         return self.strerror
 
 
+def _disk_full(e: Exception) -> bool:
+    """An OSError ENOSPC/EDQUOT, or a library's own error wrapping one (polars, DuckDB: only the message)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(m in str(e) for m in ("No space left on device", "Disk quota exceeded"))
+
+
 def _tmp(out: Path) -> Path:
     return out.with_name(f".{out.name}.{os.getpid()}.tmp")
 
@@ -38,10 +45,10 @@ def atomic_path(out: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, out)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, WriteError):
-            raise WriteError(e.errno, f"no space left on the device of {out} while writing it; free some space "
-                                      "and run again (the previous file, if any, is kept)") from e
+    except Exception as e:
+        if _disk_full(e) and not isinstance(e, WriteError):
+            raise WriteError(errno.ENOSPC, f"no space left on the device of {out} while writing it; free some "
+                                           "space and run again (the previous file, if any, is kept)") from e
         raise
     finally:
         tmp.unlink(missing_ok=True)

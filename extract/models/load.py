@@ -19,7 +19,7 @@ import torch
 from analysis.core.io import atomic_dir
 from extract.errors import ChecksumError, DormantError, HubError, UnknownModelError
 from extract.models.fetch import converted_dir, fetch, licence_files, local_sha256
-from extract.models.zoo import HUB_ID, ZOO, ZooEntry, get_entry, provenance
+from extract.models.zoo import HUB_ID, ZOO, ZooEntry, get_entry, looks_local, model_name_problem, provenance
 
 __all__ = ["ZOO", "ZooEntry", "fetch", "convert", "converted_model_dir", "load_model", "model_info",
            "guess_variant", "DormantError", "ChecksumError", "UnknownModelError", "HubError"]
@@ -137,6 +137,8 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
         if not (path / "config.json").is_file():
             raise DormantError(f"{path} is not a model directory (no config.json); pass a directory written by "
                                f"save_pretrained, a .gguf file, a hub id or a zoo name")
+    elif looks_local(spec):
+        raise UnknownModelError(f"model {spec!r}: {model_name_problem(spec)}")
     elif HUB_ID.match(spec):
         source["upstream"] = spec
         try:

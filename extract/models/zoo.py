@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from extract.errors import UnknownModelError
 
@@ -104,3 +105,26 @@ def provenance(entry: ZooEntry) -> dict:
     return dict(name=entry.name, upstream=entry.upstream, variant=entry.variant,
                 quantisation=entry.quantisation, sha256=entry.sha256, gguf_file=entry.filename,
                 packages=[f"{p}=={v}" for p, v in entry.packages], note=entry.note)
+
+
+def looks_local(spec: str) -> bool:
+    """``spec`` reads as a local path: absolute, ``./``/``../``/``~``, a trailing or second ``/``, or a first part
+    that is a directory here (``models/mine`` beside a ``models/`` folder), not as a hub id ``org/name``."""
+    if spec.startswith(("/", "./", "../", "~", ".\\")) or spec.endswith(("/", "\\")) or spec.count("/") >= 2:
+        return True
+    return "/" in spec and Path(spec).parent.is_dir()
+
+
+def model_name_problem(spec: str) -> str | None:
+    """Why ``spec`` names no model, in one line naming the fix; None when it is a zoo name, an existing path or a
+    hub id. The workflow checks every configured model with it before any job starts (rules/common.smk)."""
+    path = Path(spec).expanduser()
+    if spec in ZOO or path.exists():
+        return None
+    if looks_local(spec):
+        where = "" if path.is_absolute() else f" (from {Path.cwd()})"
+        return (f"local model path {path}{where} does not exist; check the path (a directory written by "
+                "save_pretrained, or a .gguf file), or give a zoo name or a hub id (org/name)")
+    if HUB_ID.match(spec):
+        return None
+    return f"not a zoo name ({', '.join(ZOO)}), an existing path, or a hub id (org/name)"
