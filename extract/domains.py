@@ -16,7 +16,6 @@ so the settings (and the command line built from them) stay cheap.
 from __future__ import annotations
 
 import functools
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
