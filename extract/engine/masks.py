@@ -7,9 +7,12 @@ registered :func:`lazy_mask` instead returns a :class:`LazyMask`: the same argum
 itself on a band of query rows when asked (``rows``) or as a whole (``dense``, for plain SDPA outside a capture
 session). Where ``sdpa_mask`` would return None (plain causal, no padding) it returns None too.
 
-:func:`intervals` reads a mask once per forward, band by band (``BAND_ELEMENTS`` booleans at a time), into
-each row's visible keys as an interval ``[lo, hi]``: causal, padding (left or right), sliding windows and
-chunked attention all give intervals. :class:`Blocks` turns them into the additive masks of query blocks,
+:func:`intervals` turns a mask into each row's visible keys as an interval ``[lo, hi]``: causal, padding (left
+or right), sliding windows and chunked attention all give intervals. Where the mask function is transformers' own
+causal / sliding-window / chunked one (``and_masks`` of its primitives, recognised by their code objects) and the
+padding is one run of valid tokens per example, the intervals come from the arguments alone in O(B·S)
+(:func:`derived_intervals`: window size, chunk size and left padding read from the closures); any other mask
+function is evaluated band by band (:func:`banded_intervals`, ``BAND_ELEMENTS`` booleans at a time: O(S²) time). :class:`Blocks` turns them into the additive masks of query blocks,
 ``(B, 1, C, s1 - k0)`` for queries ``[s0, s1)`` and keys ``[k0, s1)``, so extra memory is O(B·S) plus one block.
 """
 from __future__ import annotations
@@ -18,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.masking_utils import _ignore_causal_mask_sdpa, prepare_padding_mask, sdpa_mask
+from transformers.masking_utils import (_ignore_causal_mask_sdpa, and_masks, causal_mask_function, chunked_overlay,
+                                       prepare_padding_mask, sdpa_mask, sliding_window_overlay)
 
 BAND_ELEMENTS = 1 << 22  # mask elements per band when a mask is read row band by row band (4 Mi: ~32 MiB of int64)
 BLOCK_ROWS = 512  # query rows per kernel call on the blocked path
@@ -60,10 +64,89 @@ def lazy_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
     return LazyMask(full)
 
 
-def intervals(mask: LazyMask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+Intervals = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def intervals(mask: LazyMask) -> Intervals:
     """Per row of a square mask, all ``(B, S)``: ``lo, hi`` long, the first and last visible key (rows with no
     visible key: ``lo = hi = t``); ``exact`` bool, whether the visible keys are exactly ``[lo, hi]``; ``diagonal``
-    bool, whether row t sees key t (t is not padding)."""
+    bool, whether row t sees key t (t is not padding). From the arguments when they allow it, else band by band."""
+    derived = derived_intervals(mask)
+    return derived if derived is not None else banded_intervals(mask)
+
+
+_AND = and_masks(causal_mask_function).__code__
+_WINDOW = sliding_window_overlay(1).__code__
+_CHUNK = chunked_overlay(1, torch.zeros(1, dtype=torch.long)).__code__
+
+
+def _closure(f) -> dict[str, Any]:
+    return dict(zip(f.__code__.co_freevars, (c.cell_contents for c in f.__closure__ or ())))
+
+
+def _terms(f) -> list | None:
+    """The mask functions ``f`` intersects (``and_masks`` flattened), or None where one is not recognised."""
+    if getattr(f, "__code__", None) is not _AND:
+        return [f] if f is causal_mask_function or getattr(f, "__code__", None) in (_WINDOW, _CHUNK) else None
+    out = []
+    for g in _closure(f)["mask_functions"]:
+        sub = _terms(g)
+        if sub is None:
+            return None
+        out += sub
+    return out
+
+
+def derived_intervals(mask: LazyMask) -> Intervals | None:
+    """:func:`intervals` in O(B·S) from the ``sdpa_mask`` arguments of a causal, sliding-window or chunked mask
+    function (any intersection of them) with padding that is one run of valid tokens per example; None otherwise.
+
+    With query position ``q``: causal keeps keys ``<= q``, a window ``w`` keys ``> q - w``, chunks of ``c`` with
+    ``p`` left-padding tokens the keys of q's chunk ``[p + c·floor((q - p) / c), + c)``; padding cuts the
+    interval to the example's valid run.
+    """
+    k = mask.kwargs
+    B, _, S, S_k = mask.shape
+    terms = _terms(k.get("mask_function", causal_mask_function))
+    if terms is None or S != S_k:
+        return None
+    dev = k.get("device") or torch.get_default_device()
+    q = torch.arange(S, device=dev) + k.get("q_offset", 0)
+    kv0 = k.get("kv_offset", 0)
+    lo = torch.full((B, S), kv0, dtype=torch.long, device=dev)
+    hi = torch.full((B, S), kv0 + S - 1, dtype=torch.long, device=dev)
+    for f in terms:
+        if f is causal_mask_function:
+            hi = torch.minimum(hi, q)
+        elif f.__code__ is _WINDOW:
+            lo = torch.maximum(lo, q - _closure(f)["sliding_window"] + 1)
+        else:
+            c = _closure(f)
+            size, pad = c["chunk_size"], c["left_padding"].to(dev).view(-1, 1)
+            start = pad + torch.div(q - pad, size, rounding_mode="floor") * size
+            lo, hi = torch.maximum(lo, start), torch.minimum(hi, start + size - 1)
+    lo, hi = lo - kv0, hi - kv0
+    padding = prepare_padding_mask(k.get("attention_mask"), S, kv0)
+    if padding is not None:
+        if padding.dtype != torch.bool:
+            return None
+        keys = padding[:, kv0 : kv0 + S].to(dev).expand(B, S)
+        count = keys.sum(-1, keepdim=True)
+        first = keys.int().argmax(-1, keepdim=True)
+        last = S - 1 - keys.flip(-1).int().argmax(-1, keepdim=True)
+        if not bool(((count == 0) | (count == last - first + 1)).all()):
+            return None  # holes in the padding: not intervals
+        lo = torch.maximum(lo, torch.where(count > 0, first, S))
+        hi = torch.minimum(hi, torch.where(count > 0, last, -1))
+    lo, hi = lo.clamp_min(0), hi.clamp_max(S - 1)
+    t = torch.arange(S, device=dev).expand(B, S)
+    seen = lo <= hi
+    diagonal = seen & (lo <= t) & (t <= hi)
+    return torch.where(seen, lo, t), torch.where(seen, hi, t), torch.ones_like(seen), diagonal
+
+
+def banded_intervals(mask: LazyMask) -> Intervals:
+    """:func:`intervals` by evaluating the mask function band by band (any mask function; O(S²) time)."""
     B, _, S, _ = mask.shape
     band = max(1, BAND_ELEMENTS // max(1, B * S))
     lo, hi, exact, diagonal = [], [], [], []

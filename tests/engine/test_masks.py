@@ -9,7 +9,7 @@ from extract.engine import masks
 from extract.engine.kernels import attend_lse
 from extract.engine.scores import score_heads
 from reference import reference_scores
-from tiny import tiny_model
+from tiny import ENGINE_FAMILIES, tiny_model
 
 
 def as_array(model, seqs):
@@ -127,3 +127,78 @@ def test_blocks_equal_the_dense_mask(backend):
     sel = valid[:, None, :].expand(B, H, S)
     for a, b in zip(dense, blocked):
         torch.testing.assert_close(b[sel], a[sel], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def lazy_masks(monkeypatch):
+    """Every LazyMask the registered mask function returns during the test (a list, filled as forwards run)."""
+    from extract.engine.attention import register
+
+    made, original = [], masks.lazy_mask
+
+    def recorded(*a, **kw):
+        m = original(*a, **kw)
+        if m is not None:
+            made.append(m)
+        return m
+
+    monkeypatch.setattr(masks, "lazy_mask", recorded)  # register() (tiny_model, score_heads) picks it up
+    yield made
+    monkeypatch.undo()
+    register()
+
+
+def _left_padded(batch):
+    n = max(map(len, batch))
+    ids = torch.zeros(len(batch), n, dtype=torch.long)
+    am = torch.zeros(len(batch), n, dtype=torch.long)
+    for b, s in enumerate(batch):
+        ids[b, n - len(s):] = torch.tensor(s)
+        am[b, n - len(s):] = 1
+    return ids, am
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
+def test_derived_intervals_equal_the_banded_ones(family, lazy_masks):
+    """Every mask a forward builds (right and left padding; windows, chunks, global layers): the intervals derived
+    from the arguments are the banded evaluation's, element for element, and none falls back."""
+    from extract.engine.scores import recording
+
+    made = lazy_masks
+    model = tiny_model(family, seed=1)
+    batch = seqs([37, 12, 25, 3], seed=6)
+    as_array(model, batch)  # right padding
+    ids, am = _left_padded(batch)
+    with recording(model), torch.no_grad():
+        model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp_min(0), use_cache=False)
+    assert made
+    for m in made:
+        derived = masks.derived_intervals(m)
+        assert derived is not None
+        for a, b in zip(derived, masks.banded_intervals(m)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama4", "gpt_oss"])
+def test_scores_unchanged_without_derived_intervals(family, monkeypatch):
+    """Scores with the derived intervals equal those with the banded evaluation alone, bit for bit."""
+    model = tiny_model(family, seed=2)
+    batch = seqs([37, 12, 25, 3], seed=4)
+    derived = as_array(model, batch)
+    monkeypatch.setattr(masks, "derived_intervals", lambda m: None)
+    np.testing.assert_array_equal(as_array(model, batch), derived)
+
+
+def test_unrecognised_mask_functions_fall_back():
+    """A custom mask function, or padding with a hole, is not derived (None): intervals() evaluates it."""
+    pad = torch.ones(2, 13, dtype=torch.bool)
+    kw = dict(batch_size=2, q_length=13, kv_length=13, attention_mask=pad, allow_is_causal_skip=False)
+    custom = masks.lazy_mask(**kw, mask_function=lambda b, h, q, k: (k <= q) & (k % 2 == 0))
+    assert masks.derived_intervals(custom) is None
+    lo, hi, exact, _ = masks.intervals(custom)
+    assert not exact.all()
+    holed = pad.clone()
+    holed[1, 4] = False
+    lazy = masks.lazy_mask(**dict(kw, attention_mask=holed), mask_function=sliding_window_causal_mask_function(4))
+    assert masks.derived_intervals(lazy) is None
+    assert torch.equal(masks.intervals(lazy)[2], masks.banded_intervals(lazy)[2])
