@@ -186,7 +186,8 @@ def ingest_scores(con, shards: list[Path], corpora: dict[str, Path]) -> int:
     con.execute(f"""INSERT OR REPLACE INTO head_scores
         SELECT model, dataset, example_id, layer, head, {cols} FROM {source}""")
     beyond = "beyond_context" if "beyond_context" in present else "NULL::BOOLEAN"  # older shards: unknown
-    meta = con.execute(f"""SELECT DISTINCT model, dataset, example_id, n_tokens, bos_first, {beyond}
+    run = "run_id" if "run_id" in present else "NULL::VARCHAR"
+    meta = con.execute(f"""SELECT DISTINCT model, dataset, example_id, n_tokens, bos_first, {beyond}, {run}
                            FROM {source}""").fetchall()
     info = {}
     for name, path in corpora.items():
@@ -200,13 +201,32 @@ def ingest_scores(con, shards: list[Path], corpora: dict[str, Path]) -> int:
                                          "delete that line (one JSON object per line)") from None
                     info[(name, str(ex["id"]))] = (ex.get("domain"), ex.get("max_tokens"), ex.get("sha256"))
     rows = []
-    for m, d, e, n, b, far in meta:
+    for m, d, e, n, b, far, run_id in meta:
         domain, max_tokens, sha = info.get((d, e), (None, None, None))
-        rows.append((m, d, e, domain, n, max_tokens, b, sha, far))
+        rows.append((m, d, e, domain, n, max_tokens, b, sha, far, run_id))
     cols = tables.column_names("examples")
     con.executemany(f"INSERT OR REPLACE INTO examples ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                     rows)
+    ingest_shard_runs(con, shards)
     return con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
+
+
+def ingest_shard_runs(con, shards: list[Path]) -> int:
+    """The ``runs`` rows held in the shards' Parquet metadata (key ``analysis.core.tables.RUN_KEY``; shards
+    written before it have none); returns the rows read."""
+    found = con.execute(f"""SELECT file_name, decode(value) FROM parquet_kv_metadata({_sql_list(shards)})
+                            WHERE key = '{tables.RUN_KEY}'::BLOB""").fetchall()
+    cols = tables.column_names("runs")
+    rows = []
+    for f, text in found:
+        try:
+            run = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatabaseFileError(f"{f}: its {tables.RUN_KEY} metadata is not JSON ({e.msg}); {REBUILD}") from None
+        rows.append([run.get(c) for c in cols])
+    if rows:
+        con.executemany(f"INSERT OR REPLACE INTO runs VALUES ({', '.join('?' * len(cols))})", rows)
+    return len(rows)
 
 
 def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterable[Path] = (),
@@ -268,7 +288,9 @@ def row_counts(con) -> dict[str, int]:
 
 
 def checksum(con) -> str:
-    """An order-independent digest of head_scores (for 'same database' checks across reruns)."""
+    """An order-independent digest of head_scores (for 'same database' checks across reruns). The ``runs``
+    table is not in it: its start and end times differ between two runs of one config by nature
+    (``scripts/checksums.py`` leaves those two columns out by name)."""
     cols = " || '|' || ".join(["model", "dataset", "example", "layer::VARCHAR", "head::VARCHAR"]
                               + [f"{k}::VARCHAR" for k in score_keys()])
     return str(con.execute(f"SELECT bit_xor(hash({cols})) FROM head_scores").fetchone()[0])

@@ -4,20 +4,24 @@ Input: a JSON-lines file, one example per line with ``id`` (str) and ``text`` (s
 and ``max_tokens`` (per-example truncation, e.g. the paper's uniform length draw). Shard ``i`` of ``n`` is
 the examples whose line index ``k`` has ``k % n == i``. Output: one row per (example, layer, head) with
 ``model, dataset, example_id, example`` (line index), ``n_tokens, bos_first, layer, head``, the
-scores (``score_keys()``) and ``beyond_context`` (the example is longer than the model's trained context); written to a temporary name beside ``out`` and renamed, so a killed job leaves
-no partial file. Provenance: the Parquet key-value metadata ``SELF_CHECK_KEY`` holds the engine's first-use
-self-checks of the model (JSON list, :func:`extract.engine.selfcheck.checks`).
+scores (``score_keys()``), ``beyond_context`` (the example is longer than the model's trained context) and
+``run_id``; written to a temporary name beside ``out`` and renamed, so a killed job leaves no partial file.
+Provenance, in the Parquet key-value metadata: ``SELF_CHECK_KEY`` holds the engine's first-use self-checks of
+the model (JSON list, :func:`extract.engine.selfcheck.checks`), ``extract.provenance.RUN_KEY`` the job's
+``runs`` row (JSON object, :func:`extract.provenance.run_record`; ``run_id`` is its key).
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import polars as pl
 
 from analysis.core.io import atomic_path
 from analysis.core.score_functions import score_keys
+from extract import provenance
 from extract.errors import InputError
 
 SELF_CHECK_KEY = "dormant_heads.self_checks"
@@ -71,12 +75,17 @@ def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: 
     from extract.engine.selfcheck import checks
     from extract.models.load import load_model, model_info
 
+    start = provenance.now()
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} is outside 0..{num_shards - 1}")
     examples = read_examples(data)
     picked = [(k, ex) for k, ex in enumerate(examples) if k % num_shards == shard]
     model, tok = load_model(model_name, dtype=getattr(torch, settings.dtype), device=settings.device)
     info = model_info(model)
+    config = {"model": model_name, "dataset": dataset, "shard": shard, "num_shards": num_shards,
+              "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(), **asdict(settings)}
+    run = provenance.run_record("score", model, config, start_time=start, prompt_format=(
+        "raw text, " + ("BOS first" if settings.prepend_bos else "no BOS added")))
     seqs = []
     for k, ex in picked:
         ids = encode_texts(tok, [ex["text"]], prepend_bos=settings.prepend_bos, max_tokens=ex.get("max_tokens"))[0]
@@ -97,10 +106,11 @@ def score_shard(model_name: str, data: Path, dataset: str, out: Path, *, shard: 
         df = pl.DataFrame(schema={"example": pl.Int64, "layer": pl.Int32, "head": pl.Int32,
                                   **{k: pl.Float64 for k in score_keys()}})
     df = df.join(meta, on="example", how="left").with_columns(
-        pl.lit(info["model"]).alias("model"), pl.lit(dataset).alias("dataset"))
+        pl.lit(info["model"]).alias("model"), pl.lit(dataset).alias("dataset"), pl.lit(run["run_id"]).alias("run_id"))
     df = df.drop("example").rename({"example_index": "example"}).select(
         "model", "dataset", "example_id", "example", "n_tokens", "bos_first", "layer", "head", *score_keys(),
-        "beyond_context")
+        "beyond_context", "run_id")
     with atomic_path(out) as tmp:
-        df.write_parquet(tmp, metadata={SELF_CHECK_KEY: json.dumps(checks(model))})
+        df.write_parquet(tmp, metadata={SELF_CHECK_KEY: json.dumps(checks(model)),
+                                        provenance.RUN_KEY: json.dumps(provenance.finished(run))})
     return df

@@ -102,11 +102,12 @@ def run_sweep(model, tokenizer, data: TaskData, *, score_fns=None, fractions=TAR
               seed: int = 0, k_shot: int = 0, batch_tokens: int = 8192, chat_template: bool | None = None,
               chat_format: str = "multiturn", tokenization: str = "bos_first", chat_delimiter: str = "none",
               scoring: str = "letter",
-              n_boot: int = N_BOOT, progress: bool = True) -> SweepResult:
+              n_boot: int = N_BOOT, progress: bool = True, run_id: str | None = None) -> SweepResult:
     """Calibrate, threshold and sweep ``data`` (see module doc); accuracy in points (0–100).
 
     score_fns: the functions to sweep (default: every registered one, ``score_keys()``). n_boot: paired
-    bootstrap replicates over the questions for the CIs of ``results`` (seeded by ``seed``)."""
+    bootstrap replicates over the questions for the CIs of ``results`` (seeded by ``seed``). run_id: the
+    ``run_id`` column of results, questions and thresholds (``extract.provenance``; None: NULL)."""
     score_fns = score_keys() if score_fns is None else score_fns
     from extract.engine.ablation import ablate
     from extract.evaluate import evaluate
@@ -129,8 +130,10 @@ def run_sweep(model, tokenizer, data: TaskData, *, score_fns=None, fractions=TAR
 
     plain_eval()
     cal = calibration_frame(name, data, base.scores)
+    run = pl.lit(run_id, pl.String).alias("run_id")
     th = pl.concat([thresholds(cal, fractions, score_fns),
-                    thresholds(cal.drop("task").rename({"question_task": "task"}), fractions, score_fns)])
+                    thresholds(cal.drop("task").rename({"question_task": "task"}), fractions, score_fns)]
+                   ).with_columns(run)
     tau = {(f, p): t for f, p, t in th.filter(pl.col("task") == data.name)
            .select("score_fn", "target_fraction", "threshold").iter_rows()}
     n = base.n_questions
@@ -158,11 +161,11 @@ def run_sweep(model, tokenizer, data: TaskData, *, score_fns=None, fractions=TAR
         t_sweep += time.perf_counter() - t0
     plain_eval()
     questions = (pl.concat(questions, how="diagonal")
-                 .with_columns(pl.lit(name).alias("model"), pl.lit(data.name).alias("task"))
+                 .with_columns(pl.lit(name).alias("model"), pl.lit(data.name).alias("task"), run)
                  .select(tables.column_names("ablation_questions")).cast(tables.polars_schema("ablation_questions")))
     points = point_intervals(curves(questions, n_boot, seed)).drop("model")
     results = (pl.DataFrame(rows, schema=tables.polars_schema("ablation_results", POINT_COLUMNS), orient="row")
-               .with_columns(pl.lit(100 * base.chance).alias("chance"))
+               .with_columns(pl.lit(100 * base.chance).alias("chance"), run)
                .join(points, on=["score_fn", "target_fraction"], how="left", maintain_order="left")
                .select(RESULT_COLUMNS))
     unit = statistics.median(t_plain)
@@ -170,6 +173,15 @@ def run_sweep(model, tokenizer, data: TaskData, *, score_fns=None, fractions=TAR
               "sweep_s": t_sweep, "cost_ratio": t_sweep / (len(configs) * unit) if configs else float("nan"),
               "questions": n}
     return SweepResult(results, th, cal, questions, timing)
+
+
+def prompt_format(model, tokenizer, s: SweepSettings) -> str:
+    """How the sweep's questions became tokens, for the ``runs`` row (``prompt_format``)."""
+    from extract.evaluate import uses_chat_template
+
+    chat = f"chat template ({s.chat_format})" if uses_chat_template(model, tokenizer, None) else "no chat template"
+    return (f"{chat}, tokenization {s.tokenization}, chat delimiter {s.chat_delimiter}, scoring {s.scoring}, "
+            f"{s.k_shot}-shot")
 
 
 def load_suite(names, *, limit: int | None, seed: int = 0, name: str | None = None, progress: bool = True) -> TaskData:

@@ -28,6 +28,7 @@ rule sweep:
         thresholds=f"{SWEEP_DIR}/{{model}}/thresholds.parquet",
         calibration=f"{SWEEP_DIR}/{{model}}/calibration.parquet",
         timing=f"{SWEEP_DIR}/{{model}}/timing.json",
+        runs=f"{SWEEP_DIR}/{{model}}/runs.parquet",
     params:
         settings=SWEEP,
         name=lambda w: MODELS[w.model],
@@ -41,9 +42,9 @@ rule sweep:
         "--out-dir {params.dir:q} 2> {log:q}"
 
 
-# the sweep's outputs join the analysis tables of the final database
+# the sweep's outputs join the analysis tables of the final database (runs: its provenance, joined by run_id)
 for _part, _table in [("ablation_results", "ablation_results"), ("ablation_questions", "ablation_questions"),
-                      ("thresholds", "thresholds"), ("calibration", "calibration_scores")]:
+                      ("thresholds", "thresholds"), ("calibration", "calibration_scores"), ("runs", "runs")]:
     EXTRA_TABLES.setdefault(_table, []).extend(expand(f"{SWEEP_DIR}/{{model}}/{_part}.parquet", model=SWEEP_MODELS))
 
 

@@ -31,6 +31,7 @@ TYPES: dict[str, tuple[str, str]] = {
     "float64": ("DOUBLE", "Float64"),
     "bool": ("BOOLEAN", "Boolean"),
 }
+RUN_KEY = "dormant_heads.run"  # Parquet key-value metadata of a score shard: its ``runs`` row as JSON
 SCORES = "*scores"  # in a column list: one float64 column per registered score function, in registry order
 
 
@@ -125,6 +126,8 @@ def _key(names: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in names.split(","))
 
 
+_RUN_ID = "the runs row of the sweep that wrote it; NULL in files written before this column"
+
 # The tables, in the order they are created.
 _TABLES: dict[str, Table] = {t.name: t for t in [
     Table("models", _key("model"), "the ``extract.models.load.model_info`` fields.", _columns(
@@ -133,37 +136,43 @@ _TABLES: dict[str, Table] = {t.name: t for t in [
     Table("examples", _key("model, dataset, example"),
           "domain, tokens seen by that model, BOS-first flag, content hash, longer than the trained context.",
           _columns("model str, dataset str, example str, domain str, n_tokens int32, max_tokens int32, "
-                   "bos_first bool, sha256 str, beyond_context bool",
+                   "bos_first bool, sha256 str, beyond_context bool, run_id str",
                    beyond_context="n_tokens > the model's max_position_embeddings (scored anyway, with a warning); "
-                                  "NULL for shards written before this column"),
-          added=("beyond_context",)),
+                                  "NULL for shards written before this column",
+                   run_id="the runs row of the score shard that scored it (and its head_scores rows, joined by "
+                          "model, dataset, example); NULL for shards written before this column"),
+          added=("beyond_context", "run_id")),
     Table("head_scores", _key("model, dataset, example, layer, head"),
           "the raw scores, one column per score function (definitions §2).", _columns(
               "model str, dataset str, example str, layer int32, head int32, *scores")),
     Table("thresholds", _key("model, task, score_fn, target_fraction"), "τ per definitions §3.", _columns(
-        "model str, task str, score_fn str, target_fraction float64, threshold float64, n_scores int64")),
+        "model str, task str, score_fn str, target_fraction float64, threshold float64, n_scores int64, run_id str",
+        run_id=_RUN_ID), added=("run_id",)),
     Table("ablation_results", _key("model, task, score_fn, target_fraction"),
           "realized %, accuracy and mean KL per sweep configuration, with paired-bootstrap 95% CIs over the "
           "questions (definitions §4–5).", _columns(
               "model str, task str, score_fn str, target_fraction float64, threshold float64, "
               "realized_percent float64, accuracy float64, n_questions int32, chance float64, "
               "accuracy_ci_low float64, accuracy_ci_high float64, delta_ci_low float64, delta_ci_high float64, "
-              "kl_mean float64, kl_ci_low float64, kl_ci_high float64, kl_choices_mean float64",
+              "kl_mean float64, kl_ci_low float64, kl_ci_high float64, kl_choices_mean float64, run_id str",
               accuracy="points (0-100)", chance="mean of 1 / choices over the questions, in points",
               delta_ci_low="accuracy minus the baseline's, paired over questions (points)",
               kl_mean="mean over questions of KL(unablated || ablated) of the next-token distribution at the "
                       "answer position (nats)",
-              kl_choices_mean="the same KL over the question's choices only (softmax of their log-likelihoods)"),
+              kl_choices_mean="the same KL over the question's choices only (softmax of their log-likelihoods)",
+              run_id=_RUN_ID),
           added=("chance", "accuracy_ci_low", "accuracy_ci_high", "delta_ci_low", "delta_ci_high", "kl_mean",
-                 "kl_ci_low", "kl_ci_high", "kl_choices_mean")),
+                 "kl_ci_low", "kl_ci_high", "kl_choices_mean", "run_id")),
     Table("ablation_questions", _key("model, task, score_fn, target_fraction, question"),
           "each question under each sweep configuration: the unit the bootstrap resamples (definitions §5).",
           _columns("model str, task str, score_fn str, target_fraction float64, question str, question_task str, "
-                   "correct bool, kl float64, kl_choices float64, zeroed int32, triples int32",
+                   "correct bool, kl float64, kl_choices float64, zeroed int32, triples int32, run_id str",
                    zeroed="(row, layer, head) triples zeroed on the question's forward rows",
-                   triples="all (row, layer, head) triples of those rows")),
+                   triples="all (row, layer, head) triples of those rows", run_id=_RUN_ID),
+          added=("run_id",)),
     Table("calibration_scores", _key("model, task, question, layer, head"),
-          "the same scores on the evaluation prompts.", _columns(
+          "the same scores on the evaluation prompts; its run: ``ablation_results.run_id`` of the same model and "
+          "task.", _columns(
               "model str, task str, question_task str, question str, layer int32, head int32, *scores")),
     Table("distribution_tests", _key("comparison, score_fn, depth_bin, statistic"),
           "definitions §6 statistics with bootstrap CIs.", _columns(
@@ -224,6 +233,21 @@ _TABLES: dict[str, Table] = {t.name: t for t in [
     Table("score_functions", _key("score_fn"),
           "each registered score function and its inactive side (``>`` or ``<``), written on every writable "
           "open.", _columns("score_fn str, inactive_when str")),
+    Table("runs", _key("run_id"),
+          "the provenance of each job that wrote results (``extract.provenance``): a score shard joins by "
+          "``examples.run_id``, the sweep's tables by their own ``run_id``.", _columns(
+              "run_id str, kind str, model str, package_version str, git_commit str, python_version str, "
+              "torch_version str, transformers_version str, device str, dtype str, attention_backend str, "
+              "model_sha256 str, prompt_format str, config_hash str, config str, start_time str, end_time str",
+              run_id="first 16 hex digits of the sha256 of every other field but the times: a rerun of the "
+                     "same job on the same code and machine keeps it",
+              kind="the command: score or sweep", git_commit="HEAD of the checkout, -dirty if changed; or unknown",
+              device="cpu, or cuda:N (GPU name)",
+              attention_backend="extract.engine.kernels backend of the captured passes",
+              model_sha256="the model's source sha256 (models.source_sha256); NULL for a model without one",
+              prompt_format="how text became tokens (BOS, chat template and format, scoring, delimiter)",
+              config="the job's settings as JSON", config_hash="sha256 of config",
+              start_time="UTC, ISO 8601", end_time="UTC, ISO 8601")),
 ]}
 
 

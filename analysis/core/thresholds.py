@@ -13,6 +13,7 @@ from analysis.core import tables
 from analysis.core.score_functions import get_score_function, score_keys
 
 TARGET_FRACTIONS = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
+COLUMNS = [c for c in tables.column_names("thresholds") if c != "run_id"]  # run_id: the sweep adds its run's
 
 
 def threshold(scores: np.ndarray, p: float, score_fn: str) -> float:
@@ -36,7 +37,7 @@ def thresholds(scores: pl.DataFrame, fractions=TARGET_FRACTIONS, score_fns=None)
             if not np.isfinite(v).all():
                 raise ValueError(f"non-finite {fn} scores for {model}/{task}")
             rows += [(model, task, fn, float(p), threshold(v, p, fn), len(v)) for p in fractions]
-    return pl.DataFrame(rows, schema=tables.polars_schema("thresholds"), orient="row")
+    return pl.DataFrame(rows, schema=tables.polars_schema("thresholds", COLUMNS), orient="row")
 
 
 def stability(th: pl.DataFrame, p: float = 0.15) -> pl.DataFrame:

@@ -16,7 +16,8 @@ from analysis.database import connect, migrations, schema
 # out by hand: the 13 built-in score columns in definitions §2 order. Changed since: two built-in scores (afhon,
 # afhon_ln: IH's full head output norm) follow the 13, then awls (the learned sink's weight); bb_metrics has layer and part
 # (key columns; the toy metrics no longer spell them in the metric name); maps_scores, maps_correlations and
-# maps_causal have inputs (the E' choice, a key column) and maps_inputs is new.
+# maps_causal have inputs (the E' choice, a key column) and maps_inputs is new; runs is new (the provenance of
+# each job) and examples, thresholds, ablation_results and ablation_questions end with its run_id.
 BUILTIN_SCORES = ("awft DOUBLE, awft_ln DOUBLE, aeqd DOUBLE, aeqd_ln DOUBLE, ftvvn DOUBLE, ftvvn_ln DOUBLE, "
                   "avvn DOUBLE, avvn_ln DOUBLE, lthon DOUBLE, lthon_ln DOUBLE, lthon_hn DOUBLE, ahon DOUBLE, "
                   "ahon_ln DOUBLE, afhon DOUBLE, afhon_ln DOUBLE, awls DOUBLE")
@@ -27,22 +28,22 @@ CREATE TABLE models (
   d_model INTEGER, source_sha256 VARCHAR);
 CREATE TABLE examples (
   model VARCHAR, dataset VARCHAR, example VARCHAR, domain VARCHAR, n_tokens INTEGER, max_tokens INTEGER,
-  bos_first BOOLEAN, sha256 VARCHAR, beyond_context BOOLEAN, PRIMARY KEY (model, dataset, example));
+  bos_first BOOLEAN, sha256 VARCHAR, beyond_context BOOLEAN, run_id VARCHAR, PRIMARY KEY (model, dataset, example));
 CREATE TABLE head_scores (
   model VARCHAR, dataset VARCHAR, example VARCHAR, layer INTEGER, head INTEGER, {BUILTIN_SCORES},
   PRIMARY KEY (model, dataset, example, layer, head));
 CREATE TABLE thresholds (
   model VARCHAR, task VARCHAR, score_fn VARCHAR, target_fraction DOUBLE, threshold DOUBLE,
-  n_scores BIGINT, PRIMARY KEY (model, task, score_fn, target_fraction));
+  n_scores BIGINT, run_id VARCHAR, PRIMARY KEY (model, task, score_fn, target_fraction));
 CREATE TABLE ablation_results (
   model VARCHAR, task VARCHAR, score_fn VARCHAR, target_fraction DOUBLE, threshold DOUBLE,
   realized_percent DOUBLE, accuracy DOUBLE, n_questions INTEGER,
   chance DOUBLE, accuracy_ci_low DOUBLE, accuracy_ci_high DOUBLE, delta_ci_low DOUBLE, delta_ci_high DOUBLE,
-  kl_mean DOUBLE, kl_ci_low DOUBLE, kl_ci_high DOUBLE, kl_choices_mean DOUBLE,
+  kl_mean DOUBLE, kl_ci_low DOUBLE, kl_ci_high DOUBLE, kl_choices_mean DOUBLE, run_id VARCHAR,
   PRIMARY KEY (model, task, score_fn, target_fraction));
 CREATE TABLE ablation_questions (
   model VARCHAR, task VARCHAR, score_fn VARCHAR, target_fraction DOUBLE, question VARCHAR, question_task VARCHAR,
-  correct BOOLEAN, kl DOUBLE, kl_choices DOUBLE, zeroed INTEGER, triples INTEGER,
+  correct BOOLEAN, kl DOUBLE, kl_choices DOUBLE, zeroed INTEGER, triples INTEGER, run_id VARCHAR,
   PRIMARY KEY (model, task, score_fn, target_fraction, question));
 CREATE TABLE calibration_scores (
   model VARCHAR, task VARCHAR, question_task VARCHAR, question VARCHAR, layer INTEGER, head INTEGER,
@@ -86,6 +87,11 @@ CREATE TABLE maps_inputs (
   causal_operations INTEGER, PRIMARY KEY (source, model, inputs));
 CREATE TABLE score_functions (
   score_fn VARCHAR PRIMARY KEY, inactive_when VARCHAR);
+CREATE TABLE runs (
+  run_id VARCHAR PRIMARY KEY, kind VARCHAR, model VARCHAR, package_version VARCHAR, git_commit VARCHAR,
+  python_version VARCHAR, torch_version VARCHAR, transformers_version VARCHAR, device VARCHAR, dtype VARCHAR,
+  attention_backend VARCHAR, model_sha256 VARCHAR, prompt_format VARCHAR, config_hash VARCHAR, config VARCHAR,
+  start_time VARCHAR, end_time VARCHAR);
 """
 SHIPPED_TABLES = re.findall(r"CREATE TABLE (\w+)", SHIPPED)
 
@@ -125,9 +131,15 @@ def test_a_few_tables_against_literal_column_lists(fresh):
                    ("head_dim", "INTEGER", 0), ("d_model", "INTEGER", 0), ("source_sha256", "VARCHAR", 0)],
         "examples": [("model", "VARCHAR", 1), ("dataset", "VARCHAR", 1), ("example", "VARCHAR", 1),
                      ("domain", "VARCHAR", 0), ("n_tokens", "INTEGER", 0), ("max_tokens", "INTEGER", 0),
-                     ("bos_first", "BOOLEAN", 0), ("sha256", "VARCHAR", 0), ("beyond_context", "BOOLEAN", 0)],
+                     ("bos_first", "BOOLEAN", 0), ("sha256", "VARCHAR", 0), ("beyond_context", "BOOLEAN", 0),
+                     ("run_id", "VARCHAR", 0)],
         "thresholds": [("model", "VARCHAR", 1), ("task", "VARCHAR", 1), ("score_fn", "VARCHAR", 1),
-                       ("target_fraction", "DOUBLE", 1), ("threshold", "DOUBLE", 0), ("n_scores", "BIGINT", 0)],
+                       ("target_fraction", "DOUBLE", 1), ("threshold", "DOUBLE", 0), ("n_scores", "BIGINT", 0),
+                       ("run_id", "VARCHAR", 0)],
+        "runs": [("run_id", "VARCHAR", 1)] + [(c, "VARCHAR", 0) for c in (
+            "kind", "model", "package_version", "git_commit", "python_version", "torch_version",
+            "transformers_version", "device", "dtype", "attention_backend", "model_sha256", "prompt_format",
+            "config_hash", "config", "start_time", "end_time")],
         "maps_salient": [("model", "VARCHAR", 1), ("layer", "INTEGER", 1), ("head", "INTEGER", 1),
                          ("rank", "INTEGER", 1), ("token_id", "BIGINT", 0), ("token", "VARCHAR", 0),
                          ("saliency", "DOUBLE", 0), ("top_targets", "VARCHAR", 0)],
@@ -170,14 +182,15 @@ def test_migrations_add_exactly_the_added_columns(tmp_path):
     assert added == {("domain_head_ablation", "loss_mean_ablated"), ("domain_head_ablation", "delta_loss_mean"),
                      ("examples", "beyond_context")} | {
         ("ablation_results", c) for c in ("chance", "accuracy_ci_low", "accuracy_ci_high", "delta_ci_low",
-                                          "delta_ci_high", "kl_mean", "kl_ci_low", "kl_ci_high", "kl_choices_mean")}
+                                          "delta_ci_high", "kl_mean", "kl_ci_low", "kl_ci_high", "kl_choices_mean")} | {
+        (t, "run_id") for t in ("examples", "thresholds", "ablation_results", "ablation_questions")}
     statements = re.findall(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+) (\w+);", migrations())
     assert len(statements) == len(migrations().strip().splitlines()) == len(added)
     assert {(t, c) for t, c, _ in statements} == added
     # a database from before the added columns shipped: they are missing; one row in it
     path = tmp_path / "old.duckdb"
     old = duckdb.connect(str(path))
-    ddl = SHIPPED.replace(" beyond_context BOOLEAN,", "").replace(
+    ddl = SHIPPED.replace(" run_id VARCHAR,", "").replace(" beyond_context BOOLEAN,", "").replace(
         "  loss_mean_ablated DOUBLE, delta_loss_mean DOUBLE,\n", "").replace(
         "  chance DOUBLE, accuracy_ci_low DOUBLE, accuracy_ci_high DOUBLE, delta_ci_low DOUBLE, delta_ci_high DOUBLE,\n"
         "  kl_mean DOUBLE, kl_ci_low DOUBLE, kl_ci_high DOUBLE, kl_choices_mean DOUBLE,\n", "")
@@ -219,7 +232,10 @@ def test_thresholds_frame():
     keys = score_keys()
     rng = np.random.default_rng(0)
     wide = pl.DataFrame({"model": ["m"] * 20, "task": ["t"] * 20, **{k: rng.random(20) for k in keys}})
-    assert thresholds(wide).schema == pl.Schema(tables.polars_schema("thresholds"))
+    from analysis.core.thresholds import COLUMNS
+
+    assert COLUMNS == tables.column_names("thresholds")[:-1] and tables.column_names("thresholds")[-1] == "run_id"
+    assert thresholds(wide).schema == pl.Schema(tables.polars_schema("thresholds", COLUMNS))  # run_id: the sweep's
 
 
 def test_distribution_tests_schema():

@@ -67,7 +67,8 @@ def test_head_summary_fraction_inactive_follows_direction(tmp_path):
     db = tmp_path / "x.duckdb"
     ingest(db, **parts)
     con = connect(db)
-    con.execute("INSERT INTO thresholds VALUES ('m', 't', 'awft', 0.1, 0.5, 1), ('m', 't', 'ahon', 0.1, 0.5, 1)")
+    con.execute("INSERT INTO thresholds VALUES ('m', 't', 'awft', 0.1, 0.5, 1, NULL), "
+                "('m', 't', 'ahon', 0.1, 0.5, 1, NULL)")
     got = query(con, "SELECT score_fn, layer, head, fraction_inactive FROM head_summary WHERE task = 't'")
     for fn, op in (("awft", np.greater), ("ahon", np.less)):
         sub = df.filter((pl.col("layer") == 0) & (pl.col("head") == 1))[fn].to_numpy()
