@@ -14,6 +14,15 @@ padding is one run of valid tokens per example, the intervals come from the argu
 (:func:`derived_intervals`: window size, chunk size and left padding read from the closures); any other mask
 function is evaluated band by band (:func:`banded_intervals`, ``BAND_ELEMENTS`` booleans at a time: O(S²) time). :class:`Blocks` turns them into the additive masks of query blocks,
 ``(B, 1, C, s1 - k0)`` for queries ``[s0, s1)`` and keys ``[k0, s1)``, so extra memory is O(B·S) plus one block.
+
+FlexAttention (issue #19 §3; ``scripts/flex_attention_bench.py``, PyTorch 2.13, CPU, 1 thread, fp32, B=2, H=4,
+D=64, window 512, lengths S and S/2; ratios to SDPA with the dense mask, same run): not adopted. Eager
+``flex_attention`` returns the log-sum-exp and is exact (max rel err <= 3e-7 against the chunked kernel) but
+builds the S² scores: 15.8x / 25.6x the time and 12x / 13x the memory at 2k / 8k. Compiled (inductor, C++) it is
+fast, 0.48x / 0.15x the time and 0.11x / 0.03x the memory, output exact to 4e-7, but on CPU it refuses
+``return_lse``, so no first-key weight and no entropy; the blocked flash path here gives all three at 0.99x / 0.28x
+the time and 0.35x / 0.07x the memory (two flash calls; per call on a par with compiled flex). Compiled flex with
+``return_lse`` (soft-capping as a ``score_mod``, windows and chunks as block masks) is a GPU candidate, unmeasured.
 """
 from __future__ import annotations
 
