@@ -257,7 +257,8 @@ def test_real_bigbench_task_end_to_end(zoo_model):
     assert text.startswith("<|im_start|>system") and text.endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
     assert text.count("<|im_start|>assistant\n") == 3  # multiturn: one per shot, then the generation prompt
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    letters = [tok(" " + c, add_special_tokens=False)["input_ids"] for c in LETTERS[:len(q.choices)]]
+    # chat_delimiter "none" (definitions §5): the bare letter right after the generation prompt
+    letters = [tok(c, add_special_tokens=False)["input_ids"] for c in LETTERS[:len(q.choices)]]
     assert all(len(t) == 1 for t in letters)
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
