@@ -56,7 +56,9 @@ def test_examples_beyond_the_context_are_flagged_per_example(tmp_path, tiny_dir)
         df = score_shard(str(tiny_dir), data, "toy", tmp_path / "s.parquet", progress=False)
     flags = df.select("example_id", "n_tokens", "beyond_context").unique().sort("example_id").rows()
     assert flags == [("e0", 6, False), ("e1", 16, True)]
-    assert pl.read_parquet(tmp_path / "s.parquet").columns[-1] == "beyond_context"
+    stored = pl.read_parquet(tmp_path / "s.parquet")
+    assert stored.columns[-2:] == ["beyond_context", "run_id"]  # added after the scores, then the run (provenance)
+    assert stored.filter(pl.col("beyond_context"))["example_id"].unique().to_list() == ["e1"]
 
 
 def test_disk_full_keeps_the_earlier_shard(tmp_path, tiny_dir, monkeypatch):
