@@ -8,7 +8,6 @@ correct, n_choices``). A task ``qualifies`` when the lower CI bound of (accuracy
 """
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 
 from analysis.core.bootstrap import N_BOOT, interval, ratio, weights

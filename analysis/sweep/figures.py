@@ -13,6 +13,7 @@ def figure3(ranks: pl.DataFrame):
     import altair as alt
 
     order = ranks.group_by("score_fn", maintain_order=True).agg(pl.col("rank").mean()).sort("rank")["score_fn"].to_list()
+    ranks = ranks.filter(pl.col("rank").is_not_null())  # a function that zeroes no head has no rank (no curve)
     if "rank_low" in ranks.columns:  # the rank over its interval, on two lines
         ranks = ranks.with_columns(pl.format("{}\n[{}–{}]", "rank", "rank_low", "rank_high").alias("label"))
     else:

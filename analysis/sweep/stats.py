@@ -36,12 +36,14 @@ def within_budget(x, y, baseline: float, budget: float = BUDGET) -> float:
 
 
 def normalised_auc(x, y) -> float:
-    """Trapezoid integral of accuracy over realized % divided by (max x - min x); mean y if all x equal."""
+    """Trapezoid integral of accuracy over realized % divided by (max x - min x). NaN when all x are equal: a
+    function that zeroes no head at any fraction (e.g. a layer-normalised value score on a model with one KV
+    head per layer, where every head of a layer has the same value vectors) has no curve to rank."""
     order = np.argsort(np.asarray(x, dtype=float), kind="stable")
     x, y = np.asarray(x, dtype=float)[order], np.asarray(y, dtype=float)[order]
     width = x[-1] - x[0]
     if width == 0:
-        return float(y.mean())
+        return float("nan")
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / width)
 
 
@@ -79,8 +81,9 @@ def table2(results: pl.DataFrame, task: str | None = None) -> pl.DataFrame:
     rows = []
     for (model,), g in bt.group_by(["model"], maintain_order=True):
         aw = g.filter(pl.col("score_fn") == "awft")["within_budget"]
-        others = g.filter(pl.col("score_fn") != "awft").sort(["within_budget", "auc"], descending=True)
-        best = g.sort(["within_budget", "auc"], descending=True)
+        g = g.with_columns(pl.col("auc").fill_nan(None))
+        others = g.filter(pl.col("score_fn") != "awft").sort(["within_budget", "auc"], descending=True, nulls_last=True)
+        best = g.sort(["within_budget", "auc"], descending=True, nulls_last=True)
         rows.append((model, float(aw[0]) if len(aw) else None, float(others["within_budget"][0]),
                      others["score_fn"][0], best["score_fn"][0]))
     out = pl.DataFrame(rows, schema=["model", "awft", "best_other", "best_other_fn", "best_fn"], orient="row")
@@ -93,9 +96,9 @@ def table2(results: pl.DataFrame, task: str | None = None) -> pl.DataFrame:
 def auc_ranks(results: pl.DataFrame, task: str | None = None) -> pl.DataFrame:
     """Normalised AUC and its rank within each model (1 = best; ``random`` included; ties share the
     smaller rank): ``model, score_fn, auc, rank``."""
-    bt = budget_table(_one_task(results, task))
+    bt = budget_table(_one_task(results, task)).with_columns(pl.col("auc").fill_nan(None))  # no curve: no rank
     return (bt.with_columns(pl.col("auc").rank("min", descending=True).over("model").cast(pl.Int64).alias("rank"))
-            .select("model", "score_fn", "auc", "rank").sort("model", "rank", "score_fn"))
+            .select("model", "score_fn", "auc", "rank").sort("model", "rank", "score_fn", nulls_last=True))
 
 
 def rank_correlation(ranks: pl.DataFrame) -> pl.DataFrame:
@@ -114,8 +117,9 @@ def rank_correlation(ranks: pl.DataFrame) -> pl.DataFrame:
 
 def top_k_iou(ranks: pl.DataFrame, k: int = 5) -> pl.DataFrame:
     """IoU between models' top-``k`` functions by AUC (``random`` excluded): ``model_a, model_b, iou``."""
-    top = {m: set(g.filter(pl.col("score_fn") != "random").sort("auc", descending=True)["score_fn"][:k])
-           for (m,), g in ranks.group_by(["model"], maintain_order=True)}
+    ranked = ranks.filter((pl.col("score_fn") != "random") & pl.col("auc").is_not_null())  # no curve: not ranked
+    top = {m: set(g.sort("auc", descending=True)["score_fn"][:k]) for (m,), g in ranked.group_by(["model"],
+                                                                                              maintain_order=True)}
     models = sorted(top)
     rows = [(a, b, len(top[a] & top[b]) / len(top[a] | top[b])) for i, a in enumerate(models) for b in models[i:]]
     return pl.DataFrame(rows, schema=["model_a", "model_b", "iou"], orient="row")

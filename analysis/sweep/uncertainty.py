@@ -50,7 +50,7 @@ def table2(cv: dict, metric: str = "accuracy", budget: float | None = None) -> p
         fns = [f for mm, f in cv if mm == m and f != "random"]
         vals = {f: budget_values(cv, m, f, metric, budget) for f in fns}
         auc = {f: auc_values(cv, m, f, metric)[0] for f in fns}
-        rank = sorted(fns, key=lambda f: (-vals[f][0], -auc[f], f))
+        rank = sorted(fns, key=lambda f: (-vals[f][0], -np.nan_to_num(auc[f], nan=-np.inf), f))  # NaN: no curve
         others = [f for f in rank if f != "awft"]
         aw = vals.get("awft")
         best = vals[others[0]]
@@ -84,12 +84,15 @@ def auc_ranks(cv: dict, metric: str = "accuracy") -> pl.DataFrame:
     rows = []
     for m in sorted({m for m, _ in cv}):
         fns = sorted(f for mm, f in cv if mm == m)
-        auc = np.stack([auc_values(cv, m, f, metric) for f in fns], axis=1)  # (1 + R, F)
-        ranks = (auc[:, None, :] > auc[:, :, None]).sum(-1) + 1  # rank "min": 1 + number strictly better
+        auc = np.stack([auc_values(cv, m, f, metric) for f in fns], axis=1)  # (1 + R, F); NaN: zeroes no head
+        ranks = (np.nan_to_num(auc, nan=-np.inf)[:, None, :] > auc[:, :, None]).sum(-1) + 1  # "min": 1 + # better
         for j, f in enumerate(fns):
+            if np.isnan(auc[0, j]):  # no curve to rank (analysis.sweep.stats.normalised_auc)
+                rows.append((m, f, None, None, None, None, None, None))
+                continue
             lo, hi = ci_of_replicates(ranks[:, j].astype(float))
             rows.append((m, f, float(auc[0, j]), *ci_of_replicates(auc[:, j]), int(ranks[0, j]),
                          None if np.isnan(lo) else int(np.floor(lo)), None if np.isnan(hi) else int(np.ceil(hi))))
     schema = {"model": pl.String, "score_fn": pl.String, "auc": pl.Float64, "auc_ci_low": pl.Float64,
               "auc_ci_high": pl.Float64, "rank": pl.Int64, "rank_low": pl.Int64, "rank_high": pl.Int64}
-    return pl.DataFrame(rows, schema=schema, orient="row").sort("model", "rank", "score_fn")
+    return pl.DataFrame(rows, schema=schema, orient="row").sort("model", "rank", "score_fn", nulls_last=True)

@@ -27,7 +27,7 @@ def test_within_budget(x, y, want):
 def test_normalised_auc():
     assert normalised_auc([0, 10, 20], [50, 40, 40]) == pytest.approx((450 + 400) / 20)
     assert normalised_auc([10, 0], [40, 50]) == pytest.approx(45)
-    assert normalised_auc([3, 3], [40, 50]) == pytest.approx(45)  # degenerate width: mean accuracy
+    assert np.isnan(normalised_auc([0, 0], [40, 50]))  # zeroes no head at any fraction: no curve, no AUC
 
 
 def results_frame():

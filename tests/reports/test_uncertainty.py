@@ -153,3 +153,23 @@ def test_candidate_table_against_direct_counts():
         assert r["ci_low"] < acc < r["ci_high"] and r["n_questions"] == 80
         assert r["qualifies"] == (r["above_ci_low"] >= 15)
     assert t.filter(pl.col("task") == "easy")["qualifies"][0] and not t.filter(pl.col("task") == "hard")["qualifies"][0]
+
+
+def test_a_function_that_zeroes_no_head_has_no_rank():
+    """avvn_ln on a model with one KV head per layer is 1.0 for every head: τ = 1 selects nothing, the curve is
+    one point, and it must not rank first by its (baseline) accuracy."""
+    q = question_frame(n=30)
+    flat = q.filter(pl.col("score_fn") == "awft").with_columns(pl.lit("avvn_ln").alias("score_fn"),
+                                                            pl.lit(0, pl.Int64).alias("zeroed"))
+    base = q.filter((pl.col("score_fn") == "random") & (pl.col("target_fraction") == 0))
+    flat = flat.join(base.select("model", "question", pl.col("correct").alias("c0")), on=["model", "question"]).with_columns(
+        pl.col("c0").alias("correct"), pl.lit(0.0).alias("kl"), pl.lit(0.0).alias("kl_choices")).drop("c0")
+    cv = bootstrap.curves(pl.concat([q, flat.select(q.columns)]), n_boot=30)
+    ranks = uncertainty.auc_ranks(cv)
+    row = ranks.filter(pl.col("score_fn") == "avvn_ln")
+    assert row["rank"].to_list() == [None, None] and row["auc"].to_list() == [None, None]
+    assert sorted(ranks.filter(pl.col("model") == "m1")["rank"].drop_nulls().to_list()) == [1, 2, 3]
+    t2 = uncertainty.table2(cv)
+    assert "avvn_ln" not in t2["best_fn"].to_list()  # within budget it zeroes 0%, never the best
+    from analysis.sweep.figures import figure3
+    figure3(ranks).to_json()  # drawn without the unranked function
