@@ -106,9 +106,10 @@ def _rows(prompt: list[int], letters: list[list[int]], q: int) -> list[_Row]:
             for j, t in enumerate(letters)]
 
 
-def _forward(model, rows: list[_Row], pad_id: int, device) -> tuple[list[list[float]], list[torch.Tensor | None]]:
-    """Summed log-likelihood of each read of each row, and the log-probs at each row's answer position
-    (``(vocab,)`` float32, None on rows without one), from one forward pass."""
+def _forward(model, rows: list[_Row], pad_id: int, device,
+             answers: bool = False) -> tuple[list[list[float]], list[torch.Tensor | None]]:
+    """Summed log-likelihood of each read of each row and, with ``answers``, the log-probs at each row's answer
+    position (``(vocab,)`` float32 on the CPU, None on rows without one), from one forward pass."""
     ids, am = pad_right([r.ids for r in rows], pad_id, device)
     keep = torch.zeros_like(ids, dtype=torch.bool)
     for b, r in enumerate(rows):
@@ -122,7 +123,9 @@ def _forward(model, rows: list[_Row], pad_id: int, device) -> tuple[list[list[fl
     logp = torch.log_softmax(logits.float(), -1)
     values = [[float(sum(logp[flat[b, p + i], tok] for i, tok in enumerate(t))) for _, p, t in r.reads]
               for b, r in enumerate(rows)]
-    return values, [None if r.answer is None else logp[flat[b, r.answer]].cpu() for b, r in enumerate(rows)]
+    # a copy: an indexed row is a view that would keep the batch's whole (kept positions, vocab) tensor alive
+    return values, [None if r.answer is None or not answers else logp[flat[b, r.answer]].clone().cpu()
+                    for b, r in enumerate(rows)]
 
 
 def kl_divergence(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -190,16 +193,16 @@ def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: 
     with (recording(model) if calibrate else nullcontext()) as rec, torch.inference_mode(), \
             tqdm(total=len(rows), unit="prompt", desc=f"eval {data.name}", disable=not progress) as bar:
         for idx in groups:
-            values, answer_logp = _forward(model, [rows[k] for k in idx], pad, device)
+            values, answer_logp = _forward(model, [rows[k] for k in idx], pad, device, want_dists)
             for k, v_row, d in zip(idx, values, answer_logp):
                 for (j, _, _), v in zip(rows[k].reads, v_row):
                     loglik[rows[k].question][j] = v
-                if d is not None and want_dists:
+                if d is not None:
                     dists[rows[k].question] = d
             bar.update(len(idx))
+    call_order = [k for idx in groups for k in idx]  # rows in the order they ran
     scores = None
     if calibrate:
-        call_order = [k for idx in groups for k in idx]
         at = {k: n for n, k in enumerate(call_order)}
         first = {}
         for k, r in enumerate(rows):
@@ -224,4 +227,4 @@ def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: 
                                              pl.Float64), pl.Series("kl_choices", kl_choices, pl.Float64))
     return EvalResult(data.name, model_info(model)["model"], k_shot, chat, scoring, frame, scores,
                       answer_logp if keep_distributions else None,
-                      [rows[k].question for idx in groups for k in idx])
+                      [rows[k].question for k in call_order])

@@ -76,3 +76,18 @@ def test_kl_against_an_independent_computation(tiny):
     with pytest.raises(ValueError, match="keep_distributions"):
         evaluate(model, tok, data, k_shot=0, reference=abl.__class__(**{**abl.__dict__, "answer_logp": None}),
                  progress=False)
+
+
+def test_kept_answer_distributions_do_not_hold_their_batch(tiny):
+    """Each kept (vocab,) row is its own copy: a view would keep the batch's whole (kept positions, vocab)
+    log-prob tensor alive until the evaluation ends; without keep_distributions nothing is extracted."""
+    from extract.evaluate import _forward, _rows
+
+    model, tok = tiny
+    rows = _rows([1, 5, 7, 9], [[11], [12], [13]], 0) + _rows([1, 6, 8], [[11, 4], [12, 4]], 1)
+    vocab = model.config.vocab_size
+    _, kept = _forward(model, rows, 0, torch.device("cpu"), answers=True)
+    firsts = [d for d in kept if d is not None]
+    assert len(firsts) == 2 and all(d.shape == (vocab,) and d.untyped_storage().nbytes() == 4 * vocab for d in firsts)
+    _, none = _forward(model, rows, 0, torch.device("cpu"))
+    assert none == [None] * len(rows)
