@@ -66,6 +66,17 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     return model.eval()
 
 
+def left_padded(seqs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id sequences as a left-padded batch: ``(input_ids, attention_mask)``, both ``(B, max len)`` long."""
+    n = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    am = torch.zeros(len(seqs), n, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, n - len(s):] = torch.tensor(s)
+        am[b, n - len(s):] = 1
+    return ids, am
+
+
 def _spread_sinks(model, seed: int) -> None:
     """Set every learned sink logit (a ``sinks`` parameter of shape (heads,)) uniformly in ``SINK_RANGE``, seeded."""
     g = torch.Generator().manual_seed(seed)

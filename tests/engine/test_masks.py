@@ -9,7 +9,7 @@ from extract.engine import masks
 from extract.engine.kernels import attend_lse
 from extract.engine.scores import score_heads
 from reference import reference_scores
-from tiny import ENGINE_FAMILIES, tiny_model
+from tiny import ENGINE_FAMILIES, left_padded, tiny_model
 
 
 def as_array(model, seqs):
@@ -73,12 +73,7 @@ def test_left_padding_goes_through_blocks(small_blocks):
     model = tiny_model("mistral", seed=3)
     batch = seqs([17, 9, 14], seed=5)
     ref = as_array(model, batch)
-    n = max(map(len, batch))
-    ids = torch.zeros(3, n, dtype=torch.long)
-    am = torch.zeros(3, n, dtype=torch.long)
-    for b, s in enumerate(batch):
-        ids[b, n - len(s):] = torch.tensor(s)
-        am[b, n - len(s):] = 1
+    ids, am = left_padded(batch)
     small_blocks.clear()
     with recording(model) as rec, torch.no_grad():
         model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp_min(0), use_cache=False)
@@ -148,16 +143,6 @@ def lazy_masks(monkeypatch):
     register()
 
 
-def _left_padded(batch):
-    n = max(map(len, batch))
-    ids = torch.zeros(len(batch), n, dtype=torch.long)
-    am = torch.zeros(len(batch), n, dtype=torch.long)
-    for b, s in enumerate(batch):
-        ids[b, n - len(s):] = torch.tensor(s)
-        am[b, n - len(s):] = 1
-    return ids, am
-
-
 @pytest.mark.parametrize("family", ENGINE_FAMILIES)
 def test_derived_intervals_equal_the_banded_ones(family, lazy_masks):
     """Every mask a forward builds (right and left padding; windows, chunks, global layers): the intervals derived
@@ -168,7 +153,7 @@ def test_derived_intervals_equal_the_banded_ones(family, lazy_masks):
     model = tiny_model(family, seed=1)
     batch = seqs([37, 12, 25, 3], seed=6)
     as_array(model, batch)  # right padding
-    ids, am = _left_padded(batch)
+    ids, am = left_padded(batch)
     with recording(model), torch.no_grad():
         model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp_min(0), use_cache=False)
     assert made

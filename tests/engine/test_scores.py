@@ -6,7 +6,7 @@ import torch
 from analysis.core.score_functions import RAW_STATS, score_keys
 from extract.engine.scores import score_heads, scores_from_stats
 from reference import reference_scores
-from tiny import ENGINE_FAMILIES, FAMILIES, tiny_model
+from tiny import ENGINE_FAMILIES, FAMILIES, left_padded, tiny_model
 
 
 def as_array(df, n_examples, model):
@@ -133,12 +133,7 @@ def test_recording_left_padding_with_position_ids():
     model = tiny_model("llama", seed=10)
     seqs = random_seqs(3, 4, 20, 128, seed=12)
     ref = as_array(score_heads(model, seqs), 3, model)
-    n = max(map(len, seqs))
-    ids = torch.zeros(3, n, dtype=torch.long)
-    am = torch.zeros(3, n, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, n - len(s):] = torch.tensor(s)
-        am[b, n - len(s):] = 1
+    ids, am = left_padded(seqs)
     pos = (am.cumsum(-1) - 1).clamp_min(0)
     with recording(model) as rec, torch.no_grad():
         model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False)
