@@ -267,3 +267,86 @@ def test_real_bigbench_task_end_to_end(zoo_model):
     with ablate(model, "random", p=0.5, seed=1):
         ablated = evaluate(model, tok, data, k_shot=2, progress=False)
     assert not np.allclose(ablated.predictions["loglik"][0].to_list(), res.predictions["loglik"][0].to_list())
+
+
+def _pooled_ll(res):
+    return np.concatenate(res.predictions["loglik"].to_list())
+
+
+def _question_masks(res, ab):
+    """Each question's ablation mask (layers, heads): every row of a question must carry the same one."""
+    out = {}
+    for q, m in zip(res.call_questions, ab.mask):
+        assert q not in out or np.array_equal(out[q], m), f"question {q}: its rows ablated different heads"
+        out[q] = m
+    return [out[q] for q in range(res.n_questions)]
+
+
+@pytest.mark.parametrize("family,window", [("llama", None), ("qwen2", None), ("gemma3", 256)])
+def test_packed_rows_equal_one_row_per_choice(family, window):
+    """Cloze choices of several tokens packed into one row per question (branches under a prepared mask)
+    give the logliks, calibration scores, answer distributions and, under ablation, the masks and KL of one
+    row per choice; a packed run has one row per question."""
+    model, tok = tiny_model(family, seed=5, **({"sliding_window": window} if window else {})), tiny_tokenizer()
+    task = toy_task(8)
+    kw = dict(k_shot=1, scoring="cloze", batch_tokens=400, progress=False)
+    packed = evaluate(model, tok, task, calibrate=True, keep_distributions=True, **kw)
+    rows = evaluate(model, tok, task, calibrate=True, keep_distributions=True, pack=False, **kw)
+    assert len(packed.call_questions) == len(task.questions) < len(rows.call_questions)
+    np.testing.assert_allclose(_pooled_ll(packed), _pooled_ll(rows), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_pooled_ll(packed), np.concatenate(by_hand(model, tok, task, 1, "cloze")),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed.scores, rows.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(packed.answer_logp, rows.answer_logp, rtol=1e-5, atol=1e-5)
+    tau = float(np.quantile(packed.scores[..., score_keys().index("awft")], 0.7))  # awft > tau: inactive
+    for fn, opts in [("awft", dict(threshold=tau)), ("random", dict(p=0.3, seed=1))]:
+        with ablate(model, fn, **opts) as ab_p:
+            a = evaluate(model, tok, task, reference=packed, **kw)
+        with ablate(model, fn, **opts) as ab_r:
+            b = evaluate(model, tok, task, reference=rows, pack=False, **kw)
+        masks = _question_masks(a, ab_p)
+        assert any(m.any() for m in masks) and not all(m.all() for m in masks)
+        for m, n in zip(masks, _question_masks(b, ab_r)):
+            np.testing.assert_array_equal(m, n)
+        np.testing.assert_allclose(_pooled_ll(a), _pooled_ll(b), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a.predictions["kl"], b.predictions["kl"], rtol=1e-4, atol=1e-6)
+
+
+def test_cloze_calibration_scores_the_shared_prompt():
+    """Calibration scores of a cloze question are its heads' scores on the prompt and the tokens its
+    continuations share (score_heads on that prefix alone), not on any choice's own tokens; a model whose
+    sliding window is shorter than a packed row falls back to one row per choice with the same scores."""
+    from extract.evaluate import _common_prefix, encode_questions
+
+    task = toy_task(6)
+    for window in (256, 8):
+        model, tok = tiny_model("gemma3", seed=6, sliding_window=window), tiny_tokenizer()
+        res = evaluate(model, tok, task, k_shot=1, scoring="cloze", calibrate=True, progress=False)
+        assert (len(res.call_questions) == len(task.questions)) == (window == 256)
+        prefixes = []
+        for prompt, conts in encode_questions(model, tok, task, k_shot=1, chat=False, scoring="cloze"):
+            c = min(_common_prefix(conts), min(map(len, conts)) - 1)
+            prefixes.append(prompt + conts[0][:c])
+        ref = score_heads(model, prefixes).sort(["example", "layer", "head"]).select(score_keys()).to_numpy()
+        np.testing.assert_allclose(res.scores.numpy().reshape(-1, len(score_keys())), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_packed_rows_on_a_real_model(zoo_model):
+    """SmolLM2 (chat template, lm_eval tokenization: its continuations share a "\\n") on the default suite's
+    tasks: packed rows equal one row per choice, plain and under ablation."""
+    from extract.sweep import load_suite
+
+    model, tok = zoo_model("smollm2-135m-instruct")
+    data = load_suite(["capitals", "antonyms"], limit=3, seed=0, name="relations", progress=False)
+    kw = dict(k_shot=0, tokenization="lm_eval", scoring="cloze", progress=False)
+    packed = evaluate(model, tok, data, keep_distributions=True, **kw)
+    rows = evaluate(model, tok, data, keep_distributions=True, pack=False, **kw)
+    np.testing.assert_allclose(_pooled_ll(packed), _pooled_ll(rows), rtol=1e-5, atol=1e-4)
+    with ablate(model, "random", p=0.2) as ab_p:
+        a = evaluate(model, tok, data, reference=packed, **kw)
+    with ablate(model, "random", p=0.2) as ab_r:
+        b = evaluate(model, tok, data, reference=rows, pack=False, **kw)
+    for m, n in zip(_question_masks(a, ab_p), _question_masks(b, ab_r)):
+        np.testing.assert_array_equal(m, n)
+    np.testing.assert_allclose(_pooled_ll(a), _pooled_ll(b), rtol=1e-5, atol=1e-4)

@@ -84,7 +84,7 @@ def test_kept_answer_distributions_do_not_hold_their_batch(tiny):
     from extract.evaluate import _forward, _rows
 
     model, tok = tiny
-    rows = _rows([1, 5, 7, 9], [[11], [12], [13]], 0) + _rows([1, 6, 8], [[11, 4], [12, 4]], 1)
+    rows = _rows([1, 5, 7, 9], [[11], [12], [13]], 0, 0) + _rows([1, 6, 8], [[11, 4], [12, 4]], 1, 0)
     vocab = model.config.vocab_size
     _, kept = _forward(model, rows, 0, torch.device("cpu"), answers=True)
     firsts = [d for d in kept if d is not None]

@@ -75,11 +75,17 @@ class _RandomRule:
 
 
 def _example_keys(rule: _RandomRule):
-    """Before each forward pass: the sha256 of every row's unpadded tokens, the key of its random draw."""
+    """Before each forward pass: the sha256 of every row's scored tokens (its unpadded tokens, or those in
+    ``capture.scoring_positions``'s region), the key of its random draw."""
     def read(ids, am):
         if ids is None:
             rule.example_keys = None
             return
+        if am is not None and am.dim() == 4:  # a prepared (B, 1, S, S) mask: a position is valid if it sees itself
+            am = torch.diagonal(am[:, 0] if am.dtype == torch.bool else am[:, 0] == 0, dim1=-2, dim2=-1)
+        region = capture.scored_positions()
+        if region is not None:
+            am = region if am is None else am.bool() & region
         rows = [ids[b] if am is None else ids[b][am[b].bool()] for b in range(ids.shape[0])]
         rule.example_keys = [hashlib.sha256(r.cpu().numpy().astype(np.int64).tobytes()).hexdigest() for r in rows]
 

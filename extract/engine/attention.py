@@ -11,7 +11,8 @@ are the family's business) and calls this function; nothing of the model classes
   soft-caps logits or has learned attention sinks, which SDPA cannot do).
 * Session active: :func:`extract.engine.kernels.attend` computes the output and per-query statistics in one
   memory-bounded pass (the first forward of a model with a fast backend is checked against the exact
-  kernel, :mod:`extract.engine.selfcheck`); the raw per-head stats go to the session, which may return
+  kernel, :mod:`extract.engine.selfcheck`); the raw per-head stats (means over the valid positions, or over
+  :func:`extract.engine.capture.scoring_positions`'s region) go to the session, which may return
   heads to ablate; their output ``O`` (all positions) is zeroed or replaced by a mean before the output
   projection.
 * Learned attention sinks (gpt-oss's ``s_aux``: one extra softmax outcome per head, with no value): the kernel
@@ -69,7 +70,8 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if sinks is not None:
         out, p_first, entropy, p_sink = kernels.with_sinks(out, p_first, entropy, lse, sinks)
     if cap is not None:
-        stats = head_stats(out, value, p_first, entropy, valid, first, last, output_gram(module), p_sink)
+        scored, scored_last = _scored(valid, last)
+        stats = head_stats(out, value, p_first, entropy, scored, first, scored_last, output_gram(module), p_sink)
         ablated = cap.record(module.layer_idx, stats)
         if ablated is not None and bool(ablated.any()):
             out = _replace(out, ablated.to(out.device), cap, module.layer_idx)
@@ -194,6 +196,19 @@ def _dense_layout(attention_mask, B, S, query):
     opened = m | torch.eye(S, dtype=torch.bool, device=dev)
     add = torch.zeros(opened.shape, dtype=query.dtype, device=dev).masked_fill_(~opened, float("-inf"))
     return valid, first, last, add[:, None]
+
+
+def _scored(valid: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions the stats average over ``(B, S)`` and the last of them ``(B,)``: the valid ones, or those
+    in :func:`extract.engine.capture.scoring_positions`'s region."""
+    region = capture.scored_positions()
+    if region is None:
+        return valid, last
+    scored = valid & region.to(valid.device)
+    if not bool(scored.any(-1).all()):
+        raise ValueError("scoring_positions: a row has no valid position in the scored region")
+    S = scored.shape[1]
+    return scored, S - 1 - scored.flip(-1).int().argmax(-1)
 
 
 def _replace(out, ablated, cap, layer):

@@ -8,6 +8,12 @@ when it carries an ablation ``rule``, returns the ``(batch, heads)`` bool mask o
 Capture points (named, family-agnostic): ``Capture.stats[layer]`` (raw stats of the current forward),
 ``Capture.forward_stats`` (one ``(batch, layers, heads, n_stats)`` tensor per finished forward when
 ``keep_stats``), ``Capture.forward_masks`` (one ``(batch, layers, heads)`` ablation mask per forward).
+
+Scored positions: by default the stats are means over every valid position of a row. Inside
+``with scoring_positions(region):`` (``(batch, S)`` bool) they are means over the valid positions in
+``region`` only (the last of them is the row's "last" position), while every position is still computed
+and an ablated head is still replaced at every position. The evaluator uses it so that a question's heads
+are scored, and its ablation decided, on the prompt its choices share, not on the choices' own tokens.
 """
 from __future__ import annotations
 
@@ -92,6 +98,23 @@ def _by_layer(per_layer: dict[int, torch.Tensor]) -> torch.Tensor:
 
 
 _current: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("dormant_capture", default=None)
+_region: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("dormant_scored", default=None)
+
+
+@contextmanager
+def scoring_positions(region: torch.Tensor | None) -> Iterator[None]:
+    """Stats of the forward passes inside the block average over ``region`` ``(B, S)`` bool (None: every
+    valid position), see the module doc."""
+    token = _region.set(region)
+    try:
+        yield
+    finally:
+        _region.reset(token)
+
+
+def scored_positions() -> torch.Tensor | None:
+    """The ``(B, S)`` bool region of :func:`scoring_positions`, or None."""
+    return _region.get()
 
 
 def current() -> Capture | None:
