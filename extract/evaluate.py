@@ -57,6 +57,7 @@ class EvalResult:
     scores: torch.Tensor | None = None  # (questions, layers, heads, n_scores) float64, score_keys() order
     answer_logp: torch.Tensor | None = None  # (questions, vocab) float32 log-probs at the answer position
     call_questions: list[int] | None = None  # question index of each forward row, in the order they ran
+    kl_terms: tuple | None = field(default=None, repr=False, compare=False)  # cache of kl_reference_terms
 
     @property
     def n_questions(self) -> int:
@@ -197,12 +198,21 @@ def _forward(model, rows: list[_Row], pad_id: int, device,
                     for b, r in enumerate(rows)]
 
 
-def kl_divergence(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """``KL(ref || other) = Σ p_ref (log p_ref − log p)`` over the last dimension, in float64 (nats); clipped
-    at 0, since float32 log-probs of two nearly equal distributions can sum to -1e-7."""
-    ref, other = logp_ref.double(), logp.double()
+def kl_divergence(logp_ref: torch.Tensor, logp: torch.Tensor, ref_terms=None) -> torch.Tensor:
+    """``KL(ref || other) = Σ p_ref log p_ref − Σ p_ref log p`` over the last dimension, in float64 (nats);
+    clipped at 0, since float32 log-probs of two nearly equal distributions can sum to -1e-7. ``ref_terms``:
+    :func:`kl_reference_terms` of ``logp_ref``, computed once when one reference meets many others."""
+    p, neg_entropy = kl_reference_terms(logp_ref) if ref_terms is None else ref_terms
+    other = logp.double().clamp_min(torch.finfo(torch.float64).min)  # 0 · log 0 = 0, not 0 · -inf
+    return (neg_entropy - (p * other).sum(-1)).clamp_min(0.0)
+
+
+def kl_reference_terms(logp_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p_ref, Σ p_ref log p_ref)`` in float64: the parts of :func:`kl_divergence` that depend on the reference
+    only."""
+    ref = logp_ref.double()
     p = ref.exp()
-    return torch.where(p > 0, p * (ref - other), 0.0).sum(-1).clamp_min(0.0)  # 0 · log 0 = 0
+    return p, torch.where(p > 0, p * ref, 0.0).sum(-1)
 
 
 def encode_questions(model, tokenizer, data: TaskData, *, k_shot: int, chat: bool, chat_format: str = "multiturn",
@@ -294,7 +304,10 @@ def evaluate(model, tokenizer, task: TaskData | str, *, k_shot: int = 5, limit: 
         ref_ll = reference.predictions["loglik"].to_list()
         kl_choices = [float(kl_divergence(torch.tensor(a).log_softmax(-1), torch.tensor(b).log_softmax(-1)))
                       for a, b in zip(ref_ll, loglik)]
-        frame = frame.with_columns(pl.Series("kl", kl_divergence(reference.answer_logp, answer_logp).tolist(),
+        if reference.kl_terms is None:  # once per reference: a sweep compares every configuration with it
+            reference.kl_terms = kl_reference_terms(reference.answer_logp)
+        terms = reference.kl_terms
+        frame = frame.with_columns(pl.Series("kl", kl_divergence(reference.answer_logp, answer_logp, terms).tolist(),
                                              pl.Float64), pl.Series("kl_choices", kl_choices, pl.Float64))
     return EvalResult(data.name, model_info(model)["model"], k_shot, chat, scoring, frame, scores,
                       answer_logp if keep_distributions else None,
