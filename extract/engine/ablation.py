@@ -112,9 +112,9 @@ def ablate(model, score_fn: str, *, threshold: float | None = None, p: float | N
         if threshold is None:
             raise ValueError(f"score_fn={score_fn!r} needs a threshold (see definitions §3 / analysis.core.thresholds)")
         rule = _threshold_rule(score_fn, float(threshold))
-    # only the entropy scores need the second attention pass
-    cap = capture.Capture(rule=rule, mode=mode, means=means,
-                          need_entropy=score_fn != "random" and get_score_function(score_fn).needs_entropy)
+    # only the stats the rule reads are computed (the entropy scores alone need the kernel's entropy)
+    needed = () if score_fn == "random" else get_score_function(score_fn).stats
+    cap = capture.Capture(rule=rule, mode=mode, means=means, need_entropy="entropy" in needed, stats_needed=needed)
     with inputs, capture.capturing(cap):
         yield Ablation(cap)
 

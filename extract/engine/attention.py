@@ -21,6 +21,7 @@ are the family's business) and calls this function; nothing of the model classes
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -71,7 +72,8 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out, p_first, entropy, p_sink = kernels.with_sinks(out, p_first, entropy, lse, sinks)
     if cap is not None:
         scored, scored_last = _scored(valid, last)
-        stats = head_stats(out, value, p_first, entropy, scored, first, scored_last, output_gram(module), p_sink)
+        stats = head_stats(out, value, p_first, entropy, scored, first, scored_last, output_gram(module), p_sink,
+                           cap.stats_needed)
         ablated = cap.record(module.layer_idx, stats)
         if ablated is not None and bool(ablated.any()):
             out = _replace(out, ablated.to(out.device), cap, module.layer_idx)
@@ -80,10 +82,11 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 def head_stats(out: torch.Tensor, value: torch.Tensor, p_first: torch.Tensor, entropy: torch.Tensor,
                valid: torch.Tensor, first: torch.Tensor, last: torch.Tensor, gram: torch.Tensor,
-               p_sink: torch.Tensor | None = None) -> torch.Tensor:
+               p_sink: torch.Tensor | None = None, needed: tuple[str, ...] | None = None) -> torch.Tensor:
     """The raw stats per (example, query head): ``(B, H, len(RAW_STATS))`` float64, ``RAW_STATS`` order.
 
     ``p_first``, ``entropy`` and ``p_sink`` (the learned sink's weight; None: no sink, 0) are ``(B, H, S)``.
+    ``needed``: the stats to compute (None: all); the others are NaN (an ablation reads one or two).
 
     ``value`` is ``(B, KV, S, D)``: query head h reads KV head ``h // (H / KV)``. ``gram`` ``(H, D, D)``:
     the output projection's per-head Gram matrices (:func:`output_gram`), ``‖o W_O^h‖² = o G_h oᵀ``.
@@ -99,16 +102,26 @@ def head_stats(out: torch.Tensor, value: torch.Tensor, p_first: torch.Tensor, en
         return x.gather(2, idx.view(-1, 1, 1).expand(-1, x.shape[1], 1)).squeeze(2)
 
     work = torch.promote_types(out.dtype, torch.float32)
-    vn = torch.linalg.vector_norm(value, dim=-1, dtype=work).double()
-    vn = vn.repeat_interleave(H // value.shape[1], dim=1)
-    on = torch.linalg.vector_norm(out, dim=-1, dtype=work).double()
-    o = out.to(work)
-    full = ((o @ gram.to(work)) * o).sum(-1).clamp_min(0).sqrt().double()  # o G_h oᵀ, (B, H, S, D) at most
-    stats = {"p_first": mean_t(p_first), "entropy": mean_t(entropy), "v_first_norm": at(vn, first),
-             "v_norm": mean_t(vn), "o_last_norm": at(on, last), "o_norm": mean_t(on), "o_full_norm": mean_t(full),
-             "p_sink": torch.zeros(out.shape[:2], dtype=torch.float64, device=out.device) if p_sink is None
-             else mean_t(p_sink)}
-    return torch.stack(ordered_stats(stats), -1)
+
+    @functools.cache
+    def vn():  # (B, H, S) value norms, KV heads repeated
+        return torch.linalg.vector_norm(value, dim=-1, dtype=work).double().repeat_interleave(H // value.shape[1], 1)
+
+    @functools.cache
+    def on():
+        return torch.linalg.vector_norm(out, dim=-1, dtype=work).double()
+
+    def full():  # o G_h oᵀ, (B, H, S, D) at most
+        o = out.to(work)
+        return mean_t(((o @ gram.to(work)) * o).sum(-1).clamp_min(0).sqrt().double())
+
+    zeros = torch.zeros(out.shape[:2], dtype=torch.float64, device=out.device)
+    make = {"p_first": lambda: mean_t(p_first), "entropy": lambda: mean_t(entropy),
+            "v_first_norm": lambda: at(vn(), first), "v_norm": lambda: mean_t(vn()),
+            "o_last_norm": lambda: at(on(), last), "o_norm": lambda: mean_t(on()), "o_full_norm": full,
+            "p_sink": lambda: zeros if p_sink is None else mean_t(p_sink)}
+    nan = torch.full_like(zeros, float("nan"))
+    return torch.stack(ordered_stats({k: f() if needed is None or k in needed else nan for k, f in make.items()}), -1)
 
 
 _GRAMS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weight, its version, gram)

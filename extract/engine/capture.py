@@ -37,6 +37,7 @@ class Capture:
     chunk_size: int = 256  # query chunk of the portable kernel
     keep_stats: bool = False  # keep every forward's stats in ``forward_stats`` (calibration runs)
     need_entropy: bool = True  # False: skip the entropy pass (its stat becomes NaN), for ablation by others
+    stats_needed: tuple[str, ...] | None = None  # the raw stats to compute (None: all; the others are NaN)
     stats: dict[int, torch.Tensor] = field(default_factory=dict)
     forward_masks: list[torch.Tensor] = field(default_factory=list)
     forward_stats: list[torch.Tensor] = field(default_factory=list)

@@ -182,3 +182,20 @@ def test_function_registered_after_the_database_was_built_gets_its_column(tmp_pa
     cols = [r[0] for r in con.execute("SELECT * FROM calibration_scores LIMIT 0").description]
     assert cols[-1] == "aeqd_hn"
     con.close()
+
+
+def test_head_stats_computes_only_the_needed_stats():
+    """An ablation computes only the stats its rule reads: those equal the full computation, the rest are NaN."""
+    B, H, S, D = 2, 4, 5, 3
+    out, value = torch.randn(B, H, S, D), torch.randn(B, 2, S, D)
+    pf, ent = torch.rand(B, H, S, dtype=torch.float64), torch.rand(B, H, S, dtype=torch.float64)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    args = (out, value, pf, ent, valid, torch.zeros(B, dtype=torch.long), torch.full((B,), S - 1), torch.randn(H, D, D))
+    every = attention.head_stats(*args)
+    for needed in (("p_first",), ("v_norm", "v_first_norm"), ("o_norm",), ()):
+        part = attention.head_stats(*args, needed=needed)
+        for i, k in enumerate(RAW_STAT_KEYS):
+            if k in needed:
+                torch.testing.assert_close(part[..., i], every[..., i])
+            else:
+                assert torch.isnan(part[..., i]).all(), k
