@@ -203,8 +203,10 @@ def kl_divergence(logp_ref: torch.Tensor, logp: torch.Tensor, ref_terms=None) ->
     clipped at 0, since float32 log-probs of two nearly equal distributions can sum to -1e-7. ``ref_terms``:
     :func:`kl_reference_terms` of ``logp_ref``, computed once when one reference meets many others."""
     p, neg_entropy = kl_reference_terms(logp_ref) if ref_terms is None else ref_terms
-    other = logp.double().clamp_min(torch.finfo(torch.float64).min)  # 0 · log 0 = 0, not 0 · -inf
-    return (neg_entropy - (p * other).sum(-1)).clamp_min(0.0)
+    other = logp.double()
+    if logp.numel() and float(logp.min()) == float("-inf"):  # 0 · log 0 = 0, not 0 · -inf
+        other = other.clamp_min(torch.finfo(torch.float64).min)
+    return (neg_entropy - torch.einsum("...v,...v->...", p, other)).clamp_min(0.0)
 
 
 def kl_reference_terms(logp_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
