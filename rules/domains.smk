@@ -11,7 +11,7 @@ if config.get("mechanism"):
     # the ablation run settings (extract/domains.py DomainAblationSettings): the section minus what the
     # candidates use, the model list and the job's threads, plus the scorer's BOS choice
     DOMAIN_ABLATE = settings_json({
-        **{k: v for k, v in DOM.items() if k not in ("score_fn", "fraction", "top", "ablate_models", "threads")},
+        **{k: v for k, v in DOM.items() if k not in ("score_fn", "fraction", "top", "ablate_models", "threads", "dtype")},
         "prepend_bos": config["scoring"]["prepend_bos"]})
 
     rule domain_candidates:
@@ -42,6 +42,7 @@ if config.get("mechanism"):
         params:
             settings=DOMAIN_ABLATE,
             name=lambda w: DOMAIN_MODELS[w.model],
+            dtype=DOM.get("dtype", config["scoring"]["dtype"]),
         threads: DOM["threads"]
         resources: mem_mb=config["resources"]["mem_mb"], gpu=config["resources"]["gpu"]
         log: "results/logs/domain_ablate/{model}.log"
@@ -49,7 +50,7 @@ if config.get("mechanism"):
         shell:
             "OMP_NUM_THREADS={threads} {DORMANT} domains ablate --model {params.name:q} --candidates {input.cands:q} "
             "--data {input.data:q} --config {params.settings:q} "
-            "--threads {threads} --dtype {config[scoring][dtype]} --device {config[scoring][device]} "
+            "--threads {threads} --dtype {params.dtype} --device {config[scoring][device]} "
             "--out {output:q} 2> {log:q}"
 
     rule domain_scatter:

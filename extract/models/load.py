@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,22 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32,
     return _finish(model, tok, source, device)
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True if this CPU computes bf16 natively (``amx_bf16`` or ``avx512_bf16`` in /proc/cpuinfo); elsewhere bf16
+    matmuls are emulated, 4-9x slower than float32 (docs/bf16.md). False when /proc/cpuinfo is unreadable."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
 def _finish(model, tok, source: dict[str, Any], device):
+    if torch.device(device).type == "cpu" and model.dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        warnings.warn("bfloat16 on a CPU without AMX/AVX512-BF16 runs several times slower than float32; "
+                      "set scoring.dtype: float32 (or pass --dtype float32)", stacklevel=3)
     model.eval().to(device)
     keys = ("name", "upstream", "variant", "quantisation", "sha256")
     model.config.dormant_source = {k: source.get(k) for k in keys}

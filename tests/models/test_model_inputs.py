@@ -88,3 +88,12 @@ def test_an_interrupted_conversion_leaves_the_complete_one(fake_transformers, mo
     monkeypatch.delenv("FAKE_CRASH")
     assert models.convert(gguf, other) == converted_dir(other["sha256"])  # the rerun converts it
 
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    """bf16 on a CPU is fast only with AMX or AVX512-BF16 (docs/bf16.md); elsewhere loading warns, naming the fix."""
+    from extract.models.load import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("flags\t: fpu sse2 avx512f amx_bf16 amx_tile")
+    assert cpu_has_native_bf16("flags\t: fpu avx512f avx512_bf16")
+    assert not cpu_has_native_bf16("flags\t: fpu sse2 avx2 avx512f avx512_vnni")
