@@ -1,6 +1,7 @@
 """Writers for generated tables (CSV, Markdown, LaTeX) and figures (PNG and SVG via vl-convert)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import polars as pl
@@ -23,12 +24,40 @@ def markdown(df: pl.DataFrame, digits: int = 4) -> str:
     return "\n".join([head, sep] + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
-def latex(df: pl.DataFrame, digits: int = 4, caption: str | None = None) -> str:
-    def esc(s: str) -> str:
-        return s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+_LATEX_SPECIAL = {"\\": "\\textbackslash{}", "_": "\\_", "%": "\\%", "&": "\\&", "#": "\\#", "$": "\\$",
+                  "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}"}
+_LATEX_SPECIAL_RE = re.compile("|".join(re.escape(c) for c in _LATEX_SPECIAL))
 
+
+def _latex_escape(s: str) -> str:
+    """Text as LaTeX prints it (T1 encoding: < and > print as themselves)."""
+    return _LATEX_SPECIAL_RE.sub(lambda m: _LATEX_SPECIAL[m.group()], s)
+
+
+def latex_header(name: str, width: int = 10) -> str:
+    """A column name as a LaTeX header cell: a name longer than ``width`` characters breaks after its
+    underscores into stacked lines (``\\shortstack``), so that a header is about as wide as its values."""
+    if len(name) <= width or "_" not in name.strip("_"):
+        return _latex_escape(name)
+    lines, cur = [], ""
+    for piece in re.split(r"(?<=_)", name):  # each piece keeps its trailing underscore
+        if cur and len(cur) + len(piece) > width:
+            lines.append(cur)
+            cur = piece
+        else:
+            cur += piece
+    lines.append(cur)
+    if len(lines) == 1:
+        return _latex_escape(name)
+    return "\\shortstack[l]{" + "\\\\".join(_latex_escape(x) for x in lines) + "}"
+
+
+def latex(df: pl.DataFrame, digits: int = 4, caption: str | None = None) -> str:
+    """One booktabs tabular: ``\\toprule``, the header row, ``\\midrule``, the rows, ``\\bottomrule`` (the
+    manuscript's table layout reads that structure, paper/main.tex)."""
+    esc = _latex_escape
     cols = "l" * len(df.columns)
-    lines = [f"\\begin{{tabular}}{{{cols}}}", "\\toprule", " & ".join(esc(c) for c in df.columns) + " \\\\",
+    lines = [f"\\begin{{tabular}}{{{cols}}}", "\\toprule", " & ".join(latex_header(c) for c in df.columns) + " \\\\",
              "\\midrule"]
     lines += [" & ".join(esc(_fmt(v, digits)) for v in r) + " \\\\" for r in df.iter_rows()]
     lines += ["\\bottomrule", "\\end{tabular}"]

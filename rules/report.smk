@@ -1,4 +1,8 @@
 # Last: the final database (the core plus every module's EXTRA_TABLES), the summary and the paper.
+import shutil
+
+HAVE_TEX = shutil.which("latexmk") is not None and shutil.which("pdflatex") is not None  # the paper rule's engine
+
 rule database:
     """results/scores.duckdb: the core database plus every analysis table (copied, ingested, renamed)."""
     input:
@@ -23,7 +27,9 @@ rule summarize:
 
 
 rule paper:
-    """The manuscript: paper/main.tex with the generated tables and figures (latexmk when installed)."""
+    """The manuscript: paper/main.tex with the generated tables and figures (latexmk when installed; the
+    results/paper/main.pdf beside status.txt). The engine is a parameter, so a run skipped for want of TeX
+    is redone once TeX is installed."""
     input:
         tex="paper/main.tex",
         tables=rules.summarize.output.tables,
@@ -31,5 +37,6 @@ rule paper:
         ablation=rules.ablation_report.output,
         analyses=EXTRA_TARGETS,  # every analysis the manuscript includes (domains, toy, MAPS, distributions)
     output: "results/paper/status.txt"
+    params: tex=HAVE_TEX
     log: "results/logs/paper.log"
     shell: "{DORMANT} paper --tex {input.tex:q} --out results/paper > {log:q} 2>&1"

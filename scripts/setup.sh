@@ -2,9 +2,67 @@
 # Create .venv at the repository root if missing and install the project into it (idempotent).
 # torch is installed first (pinned CPU build on machines that carry it; set DORMANT_TORCH to change the
 # requirement, e.g. DORMANT_TORCH="torch>=2.6" to keep an existing CUDA build).
+#
+# System packages (Debian, as root, with apt-get --no-install-recommends, only those missing):
+#   always      TeX for the manuscript (the workflow's `paper` rule): latexmk texlive-latex-base
+#               texlive-latex-recommended lmodern
+#   --tests     also poppler-utils (the paper test reads the PDF) and chromium (the explorer's browser test)
+# Not root, no apt-get, or DORMANT_SYSTEM_PACKAGES=0: nothing is installed and a line says so. A failed
+# install never stops set-up: the paper rule then writes "skipped" and those tests skip, saying why.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+tests=0
+for arg in "$@"; do
+  case "$arg" in
+    --tests) tests=1 ;;
+    *) echo "usage: scripts/setup.sh [--tests]" >&2; exit 2 ;;
+  esac
+done
+
+have_tex() {
+  command -v latexmk > /dev/null && command -v pdflatex > /dev/null && command -v kpsewhich > /dev/null \
+    && [ "$(kpsewhich booktabs.sty pdflscape.sty lmodern.sty | wc -l)" = 3 ]
+}
+have_chromium() {
+  command -v chromium > /dev/null || command -v chromium-browser > /dev/null || command -v google-chrome > /dev/null
+}
+
+system_packages() {
+  local want=() log start
+  [ "${DORMANT_SYSTEM_PACKAGES:-1}" = 0 ] && return 0
+  have_tex || want+=(latexmk texlive-latex-base texlive-latex-recommended lmodern)
+  if [ "$tests" = 1 ]; then
+    command -v pdftotext > /dev/null && command -v pdfimages > /dev/null || want+=(poppler-utils)
+    have_chromium || want+=(chromium)
+  fi
+  [ ${#want[@]} = 0 ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    echo "[setup] not root: not installing ${want[*]} (Debian: sudo apt-get install --no-install-recommends" \
+         "${want[*]}); without them the paper is skipped and the tests that need them skip"
+    return 0
+  fi
+  if ! command -v apt-get > /dev/null; then
+    echo "[setup] no apt-get: not installing ${want[*]}; without them the paper is skipped and the tests that" \
+         "need them skip"
+    return 0
+  fi
+  log=$(mktemp "${TMPDIR:-/tmp}/dormant-apt.XXXXXX.log")
+  start=$(date +%s)
+  echo "[setup] installing ${want[*]} (apt-get, as root; once)"
+  export DEBIAN_FRONTEND=noninteractive
+  local apt=(apt-get -y -q -o DPkg::Lock::Timeout=120)
+  if { "${apt[@]}" install --no-install-recommends "${want[@]}" \
+       || { "${apt[@]}" update && "${apt[@]}" install --no-install-recommends "${want[@]}"; }; } > "$log" 2>&1; then
+    echo "[setup] installed in $(( $(date +%s) - start )) s"
+    rm -f "$log"
+  else
+    echo "[setup] apt-get could not install ${want[*]} (log: $log); continuing without them"
+    tail -n 5 "$log" | sed 's/^/[setup]   /'
+  fi
+}
+system_packages || echo "[setup] system packages not installed; continuing"
+
 py=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"

@@ -2,7 +2,8 @@
 tests/core (analysis/core), tests/reports (the rest of analysis/), and at the top level the modules of
 extract/ itself (score, evaluate, domains), the command line, the workflow and the layout rules. Helpers
 every directory uses live here beside this file: tiny.py (tiny random models of real config classes),
-tiny_tokenizer.py, reference.py (the naive eager oracle), fakes.py (small inputs in the real formats)."""
+tiny_tokenizer.py, reference.py (the naive eager oracle), fakes.py (small inputs in the real formats),
+browser.py (headless Chromium over the DevTools protocol)."""
 import sys
 from pathlib import Path
 

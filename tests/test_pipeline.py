@@ -65,11 +65,35 @@ def test_smoke_outputs(first_run):
               "results/figures/figure4_top3.png", "results/figures/score_ecdf_ahon_ln.png",
               "results/paper/status.txt"):
         assert (d / f).is_file() and (d / f).stat().st_size > 0, f
+    check_paper(d)
     rerun = snakemake(d)
     assert "Nothing to be done" in rerun.stdout + rerun.stderr  # rerun: no-op
     rep = subprocess.run([sys.executable, "-m", "snakemake", "--configfile", "config/smoke.yaml", "--report",
                           "results/report.html"], cwd=d, capture_output=True, text=True)
     assert rep.returncode == 0 and (d / "results" / "report.html").stat().st_size > 100_000, rep.stderr[-2000:]
+
+
+def check_paper(d: Path) -> None:
+    """With TeX installed (scripts/setup.sh, as root on Debian) the paper rule builds results/paper/main.pdf,
+    and every table and figure the run had made when the build began is in it (read by TeX, per latexmk's
+    .fls record; a table too long to print is listed by name); without TeX its status says what to install."""
+    out = d / "results" / "paper"
+    status = (out / "status.txt").read_text()
+    if shutil.which("latexmk") is None or shutil.which("pdflatex") is None:
+        assert status.startswith("skipped: latexmk/pdflatex not found"), status
+        return
+    assert status.strip() == f"built: {out.resolve() / 'main.pdf'}", status
+    fls = (out / "main.fls").read_text().splitlines()
+    cwd = Path(next(line[4:] for line in fls if line.startswith("PWD ")))
+    read = {(cwd / line[6:]).resolve() for line in fls if line.startswith("INPUT ")}
+    lists = (out / "genlists.tex").read_text()
+    began = (out / "genlists.tex").stat().st_mtime
+    made = [p for p in [*(d / "results" / "tables").glob("*.tex"), *(d / "results" / "figures").rglob("*.png")]
+            if p.stat().st_mtime < began]
+    assert len(made) > 20
+    missing = [str(p.relative_to(d)) for p in made
+               if p.resolve() not in read and f"\\genappendixlisted{{{p.stem}}}" not in lists]
+    assert not missing, missing
 
 
 def test_kill_and_resume_gives_the_same_database(first_run, tmp_path):

@@ -3,8 +3,6 @@ the explorer in a headless browser; the perturbation and the finetune on real an
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import polars as pl
@@ -213,35 +211,116 @@ def test_compare_is_deterministic_and_pairs_shared_examples():
 
 # ------------------------------------------------------------------------------------ explorer (browser)
 
-def _chromium():
-    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+# Before the page's scripts run: keep the promise vega-embed returns (its view) as window.__embed.
+_EMBED_HOOK = """(() => { let wrapped;
+  Object.defineProperty(window, 'vegaEmbed', {configurable: true, get() { return wrapped; },
+    set(f) { wrapped = function (...a) { const p = f.apply(this, a); window.__embed = p; return p; };
+             Object.assign(wrapped, f); }}); })();"""
+# What the page draws, read from its SVG elements (Vega's renderer keeps each element's scene item in
+# __data__): the heatmap's rects and the ECDF's points with their data and pixel positions.
+_STATE = """(async () => {
+  const {view} = await window.__embed; await view.runAsync();
+  const items = sel => [...document.querySelectorAll(sel)].map(e => e.__data__).filter(d => d && d.datum && 'layer' in d.datum);
+  const row = d => ({model: d.datum.model, score_fn: d.datum.score_fn, layer: d.datum.layer, head: d.datum.head});
+  return {model: view.signal('model'), fn: view.signal('fn'),
+          heat: items('g.mark-rect path').map(d => ({...row(d), median: d.datum.median, opacity: d.opacity})),
+          points: items('g.mark-symbol path').map(d => ({...row(d), score: d.datum.score, cdf: d.datum.cdf, x: d.x, y: d.y})),
+          selects: [...document.querySelectorAll('select')].map(s => s.name)}; })()"""
 
 
-def test_explorer_renders_in_a_headless_browser(tmp_path):
+def _pick(name, value):  # choose an option of a drop-down as a user does: set it, then the change event
+    return f"""(async () => {{ const s = document.querySelector('select[name="{name}"]'); s.value = '{value}';
+      s.dispatchEvent(new Event('change', {{bubbles: true}})); s.dispatchEvent(new Event('input', {{bubbles: true}}));
+      const {{view}} = await window.__embed; await view.runAsync(); return view.signal('{name}'); }})()"""
+
+
+def _head_center(layer, head):  # viewport coordinates of the head's rect in the heatmap
+    return f"""(() => {{ const e = [...document.querySelectorAll('g.mark-rect path')].find(e => e.__data__ && e.__data__.datum
+        && e.__data__.datum.layer === {layer} && e.__data__.datum.head === {head});
+      e.scrollIntoView({{block: 'center', inline: 'center'}}); const r = e.getBoundingClientRect();
+      return [r.left + r.width / 2, r.top + r.height / 2]; }})()"""
+
+
+def _wait_for_head(layer, head):
+    return f"""(async () => {{ for (let i = 0; i < 200; i++) {{
+        const p = [...document.querySelectorAll('g.mark-symbol path')].map(e => e.__data__).filter(d => d && d.datum);
+        if (p.length && p.every(d => d.datum.layer === {layer} && d.datum.head === {head})) return true;
+        await new Promise(r => setTimeout(r, 50)); }} return false; }})()"""
+
+
+def _quantiles(x, probs):
+    """Type-7 quantiles (linear between order statistics), written out here independently of the explorer."""
+    v = sorted(float(a) for a in x)
+    out = []
+    for p in probs:
+        h = (len(v) - 1) * p
+        lo = int(np.floor(h))
+        hi = min(lo + 1, len(v) - 1)
+        out.append(v[lo] + (h - lo) * (v[hi] - v[lo]))
+    return np.array(out)
+
+
+def _check_ecdf(points, values, model, fn, layer, head, n_heads):
+    assert {(p["model"], p["score_fn"], p["layer"], p["head"]) for p in points} == {(model, fn, layer, head)}
+    pts = sorted(points, key=lambda p: p["cdf"])
+    cdf, score = np.array([p["cdf"] for p in pts]), np.array([p["score"] for p in pts])
+    np.testing.assert_allclose(cdf, np.linspace(0, 1, 21), atol=1e-12)
+    want = _quantiles(values[:, layer * n_heads + head], cdf)
+    np.testing.assert_allclose(score, want, rtol=1e-4, atol=1e-9)  # the page's data: 5 significant figures
+    # what is drawn is that data: x linear and increasing in the score, y linear and decreasing in the cdf
+    x, y = np.array([p["x"] for p in pts]), np.array([p["y"] for p in pts])
+    for px, v, sign in ((x, score, 1), (y, cdf, -1)):
+        slope, icpt = np.polyfit(v, px, 1)
+        assert sign * slope > 0 and np.abs(px - (slope * v + icpt)).max() < 0.5, (px, v)
+
+
+def test_explorer_in_a_headless_browser_draws_the_ecdf_of_the_clicked_head(tmp_path):
+    """The explorer in headless Chromium (Chrome DevTools Protocol over a pipe): the default model's heatmap
+    and ECDF are drawn; pick another model and function in the drop-downs, click a head, and the ECDF's
+    points read back from the page (data and pixel positions) are the 21 quantiles of that head's scores,
+    computed here from the same input."""
     from analysis.distributions.explorer import write_explorer
+    from browser import Browser, find_chromium
 
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install chromium); the explorer is not checked")
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no chromium on PATH (as root on Debian, scripts/setup.sh --tests installs it: "
+                    "apt-get install chromium); the explorer is not checked in a browser")
     rng = np.random.default_rng(7)
-    scores = {"m1": {"ahon_ln": matrix(rng.normal(size=(5, 12)), model="m1", n_layers=4, n_heads=3),
-                     "awft": matrix(rng.random(size=(5, 12)), model="m1", fn="awft", n_layers=4, n_heads=3)},
-              "m2": {"ahon_ln": matrix(rng.normal(size=(5, 6)), model="m2", n_layers=2, n_heads=3),
-                     "awft": matrix(rng.random(size=(5, 6)), model="m2", fn="awft", n_layers=2, n_heads=3)}}
+    values = {("m1", "ahon_ln"): rng.normal(size=(5, 12)), ("m1", "awft"): rng.random(size=(5, 12)),
+              ("m2", "ahon_ln"): rng.normal(size=(9, 6)), ("m2", "awft"): rng.random(size=(9, 6))}
+    shape = {"m1": (4, 3), "m2": (2, 3)}
+    scores = {m: {f: matrix(v, model=m, fn=f, n_layers=shape[m][0], n_heads=shape[m][1])
+                  for (mm, f), v in values.items() if mm == m} for m in shape}
     page = write_explorer(scores, tmp_path / "explorer.html")
     html = page.read_text()
     assert "cdn.jsdelivr" not in html and "https://" not in html.split("const spec")[0].split("vega-embed")[0]
-    res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
-                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    dom = res.stdout
-    assert "<svg" in dom, res.stderr[-2000:]
-    # the heatmap of the default model (m1: 4 layers x 3 heads) is drawn: one path per head in the rect mark
-    rects = re.search(r'<g class="mark-rect role-mark[^"]*"[^>]*>(.*?)</g>', dom, re.S)
-    assert rects is not None and rects.group(1).count("<path") == 12
-    # the ECDF of the selected head (layer 0, head 0): 21 quantile points
-    assert len(re.findall(r'<g class="mark-symbol role-mark[^"]*"[^>]*>(.*?)</g>', dom, re.S)) == 1
-    assert re.search(r'<g class="mark-symbol role-mark[^"]*"[^>]*>(.*?)</g>', dom, re.S).group(1).count("<path") == 21
-    assert "<select" in dom and ">m2<" in dom  # the model drop-down lists both models
+
+    with Browser(exe, tmp_path / "profile") as b:
+        b.open(page.as_uri(), init_script=_EMBED_HOOK)
+        s = b.evaluate(_STATE)
+        assert s["selects"] == ["model", "fn"] and (s["model"], s["fn"]) == ("m1", "ahon_ln")
+        # the default: m1's 4 x 3 heads, and the ECDF of the preselected head (layer 0, head 0)
+        assert sorted((h["layer"], h["head"]) for h in s["heat"]) == [(l, h) for l in range(4) for h in range(3)]
+        _check_ecdf(s["points"], values["m1", "ahon_ln"], "m1", "ahon_ln", 0, 0, 3)
+
+        assert b.evaluate(_pick("model", "m2")) == "m2"
+        assert b.evaluate(_pick("fn", "awft")) == "awft"
+        s = b.evaluate(_STATE)
+        assert {(h["model"], h["score_fn"]) for h in s["heat"]} == {("m2", "awft")}
+        heat = {(h["layer"], h["head"]): h for h in s["heat"]}
+        assert sorted(heat) == [(l, h) for l in range(2) for h in range(3)]
+        med = np.median(values["m2", "awft"], axis=0)
+        for (l, h), item in heat.items():
+            assert item["median"] == pytest.approx(med[l * 3 + h], rel=1e-4)
+
+        b.click(*b.evaluate(_head_center(1, 2)))
+        assert b.evaluate(_wait_for_head(1, 2)), "the click on layer 1 head 2 did not redraw the ECDF"
+        s = b.evaluate(_STATE)
+        _check_ecdf(s["points"], values["m2", "awft"], "m2", "awft", 1, 2, 3)
+        opacity = {(h["layer"], h["head"]): h["opacity"] for h in s["heat"]}  # the clicked head is highlighted
+        assert opacity.pop((1, 2)) == 1.0 and set(opacity.values()) == {0.55}
+        assert not b.console_errors(), b.console_errors()
 
 
 # ------------------------------------------------------------------------------------ derived models
