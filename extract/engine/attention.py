@@ -26,11 +26,11 @@ import weakref
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from analysis.core.score_functions import ordered_stats
-from extract.engine import capture, kernels, masks, selfcheck
+from extract.engine import capture, fused_cpu, kernels, masks, selfcheck
 
 ATTN_NAME = "dormant"
 
@@ -55,18 +55,17 @@ def dormant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise NotImplementedError("cached decoding with logit soft-capping or learned attention sinks is not "
                                   "supported; use use_cache=False")
     B, H, S, D = query.shape
-    n_rep = H // key.shape[1]
-    k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     layout = _mask_layout(attention_mask, B, S, query, cap)
     valid, first, last, add_mask = layout
     backend = "chunked" if softcap is not None else kernels.choose_backend(query.device, softcap)
     chunk = cap.chunk_size if cap else 256
     need_entropy = cap.need_entropy if cap else False
-    out, p_first, entropy, lse = kernels.attend_lse(query, k, v, add_mask, scale, first, valid=valid,
+    out, p_first, entropy, lse = kernels.attend_lse(query, key, value, add_mask, scale, first, valid=valid,
                                                     softcap=softcap, backend=backend, chunk_size=chunk,
                                                     need_entropy=need_entropy)
     if cap is not None:  # the fast kernel's own numbers, over the keys alone
-        selfcheck.check(module, query, k, v, add_mask, scale, first, valid, backend, (out, p_first, entropy), chunk)
+        selfcheck.check(module, query, key, value, add_mask, scale, first, valid, backend, (out, p_first, entropy),
+                        chunk)
     p_sink = None
     if sinks is not None:
         out, p_first, entropy, p_sink = kernels.with_sinks(out, p_first, entropy, lse, sinks)
@@ -108,10 +107,18 @@ def head_stats(out: torch.Tensor, value: torch.Tensor, p_first: torch.Tensor, en
         return torch.linalg.vector_norm(value, dim=-1, dtype=work).double().repeat_interleave(H // value.shape[1], 1)
 
     @functools.cache
+    def one_pass():  # ‖o‖ and sqrt(o G_h oᵀ) in one pass over out (float32 CPU), or None
+        return fused_cpu.row_norms(out, gram if needed is None or "o_full_norm" in needed else None)
+
+    @functools.cache
     def on():
+        if one_pass() is not None:
+            return one_pass()[0].double()
         return torch.linalg.vector_norm(out, dim=-1, dtype=work).double()
 
     def full():  # o G_h oᵀ, (B, H, S, D) at most
+        if one_pass() is not None:
+            return mean_t(one_pass()[1].double())
         o = out.to(work)
         return mean_t(((o @ gram.to(work)) * o).sum(-1).clamp_min(0).sqrt().double())
 

@@ -3,18 +3,24 @@
 ``attend(q, k, v, ...)`` returns the attention output and, per query, the weight on the first valid key
 and the entropy of the attention row, without ever holding a (heads x S x S) tensor:
 
-* ``"flash_cpu"``: PyTorch's CPU flash kernel returns each row's log-sum-exp ``lse``; a second call with
-  the keys as values gives ``A·K``, and ``H_q = lse_q - scale * q·(A·K)_q`` (done in float64).
-* ``"efficient_cuda"``: the same two calls through the memory-efficient CUDA kernel (its ``lse`` is
+* ``"flash_cpu"``: ONE pass of :mod:`extract.engine.fused_cpu`, a flash-attention kernel compiled on first use
+  whose online softmax also accumulates ``Σ_k A_qk (s_qk - m_q)`` beside ``lse`` (``m_q`` the row max), so
+  ``H_q = log l_q - Σ_k A_qk (s_qk - m_q)`` is a sum of non-negative terms: no cancellation, no second pass,
+  no exact recomputation (float32 inputs; half precision is computed in float32 and the output rounded back;
+  it reads grouped KV heads in place). Where it does not apply (no compiler or BLAS symbol, float64,
+  ``DORMANT_FUSED_CPU=0``, or a kernel in :data:`FAST_KERNELS` without a ``stats`` one-pass variant): PyTorch's
+  CPU flash kernel returns each row's ``lse``, a second call with the keys as values gives ``A·K``, and
+  ``H_q = lse_q - scale * q·(A·K)_q`` (done in float64), with the cancellation handling below.
+* ``"efficient_cuda"``: the two calls through the memory-efficient CUDA kernel (its ``lse`` is
   padded to a multiple of 32 queries and cut back here). Its additive bias goes through
   :func:`aligned_bias` first, as ``scaled_dot_product_attention`` does (the raw op refuses, or misreads, a
   bias whose rows are not aligned to ``BIAS_ALIGNMENT`` elements).
   Half-precision inputs: the output comes from the half-precision call, ``lse`` and ``A·K`` from one
   float32 call (a bf16 ``A·K`` would leave entropy errors of ~1e-2 nats).
-  Cancellation: ``lse`` and ``q·(A·K)`` are both about the row's largest logit, so float32 inputs leave an
-  absolute error of ~1e-6 nats per row. Heads whose mean entropy is below ``EXACT_ENTROPY_BELOW`` (the
-  few, nearly one-hot heads where that error would matter relatively) get their entropy recomputed
-  with the exact chunked softmax; above it the relative error stays below ~1e-5.
+  Cancellation (both two-call paths): ``lse`` and ``q·(A·K)`` are both about the row's largest logit, so float32
+  inputs leave an absolute error of ~1e-6 nats per row. Heads whose mean entropy is below
+  ``EXACT_ENTROPY_BELOW`` (the few, nearly one-hot heads where that error would matter relatively) get their
+  entropy recomputed with the exact chunked softmax; above it the relative error stays below ~1e-5.
 * ``"chunked"``: the portable fallback for any device, dtype or feature (logit soft-capping): explicit
   softmax over query chunks, so extra memory is bounded by ``chunk_size x S`` per head.
 
@@ -22,7 +28,8 @@ Learned attention sinks (one extra softmax outcome per head, no value): :func:`a
 keys' log-sum-exp and :func:`with_sinks` folds the sink logits in from it (the sink's weight, the rescaled output
 and first-key weight, the entropy with the sink as one outcome), still without rows.
 
-Shapes: q ``(B, H, S, D)``; k, v ``(B, H, S, D)`` (KV heads already repeated for grouped-query attention);
+Shapes: q ``(B, H, S, D)``; k, v ``(B, KV, S, D)`` with KV dividing H (grouped-query attention: query head h reads
+KV head ``h // (H / KV)``; the paths other than the one-pass kernel repeat them, :func:`repeat_heads`);
 ``mask`` additive ``(B, 1, S, S)`` in q's dtype (0 = visible, -inf = hidden), None for plain causal, or
 :class:`extract.engine.masks.Blocks` (per-row key intervals: every backend then runs query block by query block
 on the keys the block can see, extra memory O(B·S) plus one block's mask). A rectangular mask ``(B, 1, S_q,
@@ -37,6 +44,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from extract.engine import fused_cpu
 from extract.engine.masks import Blocks
 
 BACKENDS = ("flash_cpu", "efficient_cuda", "chunked")
@@ -84,12 +92,19 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
                                                 chunk_size=chunk_size, need_entropy=need_entropy),
                           q, k, v, mask, first, valid)
     backend = backend or choose_backend(q.device, softcap)
-    if backend == "chunked" or softcap is not None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    fast = backend != "chunked" and softcap is None
+    one_pass = getattr(FAST_KERNELS[backend], "stats", None) if fast else None  # flash_cpu: fused_cpu
+    res = None if one_pass is None else one_pass(q, k, v, mask, scale, first)
+    if res is not None:  # no cancellation in its entropy: no exact recomputation needed
+        out, p_first, entropy, lse = res
+        return out, p_first, entropy if need_entropy else torch.full_like(lse, float("nan")), lse
+    k, v = repeat_heads(k, q.shape[1]), repeat_heads(v, q.shape[1])
+    if not fast:
         out, p_first, entropy, lse = _chunked(q, k, v, mask, scale, first, softcap, chunk_size)
         _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size, softcap)
         return out, p_first, entropy, lse
-    if backend not in ("flash_cpu", "efficient_cuda"):
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     kernel = FAST_KERNELS[backend]
     out, lse = kernel(q, k, v, mask, scale)
     ak = None
@@ -106,6 +121,18 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     entropy = lse - scale * _rowdot(q, ak).double()
     _exact_low_entropy(q, k, v, mask, scale, first, valid, entropy, chunk_size)
     return out, p_first, entropy, lse
+
+
+def repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, KV, S, D)`` -> ``(B, heads, S, D)``: query head h reads KV head ``h // (heads / KV)`` (no copy when
+    ``KV == heads``)."""
+    kv = x.shape[1]
+    if kv == heads:
+        return x
+    if heads % kv:
+        raise ValueError(f"{heads} query heads cannot share {kv} key/value heads")
+    B, _, S, D = x.shape
+    return x[:, :, None].expand(B, kv, heads // kv, S, D).reshape(B, heads, S, D)
 
 
 def _blockwise(run: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: Blocks,
@@ -185,6 +212,31 @@ def flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is None:
         return op(q, k, v, 0.0, True, scale=scale)
     return op(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+
+
+def flash_cpu_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                    first: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """``(out, p_first, entropy, lse)`` from the one-pass kernel of :mod:`extract.engine.fused_cpu` (float32
+    statistics; half-precision inputs are computed in float32 and the output rounded back), or None where it
+    does not apply (not on CPU, float64, a mask not in q's dtype, inputs that need gradients, or the extension is
+    unavailable): then two :func:`flash_cpu` calls."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if mask is not None and mask.dtype != q.dtype:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None  # no backward: autograd keeps PyTorch's kernel
+    if not fused_cpu.available():
+        return None
+    dtype = q.dtype
+    if dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+        mask = None if mask is None else mask.float()
+    out, p_first, entropy, lse = fused_cpu.attend_stats(q, k, v, mask, scale, first)
+    return out.to(dtype), p_first, entropy, lse
+
+
+flash_cpu.stats = flash_cpu_stats  # attend_lse's one-pass variant (a replacement kernel without it gets two calls)
 
 
 def _is_aligned(t: torch.Tensor) -> bool:

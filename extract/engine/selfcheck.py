@@ -73,7 +73,8 @@ def check(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     """Check one layer's fast-kernel ``result`` (out ``(B, H, S, D)``, p_first and entropy ``(B, H, S)``) on
     its sampled pair, unless this (model, device, dtype, backend) already checked ``module.layer_idx``.
 
-    q, k, v ``(B, H, S, D)`` (KV repeated), ``mask`` the kernel's mask (additive, Blocks or None), ``valid (B, S)``.
+    q ``(B, H, S, D)``, k, v ``(B, KV, S, D)`` (query head h reads KV head ``h // (H / KV)``), ``mask`` the
+    kernel's mask (additive, Blocks or None), ``valid (B, S)``.
     Raises RuntimeError when an error exceeds its tolerance.
     """
     if backend not in kernels.FAST_KERNELS or not enabled():
@@ -95,7 +96,8 @@ def check(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     b = layer % B
     h = (b + layer // B) % H
     m = None if mask is None else mask.select(b) if isinstance(mask, kernels.Blocks) else mask[b : b + 1]
-    ref = kernels.exact(q[b : b + 1, h : h + 1], k[b : b + 1, h : h + 1], v[b : b + 1, h : h + 1], m, scale,
+    kh = h // (H // k.shape[1])
+    ref = kernels.exact(q[b : b + 1, h : h + 1], k[b : b + 1, kh : kh + 1], v[b : b + 1, kh : kh + 1], m, scale,
                         first[b : b + 1], chunk_size=chunk_size)
     sel = valid[b]
     got = [x[b, h][sel].double() for x in result]
