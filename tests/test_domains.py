@@ -1,6 +1,8 @@
 """definitions §7: dormant-by-domain heads (the Bigram-Backcopy toy study is tests/test_toy.py)."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import polars as pl
 import pytest
@@ -9,7 +11,9 @@ from scipy import stats
 
 from analysis.domains import candidates, scatter_summary
 from extract.domains import head_loss_changes, replace_head, zero_head
+from extract.engine import hooks
 from extract.engine.scores import score_heads
+from tiny import ENGINE_FAMILIES
 
 torch.set_num_threads(1)
 
@@ -246,6 +250,129 @@ def test_mean_ablation_equals_a_constant_head_output():
             assert row["loss_mean_ablated"] == pytest.approx(loss, rel=1e-5)
             assert row["delta_loss_mean"] == pytest.approx(loss - row["loss_base"], abs=1e-6)
     assert "loss_mean_ablated" not in head_loss_changes(model, tok, texts[:1], [(0, 0)], progress=False).columns
+
+
+_TEXTS = [("def f(x): return x + 1", "code"), ("The cat sat on the mat today, and then it slept.", "news"),
+          ("2 + 2 = 4", "math"), ("for i in range(10):\n    print(i * i)", "code"), ("Rain again.", "news"),
+          ("x", "math")]  # "x": BOS + one token, the shortest example with a loss
+
+
+def _examples():
+    return [{"id": f"e{i}", "text": t, "domain": d, "corpus": d} for i, (t, d) in enumerate(_TEXTS)]
+
+
+def _one_at_a_time(model, tok, examples, heads, mean):
+    """Reference: one example and one head per forward pass (the full model's logits, the loss over positions
+    1..P-1), with the head zeroed or set to its mean output over every position of every example."""
+    from extract.engine.ablation import head_output_means
+    from extract.engine.scores import recording
+
+    seqs = [[tok.bos_token_id] + tok(ex["text"], add_special_tokens=False)["input_ids"] for ex in examples]
+    means = head_output_means(model, seqs).float()
+
+    def loss(ids):
+        logits = model(input_ids=ids, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item()
+
+    rows = []
+    with torch.inference_mode():
+        for ex, seq in zip(examples, seqs):
+            ids = torch.tensor([seq])
+            with recording(model) as rec:
+                base = loss(ids)
+            sc = rec.frame()
+            for layer, head in heads:
+                with hooks.replace_heads(model, {layer: [head]}):
+                    zero = loss(ids)
+                with hooks.replace_heads(model, {layer: [head]}, means[layer, head]):
+                    m = loss(ids)
+                r = sc.filter((pl.col("layer") == layer) & (pl.col("head") == head)).row(0, named=True)
+                rows.append({"example": ex["id"], "n_tokens": len(seq), "layer": layer, "head": head,
+                             "awft": r["awft"], "ahon_ln": r["ahon_ln"], "loss_base": base, "loss_ablated": zero,
+                             "delta_loss": zero - base, "loss_mean_ablated": m, "delta_loss_mean": m - base}
+                            | ({} if mean else {"loss_mean_ablated": None, "delta_loss_mean": None}))
+    return rows
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
+def test_batched_head_loss_changes_equal_one_example_one_head_at_a_time(family, monkeypatch):
+    """Padded batches of several examples, each row with its own head zeroed or mean-replaced and starting at the
+    ablated layer from the base pass, give every row of the one-at-a-time computation (losses within 1e-5
+    relative): heads in every layer, two in one layer, budgets that split the variants over many forward passes
+    or put them in one, logits in small tiles over slices of the vocabulary, in one, or in whole rows; every
+    family the engine serves (the layer skipping is family-independent). gemma2 soft-caps its final logits; larger weights make every head's loss change distinct (a row with the wrong head,
+    example or ablation fails)."""
+    from tiny import tiny_model
+    from tiny_tokenizer import tiny_tokenizer
+
+    from extract import domains
+
+    model, tok = tiny_model(family, initializer_range=0.2), tiny_tokenizer()
+    heads = [(2, 3), (0, 1), (1, 0), (1, 2)]
+    examples = _examples()
+    want = _one_at_a_time(model, tok, examples, heads, mean=True)
+    for budget, tile in ((48, (7, 40)), (4096, domains._CPU_TILE), (4096, (5, 128))):  # (5, 128): whole rows
+        monkeypatch.setattr(domains, "_CPU_TILE", tile)
+        got = head_loss_changes(model, tok, examples, heads, mean=True, batch_tokens=budget, progress=False)
+        assert got.height == len(want) and got["dataset"].to_list() == [ex["corpus"] for ex in examples
+                                                                         for _ in heads]
+        for g, w in zip(got.iter_rows(named=True), want):
+            assert (g["example"], g["n_tokens"], g["layer"], g["head"]) == (w["example"], w["n_tokens"],
+                                                                            w["layer"], w["head"])
+            for k in ("loss_base", "loss_ablated", "loss_mean_ablated"):
+                assert g[k] == pytest.approx(w[k], rel=1e-5), (budget, g["example"], g["layer"], k)
+            for k in ("delta_loss", "delta_loss_mean"):  # differences of losses: within the losses' tolerance
+                assert g[k] == pytest.approx(w[k], abs=2e-5 * w["loss_base"]), (budget, g["example"], k)
+            assert (g["awft"], g["ahon_ln"]) == pytest.approx((w["awft"], w["ahon_ln"]), rel=1e-4, abs=1e-6)
+    # the test can tell the rows apart: any two variants of an example differ by over twice the tolerance (on
+    # these families; on others two of the 8 variants of an example happen to come closer)
+    for ex in examples[:-1] if family in ("llama", "gemma3", "gemma2", "phi3", "gpt_oss") else ():
+        v = [r[k] for r in want if r["example"] == ex["id"] for k in ("loss_ablated", "loss_mean_ablated")]
+        assert min(abs(a - b) for i, a in enumerate(v) for b in v[i + 1:]) > 2e-5 * max(v)
+    plain = head_loss_changes(model, tok, examples[:2], heads[:1], batch_tokens=64, progress=False)
+    assert plain.columns[-1] == "delta_loss" and plain["loss_ablated"].to_list() == pytest.approx(
+        [w["loss_ablated"] for w in want if w["layer"] == 2][:2], rel=1e-5)
+
+
+def test_per_row_head_replacement_layer_skipping_and_logits_from_hidden():
+    """hooks.replace_heads_rows on a padded batch equals replace_heads on each row alone; start_at from the
+    recorded residual stream reproduces the full forward pass; logits_from_hidden equals the model's logits, on
+    the whole vocabulary or a slice (gemma2: final soft-capping included)."""
+    from tiny import tiny_model
+
+    from extract.engine.scores import pad_right
+
+    model = tiny_model("gemma2", initializer_range=0.2)
+    assert model.config.final_logit_softcapping
+    L, H, _, D = hooks.head_shape(model)
+    seqs = [[1, 5, 9, 33, 7, 12, 90, 4], [1, 40, 41, 42], [1, 7, 7, 8, 9, 10]]
+    ids, am = pad_right(seqs, 0, "cpu")
+    mask = torch.zeros(3, L, H, dtype=torch.bool)
+    mask[0, 1, 2] = mask[1, 2, 0] = mask[1, 2, 3] = True  # row 2: nothing replaced
+    value = torch.randn(L, H, D)
+    dec = hooks.decoder(model)
+    with torch.inference_mode():
+        for v in (None, value):
+            with hooks.replace_heads_rows(model, mask, v):
+                got = model(input_ids=ids, attention_mask=am).logits
+            for b, seq in enumerate(seqs):
+                with contextlib.ExitStack() as stack:
+                    for la in range(L):
+                        stack.enter_context(hooks.replace_heads(model, {la: [h for h in range(H) if mask[b, la, h]]},
+                                                                None if v is None else v[la]))
+                    want = model(input_ids=torch.tensor([seq])).logits
+                torch.testing.assert_close(got[b, :len(seq)], want[0], rtol=1e-5, atol=1e-5)
+        with hooks.capture(model, "resid_post") as resid:
+            full = dec(input_ids=ids, attention_mask=am).last_hidden_state
+            logits = model(input_ids=ids, attention_mask=am).logits
+        torch.testing.assert_close(hooks.logits_from_hidden(model, full), logits)
+        torch.testing.assert_close(hooks.logits_from_hidden(model, full, slice(30, 70)), logits[..., 30:70])
+        for start in range(1, L):
+            with hooks.start_at(model, start, resid[start - 1].clone()):
+                again = dec(input_ids=ids, attention_mask=am).last_hidden_state
+            for b, seq in enumerate(seqs):
+                torch.testing.assert_close(again[b, :len(seq)], full[b, :len(seq)])
+        assert "forward" not in model.model.layers[0].__dict__ and "forward" not in dec.__dict__
 
 
 @pytest.mark.slow

@@ -12,7 +12,9 @@ Points, per decoder layer ``l``, for a batch of ``B`` sequences of ``S`` tokens:
 
 A hook is ``fn(layer, x)``: it returns None to only read ``x``, or a tensor of ``x``'s shape that replaces it.
 :func:`hooked` installs hooks for the duration of a ``with`` block; :func:`replace_heads` is the ablation
-every study uses (zero, or set to a given vector, chosen heads at chosen positions).
+every study uses (zero, or set to a given vector, chosen heads at chosen positions); :func:`replace_heads_rows`
+does it per batch row. :func:`start_at` skips the layers before a given one (their output given), and
+:func:`logits_from_hidden` runs only the LM head part of a causal LM's forward.
 """
 from __future__ import annotations
 
@@ -149,6 +151,114 @@ def replace_heads(model, heads: Mapping[int, Sequence[int]], value: torch.Tensor
 
 
 @contextmanager
+def replace_heads_rows(model, mask: torch.Tensor, value: torch.Tensor | None = None) -> Iterator[None]:
+    """Per batch row :func:`replace_heads`: where ``mask[b, layer, head]`` (bool ``(B, layers, heads)``), row ``b``'s
+    ``"z"`` output of that head is replaced at every position by zero, or by ``value``: ``(layers, heads,
+    head_dim)`` for every row, or ``(B, layers, heads, head_dim)`` per row. Every forward pass in the block must
+    have ``B`` rows; rows, heads and layers outside the mask are untouched. Nested blocks apply in turn (e.g. one
+    zeroing some rows, one mean-replacing others)."""
+    L, H, _, D = head_shape(model)
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    if mask.dim() != 3 or tuple(mask.shape[1:]) != (L, H):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (rows, {L}, {H}) (rows, layers, heads)")
+    if value is not None and tuple(value.shape) not in ((L, H, D), (mask.shape[0], L, H, D)):
+        raise ValueError(f"value has shape {tuple(value.shape)}; expected ({L}, {H}, {D}) or "
+                         f"({mask.shape[0]}, {L}, {H}, {D})")
+
+    def fn(layer, z):  # z (B, S, H, D)
+        if z.shape[0] != mask.shape[0]:
+            raise ValueError(f"a forward pass of {z.shape[0]} rows inside replace_heads_rows for {mask.shape[0]}")
+        sel = mask[:, layer].to(z.device)[:, None, :, None]  # (B, 1, H, 1)
+        if value is None:
+            return z.masked_fill(sel, 0)
+        v = (value[layer][None] if value.dim() == 3 else value[:, layer]).to(z.device, z.dtype)  # (B or 1, H, D)
+        return torch.where(sel, v[:, None], z)
+
+    with hooked(model, "z", fn, [la for la in range(L) if bool(mask[:, la].any())]):
+        yield
+
+
+@contextmanager
+def start_at(model, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Skip decoder layers ``0..layer-1`` in the forward passes of the block: decoder layer ``layer`` gets
+    ``hidden`` ``(B, S, d_model)`` as its input, e.g. the ``"resid_post"`` of layer ``layer - 1`` recorded in a
+    forward pass of the same inputs (which it then reproduces from layer ``layer`` on, whatever is changed there).
+    The decoder still embeds its inputs and builds its masks and position embeddings; hooks on skipped layers do
+    not run. ``layer`` 0 skips nothing. Family-independent: only the skipped layers' ``forward`` is replaced, for
+    the duration of the block."""
+    blocks = list(decoder_layers(model))
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer {layer} is outside 0..{len(blocks) - 1}")
+
+    def skipped(*args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        if tuple(x.shape[:2]) != tuple(hidden.shape[:2]):
+            raise ValueError(f"start_at: hidden has {tuple(hidden.shape[:2])} (rows, positions), the forward pass "
+                             f"{tuple(x.shape[:2])}")
+        return hidden
+
+    saved = []
+    try:
+        for block in blocks[:layer]:
+            saved.append((block, block.__dict__.get("forward")))
+            block.forward = skipped
+        yield
+    finally:
+        for block, fwd in saved:
+            if fwd is None:
+                del block.forward
+            else:
+                block.forward = fwd
+
+
+class _DecoderOutput:
+    """A decoder's output holding only ``last_hidden_state`` (and ``[0]``); every other field (past key values,
+    router logits, ...) is None."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.last_hidden_state = hidden
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+    def __getitem__(self, i):
+        if i in (0, "last_hidden_state"):
+            return self.last_hidden_state
+        raise IndexError(i)
+
+
+def logits_from_hidden(model, hidden: torch.Tensor, vocab: slice | None = None) -> torch.Tensor:
+    """The logits ``(B, S, vocab)`` of a causal LM for decoder outputs ``hidden`` ``(B, S, d_model)`` (the decoder's
+    ``last_hidden_state``, final norm applied): ``model``'s own forward from there on (its LM head and any
+    element-wise logit post-processing, e.g. Gemma's final soft-capping), without running the decoder. ``vocab``
+    (a slice of the vocabulary, for a linear LM head): only those tokens' logits."""
+    base, head = decoder(model), model.get_output_embeddings()
+    if base is model or head is None:
+        raise TypeError(f"{type(model).__name__} is a decoder without an LM head")
+    if vocab is not None and not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"{type(head).__name__}: a vocabulary slice needs a linear LM head")
+    out = _DecoderOutput(hidden)
+    patched = [(base, lambda *args, **kwargs: out)]
+    if vocab is not None:
+        w, b = head.weight[vocab], None if head.bias is None else head.bias[vocab]
+        patched.append((head, lambda x: torch.nn.functional.linear(x, w, b)))
+    saved = [(mod, mod.__dict__.get("forward")) for mod, _ in patched]
+    try:
+        for mod, fwd in patched:
+            mod.forward = fwd
+        ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        return model(input_ids=ids, use_cache=False).logits
+    finally:
+        for mod, fwd in saved:
+            if fwd is None:
+                del mod.forward
+            else:
+                mod.forward = fwd
+
+
+@contextmanager
 def on_inputs(model, fn: Callable[[torch.Tensor | None, torch.Tensor | None], None]) -> Iterator[None]:
     """Call ``fn(input_ids, attention_mask)`` before every forward pass of the decoder (either may be None)."""
     base = decoder(model)
@@ -163,5 +273,5 @@ def on_inputs(model, fn: Callable[[torch.Tensor | None, torch.Tensor | None], No
         h.remove()
 
 
-__all__ = ["POINTS", "capture", "decoder", "decoder_layers", "head_shape", "hooked", "on_inputs", "replace_heads",
-           "text_config"]
+__all__ = ["POINTS", "capture", "decoder", "decoder_layers", "head_shape", "hooked", "logits_from_hidden", "on_inputs",
+           "replace_heads", "replace_heads_rows", "start_at", "text_config"]
