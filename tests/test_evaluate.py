@@ -197,7 +197,11 @@ def test_calibrate_scores_equal_score_heads(family):
     task = toy_task(9)
     plain = evaluate(model, tok, task, k_shot=2, batch_tokens=300, progress=False)
     res = evaluate(model, tok, task, k_shot=2, calibrate=True, batch_tokens=300, progress=False)
-    assert res.predictions.equals(plain.predictions)
+    # recording changes no prediction; its logliks come from the score kernel (fused_cpu: another summation
+    # order than SDPA's), equal to float32 rounding
+    assert res.predictions.drop("loglik").equals(plain.predictions.drop("loglik"))
+    np.testing.assert_allclose(np.concatenate(res.predictions["loglik"].to_list()),
+                               np.concatenate(plain.predictions["loglik"].to_list()), rtol=1e-6, atol=1e-6)
     texts = [build_prompt(q, task.shots["toy"][:2], task.descriptions["toy"]) for q in task.questions]
     seqs = [p for p, _ in encode(tok, texts, [[" A"]] * len(texts), chat=False)]
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
