@@ -197,18 +197,25 @@ def start_at(model, layer: int, hidden: torch.Tensor) -> Iterator[None]:
                              f"{tuple(x.shape[:2])}")
         return hidden
 
-    saved = []
+    with _forwards_replaced([(block, skipped) for block in blocks[:layer]]):
+        yield
+
+
+@contextmanager
+def _forwards_replaced(pairs: Sequence[tuple[torch.nn.Module, Callable]]) -> Iterator[None]:
+    """Each module's ``forward`` replaced by its function for the duration of the block (instance attributes
+    only: the model classes are untouched), then restored."""
+    saved = [(mod, mod.__dict__.get("forward")) for mod, _ in pairs]
     try:
-        for block in blocks[:layer]:
-            saved.append((block, block.__dict__.get("forward")))
-            block.forward = skipped
+        for mod, fwd in pairs:
+            mod.forward = fwd
         yield
     finally:
-        for block, fwd in saved:
+        for mod, fwd in saved:
             if fwd is None:
-                del block.forward
+                del mod.forward
             else:
-                block.forward = fwd
+                mod.forward = fwd
 
 
 class _DecoderOutput:
@@ -244,18 +251,9 @@ def logits_from_hidden(model, hidden: torch.Tensor, vocab: slice | None = None) 
     if vocab is not None:
         w, b = head.weight[vocab], None if head.bias is None else head.bias[vocab]
         patched.append((head, lambda x: torch.nn.functional.linear(x, w, b)))
-    saved = [(mod, mod.__dict__.get("forward")) for mod, _ in patched]
-    try:
-        for mod, fwd in patched:
-            mod.forward = fwd
+    with _forwards_replaced(patched):
         ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         return model(input_ids=ids, use_cache=False).logits
-    finally:
-        for mod, fwd in saved:
-            if fwd is None:
-                del mod.forward
-            else:
-                mod.forward = fwd
 
 
 @contextmanager
