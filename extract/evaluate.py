@@ -123,7 +123,7 @@ def _rows(prompt: list[int], conts: list[list[int]], q: int, pack_limit: int) ->
     c = min(_common_prefix(conts), min(len(t) for t in conts) - 1)  # every choice keeps >= 1 token of its own
     shared_ids = prompt + conts[0][:c]
     P = len(shared_ids)
-    head = [P - len(conts[0][:c]) - 1 + i for i in range(c)]  # positions predicting the shared tokens
+    head = [len(prompt) - 1 + i for i in range(c)]  # positions predicting the shared tokens
     tails = [t[c:] for t in conts]
     if all(len(t) == 1 for t in tails) or P + sum(len(t) - 1 for t in tails) <= pack_limit:
         reads, start = [], P
