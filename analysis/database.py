@@ -207,14 +207,17 @@ def ingest_scores(con, shards: list[Path], corpora: dict[str, Path]) -> int:
     cols = tables.column_names("examples")
     con.executemany(f"INSERT OR REPLACE INTO examples ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                     rows)
-    ingest_shard_runs(con, shards)
+    ingest_file_runs(con, shards)
     return con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
 
 
-def ingest_shard_runs(con, shards: list[Path]) -> int:
-    """The ``runs`` rows held in the shards' Parquet metadata (key ``analysis.core.tables.RUN_KEY``; shards
-    written before it have none); returns the rows read."""
-    found = con.execute(f"""SELECT file_name, decode(value) FROM parquet_kv_metadata({_sql_list(shards)})
+def ingest_file_runs(con, files: list[Path]) -> int:
+    """The ``runs`` rows held in Parquet files' metadata (key ``analysis.core.tables.RUN_KEY``: score shards
+    and every job's result files, ``analysis.core.provenance``; files written before it have none); returns
+    the rows read."""
+    if not files:
+        return 0
+    found = con.execute(f"""SELECT file_name, decode(value) FROM parquet_kv_metadata({_sql_list(files)})
                             WHERE key = '{tables.RUN_KEY}'::BLOB""").fetchall()
     cols = tables.column_names("runs")
     rows = []
@@ -251,6 +254,7 @@ def ingest(path: str | Path, *, model_jsons: Iterable[Path] = (), shards: Iterab
                 sql_files = _sql_list(files)
                 con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT {_parquet_select(con, table, sql_files)} "
                             f"FROM read_parquet({sql_files}, union_by_name = true)")
+                ingest_file_runs(con, files)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")

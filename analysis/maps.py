@@ -139,7 +139,7 @@ def inputs_table(corr: pl.DataFrame, causal: pl.DataFrame, seed: int = 0) -> pl.
     for name, r_without, r_with, top, rnd in MAPS_PAPER:
         rows.append(("MAPS paper", name, "reference", r_without, None, None, r_with, None, None, None, None, None,
                      top, None, None, rnd, None, None, None))
-    return pl.DataFrame(rows, orient="row", schema=tables.polars_schema("maps_inputs"))
+    return pl.DataFrame(rows, orient="row", schema=tables.computed_schema("maps_inputs"))
 
 
 def _cell(values, seed: int, signed: bool = False) -> str:
@@ -287,18 +287,25 @@ def write_maps_reports(dirs: list[Path], core_db: Path | None, out: Path, *, ina
                        salient_min: float = 0.2, inputs_parquet: Path | None = None) -> list[Path]:
     """All MAPS tables and figures under ``out``/tables and ``out``/figures (and the ``maps_inputs`` table as
     Parquet at ``inputs_parquet`` for the database); returns the paths."""
+    from analysis.core import provenance
+
     out = Path(out)
+    start = provenance.now()
     d = load(dirs)
     paths: list[Path] = []
     inputs = inputs_table(d["correlations"], d["causal"])
     paths += write_table(inputs, out / "tables" / "maps_inputs", digits=3)
     if inputs_parquet is not None:
-        paths.append(write_parquet(inputs, inputs_parquet))
+        runs = sorted(set(d["scores"]["run_id"].drop_nulls())) if "run_id" in d["scores"].columns else []
+        run = provenance.run_record("maps_report", {"inactive_below": inactive_below, "salient_min": salient_min,
+                                                    "maps_runs": runs}, start_time=start)
+        paths.append(write_parquet(provenance.stamped(inputs, run), inputs_parquet, run=provenance.finished(run)))
     paths.append(write_bytes(out / "tables" / "maps_inputs_answer.md",
                              inputs_answer(inputs, d["correlations"], d["causal"], d["scores"])))
     paths += write_table(correlation_table(d["correlations"]), out / "tables" / "maps_correlations")
     if d["correlations"].height:
-        paths += write_table(d["correlations"], out / "tables" / "maps_correlations_by_operation")
+        by_op = d["correlations"].drop("run_id", strict=False)
+        paths += write_table(by_op, out / "tables" / "maps_correlations_by_operation")
     paths += write_table(causal_table(d["causal"]), out / "tables" / "maps_causal")
     con = connect(core_db, read_only=True) if core_db is not None and Path(core_db).is_file() else None
     heads = head_table(first_inputs(d["scores"]), con)

@@ -224,13 +224,23 @@ def ablate(model_name: str, candidates: str | Path, data: Sequence[str | Path], 
     ``[out]``."""
     import torch
 
+    from dataclasses import asdict
+
     from analysis.core.io import write_parquet
+    from extract import provenance
     from extract.errors import DormantError
+    from extract.models.fetch import sha256_file
     from extract.models.load import load_model, model_info
 
     s = settings
+    start = provenance.now()
     cands = pl.read_parquet(candidates).sort("rank")
     model, tok = load_model(model_name, dtype=getattr(torch, dtype), device=device)
+    run = provenance.run_record(
+        "domain_ablate", model, {"model": model_name, **asdict(s), "dtype": dtype,
+                                 "candidates_sha256": sha256_file(Path(candidates)),
+                                 "data_sha256": [sha256_file(Path(f)) for f in data]},
+        prompt_format="raw text, " + ("BOS first" if s.prepend_bos else "no BOS added"), start_time=start)
     name = model_info(model)["model"]
     mine = cands.filter(pl.col("model") == name).head(s.heads)
     if mine.is_empty():
@@ -247,7 +257,7 @@ def ablate(model_name: str, candidates: str | Path, data: Sequence[str | Path], 
     df = head_loss_changes(model, tok, examples, heads, prepend_bos=s.prepend_bos, max_tokens=s.max_tokens or None,
                            mean=s.mean_ablation, progress=progress)
     df = df.with_columns(pl.lit(name).alias("model")).select("model", *[c for c in df.columns if c != "model"])
-    path = write_parquet(df, out)
+    path = write_parquet(provenance.stamped(df, run), out, run=provenance.finished(run))
     print(f"{name}: heads {', '.join(f'L{l}H{h}' for l, h in heads)} zeroed{' and mean-ablated' * s.mean_ablation} "
           f"on {len(examples)} examples ({time.perf_counter() - t0:.0f} s) -> {path}")
     return [path]

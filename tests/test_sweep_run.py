@@ -91,3 +91,29 @@ def test_kept_answer_distributions_do_not_hold_their_batch(tiny):
     assert len(firsts) == 2 and all(d.shape == (vocab,) and d.untyped_storage().nbytes() == 4 * vocab for d in firsts)
     _, none = _forward(model, rows, 0, torch.device("cpu"))
     assert none == [None] * len(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_evaluation_agrees_with_the_calibration(tiny, dtype):
+    """The sweep's plain evaluations (the cost unit) are checked against the calibration, and the record is
+    the independent comparison of the two evaluations: float32 agrees to 1e-5 nats with no prediction changed,
+    bf16 within the gross bound (its kernels round differently)."""
+    from extract.sweep import GROSS_LOGLIK_DIFF
+
+    model, tok = tiny
+    model = model.to(dtype)
+    try:
+        res = run_sweep(model, tok, toy_task(), score_fns=("awft",), fractions=(0.0, 0.5), scoring="cloze",
+                        n_boot=20, progress=False)
+        kw = dict(scoring="cloze", k_shot=0, progress=False)
+        cal = evaluate(model, tok, toy_task(), calibrate=True, **kw)
+        plain = evaluate(model, tok, toy_task(), **kw)
+    finally:
+        model.float()
+    got = res.timing["plain_vs_calibration"]
+    diff = max(abs(x - y) for a, b in zip(cal.predictions["loglik"], plain.predictions["loglik"]) for x, y in zip(a, b))
+    assert got["max_loglik_diff"] >= diff - 1e-12 and got["max_loglik_diff"] <= GROSS_LOGLIK_DIFF
+    if dtype == torch.float32:
+        assert got["prediction_flips"] == 0 and got["max_loglik_diff"] < 1e-5
+    else:
+        assert got["max_loglik_diff"] > 0  # 16-bit: the two kernels do differ (else the check would be vacuous)

@@ -91,8 +91,15 @@ def write_jsonl(out: str | Path, rows: Iterable[dict]) -> Path:
     return Path(out)
 
 
-def write_parquet(df, out: str | Path) -> Path:
-    """A polars frame to a Parquet file, atomically; returns ``out``."""
+def write_parquet(df, out: str | Path, *, run: dict | None = None, metadata: dict[str, str] | None = None) -> Path:
+    """A polars frame to a Parquet file, atomically; returns ``out``. ``run``: the job's ``runs`` row
+    (``analysis.core.provenance``), stored as JSON in the file's key-value metadata (key
+    ``analysis.core.tables.RUN_KEY``), where building the database finds it; ``metadata``: more such pairs."""
+    from analysis.core.tables import RUN_KEY
+
+    kv = dict(metadata or {})
+    if run is not None:
+        kv[RUN_KEY] = json.dumps(run)
     with atomic_path(out) as tmp:
-        df.write_parquet(tmp)
+        df.write_parquet(tmp, metadata=kv or None)
     return Path(out)

@@ -127,6 +127,7 @@ def _key(names: str) -> tuple[str, ...]:
 
 
 _RUN_ID = "the runs row of the sweep that wrote it; NULL in files written before this column"
+_JOB_RUN = "the runs row of the job that wrote it (analysis.core.provenance); NULL in files written before this column"
 
 # The tables, in the order they are created.
 _TABLES: dict[str, Table] = {t.name: t for t in [
@@ -171,53 +172,59 @@ _TABLES: dict[str, Table] = {t.name: t for t in [
                    triples="all (row, layer, head) triples of those rows", run_id=_RUN_ID),
           added=("run_id",)),
     Table("calibration_scores", _key("model, task, question, layer, head"),
-          "the same scores on the evaluation prompts; its run: ``ablation_results.run_id`` of the same model and "
-          "task.", _columns(
-              "model str, task str, question_task str, question str, layer int32, head int32, *scores")),
+          "the same scores on the evaluation prompts.", _columns(
+              "model str, task str, question_task str, question str, layer int32, head int32, *scores, run_id str",
+              run_id=_RUN_ID), added=("run_id",)),
     Table("distribution_tests", _key("comparison, score_fn, depth_bin, statistic"),
           "definitions §6 statistics with bootstrap CIs.", _columns(
               "comparison str, score_fn str, depth_bin str, statistic str, value float64, ci_low float64, "
-              "ci_high float64, p_value float64, n_examples int32, kind str, model_a str, model_b str")),
+              "ci_high float64, p_value float64, n_examples int32, kind str, model_a str, model_b str, run_id str",
+              run_id=_JOB_RUN), added=("run_id",)),
     Table("finetune_log", _key("model, step, split"),
           "training / held-out loss of the definitions §6 finetune (nats per token).", _columns(
-              "model str, step int32, split str, loss float64, tokens int32, lr float64, seconds float64")),
+              "model str, step int32, split str, loss float64, tokens int32, lr float64, seconds float64, run_id str",
+              run_id=_JOB_RUN), added=("run_id",)),
     Table("bb_metrics", _key("run, step, metric, layer, part"),
           "Bigram-Backcopy toy-model training metrics (definitions §7): ``layer`` -1 for a model-level metric, ``part`` "
           "the zeroed ``attn`` / ``mlp`` of an intervention, else '' (NULL in metrics.parquet).", _columns(
-              "run str, step int32, metric str, layer int32, part str, value float64",
+              "run str, step int32, metric str, layer int32, part str, value float64, run_id str",
+              run_id=_JOB_RUN,
               layer="the layer of a per-layer metric or intervention; -1 (NULL in the frame): the whole model",
               part="an intervention's zeroed part of layer (attn, mlp); '' (NULL in the frame): none",
-              null_as={"layer": -1, "part": ""})),
+              null_as={"layer": -1, "part": ""}), added=("run_id",)),
     Table("domain_head_ablation", _key("model, dataset, example, layer, head"),
           "loss change (nats/token) from zeroing one dormant-by-domain candidate head, with its per-example "
           "``awft`` and ``ahon_ln`` (definitions §7).", _columns(
               "model str, dataset str, example str, domain str, n_tokens int32, layer int32, head int32, "
               "awft float64, ahon_ln float64, loss_base float64, loss_ablated float64, delta_loss float64, "
-              "loss_mean_ablated float64, delta_loss_mean float64",
+              "loss_mean_ablated float64, delta_loss_mean float64, run_id str",
               loss_mean_ablated="NULL unless mean ablation was run",
-              delta_loss_mean="NULL unless mean ablation was run"),
-          added=("loss_mean_ablated", "delta_loss_mean")),
+              delta_loss_mean="NULL unless mean ablation was run", run_id=_JOB_RUN),
+          added=("loss_mean_ablated", "delta_loss_mean", "run_id")),
     Table("maps_scores", _key("model, inputs, layer, head, operation"),
           "MAPS static and suppression scores per E' choice (definitions §8).",
           _columns("model str, inputs str, layer int32, head int32, operation str, category str, k int32, "
-                   "score float64, suppression_score float64, n_pairs int32",
-                   inputs="E' of the layers >= 1: reference, raw or residual (extract.maps.folding)")),
+                   "score float64, suppression_score float64, n_pairs int32, run_id str",
+                   inputs="E' of the layers >= 1: reference, raw or residual (extract.maps.folding)",
+                   run_id=_JOB_RUN), added=("run_id",)),
     Table("maps_salient", _key("model, layer, head, rank"),
           "each head's most salient tokens and their top targets (definitions §8).", _columns(
               "model str, layer int32, head int32, rank int32, token_id int64, token str, saliency float64, "
-              "top_targets str")),
+              "top_targets str, run_id str", run_id=_JOB_RUN), added=("run_id",)),
     Table("maps_dynamic", _key("model, layer, head, operation, template, context"),
           "MAPS dynamic scores from prompts.", _columns(
               "model str, layer int32, head int32, operation str, template int32, context str, score float64, "
-              "n_prompts int32")),
+              "n_prompts int32, run_id str", run_id=_JOB_RUN), added=("run_id",)),
     Table("maps_correlations", _key("model, inputs, operation, context"),
           "Pearson r of static (per E' choice) vs dynamic scores.",
           _columns("model str, inputs str, operation str, context str, pearson float64, n int32, "
-                   "max_static float64, max_dynamic float64")),
+                   "max_static float64, max_dynamic float64, run_id str",
+                   run_id=_JOB_RUN), added=("run_id",)),
     Table("maps_causal", _key("model, inputs, operation, selection, n_heads, draw"),
           "accuracy with heads ablated at the last position (top heads per E' choice).", _columns(
               "model str, inputs str, operation str, selection str, n_heads int32, draw int32, accuracy float64, "
-              "base_accuracy float64, n_prompts int32")),
+              "base_accuracy float64, n_prompts int32, run_id str",
+              run_id=_JOB_RUN), added=("run_id",)),
     Table("maps_inputs", _key("source, model, inputs"),
           "per model and E' choice, the MAPS reference's summary form: median over operations of the "
           "static-vs-dynamic Pearson r and of the relative accuracy drop (top vs random heads), with "
@@ -226,22 +233,22 @@ _TABLES: dict[str, Table] = {t.name: t for t in [
               "r_without_high float64, r_with float64, r_with_low float64, r_with_high float64, "
               "r_operations int32, r_undefined int32, n_heads int32, drop_top float64, drop_top_low float64, "
               "drop_top_high float64, drop_random float64, drop_random_low float64, drop_random_high float64, "
-              "causal_operations int32",
+              "causal_operations int32, run_id str", run_id=_JOB_RUN,
               source="'this run' or the MAPS paper (Elhelo & Geva)",
               r_undefined="operations left out of the r medians: every head's static score the same (mostly 0)",
-              n_heads="heads ablated in the causal columns (the largest count of the run)")),
+              n_heads="heads ablated in the causal columns (the largest count of the run)"), added=("run_id",)),
     Table("score_functions", _key("score_fn"),
           "each registered score function and its inactive side (``>`` or ``<``), written on every writable "
           "open.", _columns("score_fn str, inactive_when str")),
     Table("runs", _key("run_id"),
-          "the provenance of each job that wrote results (``extract.provenance``): a score shard joins by "
-          "``examples.run_id``, the sweep's tables by their own ``run_id``.", _columns(
+          "the provenance of each job that wrote results (``analysis.core.provenance``): head_scores join "
+          "by ``examples.run_id``, every other result table by its own ``run_id``.", _columns(
               "run_id str, kind str, model str, package_version str, git_commit str, python_version str, "
               "torch_version str, transformers_version str, device str, dtype str, attention_backend str, "
               "model_sha256 str, prompt_format str, config_hash str, config str, start_time str, end_time str",
               run_id="first 16 hex digits of the sha256 of every other field but the times: a rerun of the "
                      "same job on the same code and machine keeps it",
-              kind="the command: score or sweep", git_commit="HEAD of the checkout, -dirty if changed; or unknown",
+              kind="the job: score, sweep, maps, maps_report, domain_ablate, toy, finetune or distributions", git_commit="HEAD of the checkout, -dirty if changed; or unknown",
               device="cpu, or cuda:N (GPU name)",
               attention_backend="extract.engine.kernels backend of the captured passes",
               model_sha256="the model's source sha256 (models.source_sha256); NULL for a model without one",
@@ -283,6 +290,12 @@ def polars_schema(name: str, columns: tuple[str, ...] | list[str] | None = None)
     if missing := [c for c in picked if c not in cols]:
         raise ValueError(f"table {name} has no column(s) {', '.join(missing)}")
     return {c: polars_dtype(cols[c].type) for c in picked}
+
+
+def computed_schema(name: str) -> dict:
+    """:func:`polars_schema` of the columns a producer computes: every column but ``run_id``, which the job
+    that writes the frame adds (``analysis.core.provenance.stamped``)."""
+    return polars_schema(name, [c for c in column_names(name) if c != "run_id"])
 
 
 def describe() -> str:

@@ -97,15 +97,22 @@ def run(db: Path, out: Path, series: list[tuple[str, list[str]]], *, null_models
         finetune_logs: list[Path] = (), tests_out: Path | None = None, explorer: Path | None = None,
         progress: bool = True) -> list[Path]:
     """Compute the comparisons on the database at ``db`` and write every output; returns the paths."""
+    from dataclasses import asdict
+
+    from analysis.core import provenance
     from analysis.core.io import write_parquet
     from analysis.distributions.explorer import write_explorer
 
     t0 = time.perf_counter()
+    start = provenance.now()
     out = Path(out)
     settings = Settings(n_boot=n_boot, n_perm=n_perm, depth_bins=depth_bins, target_fraction=target_fraction,
                         seed=seed)
     if null_models is None:
         null_models = list(dict.fromkeys(a for _, a, _ in pairs(series)))
+    run = provenance.run_record("distributions", {**asdict(settings), "series": [[k, list(ms)] for k, ms in series],
+                                                  "null_models": list(null_models)}, device="cpu",
+                                start_time=start)
     con = connect(db, read_only=True)
     all_models = query(con, "SELECT model FROM models ORDER BY n_params, model")["model"].to_list()
     wanted = list(dict.fromkeys([m for _, ms in series for m in ms] + list(null_models)))
@@ -120,7 +127,7 @@ def run(db: Path, out: Path, series: list[tuple[str, list[str]]], *, null_models
     t_stats = time.perf_counter()
     written = []
     tests_out = Path(tests_out) if tests_out else out / "distributions" / "distribution_tests.parquet"
-    written.append(write_parquet(tests, tests_out))
+    written.append(write_parquet(provenance.stamped(tests, run), tests_out, run=provenance.finished(run)))
     written += write_table(summary_table(tests), out / "tables" / "distribution_tests")
     written += write_table(tests.drop("model_a", "model_b"), out / "tables" / "distribution_tests_full")
     figs = out / "figures"

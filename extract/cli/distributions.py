@@ -23,12 +23,17 @@ def _finetune(args: argparse.Namespace) -> int:
     import polars as pl
 
     from analysis.core.io import write_json, write_parquet
+    from extract import provenance
     from extract.finetune import SFTConfig, config_dict, finetune, sft_examples
     from extract.models.derived import derived_source, save_derived
 
     t0 = time.perf_counter()
+    start = provenance.now()
     cfg = settings_from_args(SFTConfig, args)
     model, tok, info = _load_base(args.base, args.threads)
+    run = provenance.run_record("finetune", model, {"base": args.base, "name": args.name, **config_dict(cfg)},
+                                prompt_format="BIG-bench natural_instructions SFT examples (extract.finetune)",
+                                start_time=start)
     train, heldout = sft_examples(tok, cfg)
     res = finetune(model, tok, train, heldout, cfg)
     recipe = {"method": "sft, decoder layers (embeddings frozen), AdamW, one epoch", **config_dict(cfg),
@@ -39,7 +44,7 @@ def _finetune(args: argparse.Namespace) -> int:
                "heldout_loss_before": res.heldout_before, "heldout_loss_after": res.heldout_after,
                "train_seconds": res.seconds, "total_seconds": time.perf_counter() - t0, "config": config_dict(cfg)}
     write_json(Path(args.out) / "finetune.json", summary)
-    write_parquet(log, args.log)  # last: marks the job complete
+    write_parquet(provenance.stamped(log, run), args.log, run=provenance.finished(run))  # last: job complete
     print(f"{args.name}: {res.info['steps']} steps over {res.info['train_examples']} examples "
           f"({res.info['train_tokens']} response tokens), held-out loss {res.heldout_before:.3f} -> "
           f"{res.heldout_after:.3f} nats/token; {res.seconds:.0f} s training, "

@@ -29,13 +29,13 @@ def _sweep(args: argparse.Namespace) -> int:
                   batch_tokens=s.batch_tokens, chat_format=s.chat_format, tokenization=s.tokenization,
                   chat_delimiter=s.chat_delimiter,
                   scoring=s.scoring, n_boot=s.n_boot, run_id=run["run_id"])
-    out = args.out_dir
-    write_parquet(provenance.runs_frame(provenance.finished(run)), out / "runs.parquet")
-    write_parquet(r.calibration, out / "calibration.parquet")
-    write_parquet(r.thresholds, out / "thresholds.parquet")
+    out, done = args.out_dir, provenance.finished(run)
+    write_parquet(provenance.runs_frame(done), out / "runs.parquet")
+    write_parquet(r.calibration, out / "calibration.parquet", run=done)
+    write_parquet(r.thresholds, out / "thresholds.parquet", run=done)
     write_json(out / "timing.json", r.timing)
-    write_parquet(r.questions, out / "ablation_questions.parquet")
-    write_parquet(r.results, out / "ablation_results.parquet")  # last: marks the job complete
+    write_parquet(r.questions, out / "ablation_questions.parquet", run=done)
+    write_parquet(r.results, out / "ablation_results.parquet", run=done)  # last: marks the job complete
     base = r.results.filter((r.results["score_fn"] == "random") & (r.results["target_fraction"] == 0))
     print(f"{args.model} on {data.name}: baseline {base['accuracy'][0]:.1f}% over {r.timing['questions']} "
           f"questions; {r.timing['configs']} configs in {r.timing['sweep_s']:.0f} s, cost ratio "

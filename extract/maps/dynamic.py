@@ -205,4 +205,4 @@ def causal_check(model, tok, op: Operation, static: pl.DataFrame, *, model_name:
                 j for j, cf in enumerate(configs) if cf[0] == "random" and cf[1] == n]
         rows += [(model_name, ch, op.name, configs[c][0], configs[c][1], configs[c][2], float(correct[c].mean()),
                   base, len(ids)) for c in picks]
-    return pl.DataFrame(rows, orient="row", schema=tables.polars_schema("maps_causal"))
+    return pl.DataFrame(rows, orient="row", schema=tables.computed_schema("maps_causal"))

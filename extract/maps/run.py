@@ -134,7 +134,7 @@ def _empty(table: str):
 
     from analysis.core import tables
 
-    return pl.DataFrame(schema=tables.polars_schema(table))
+    return pl.DataFrame(schema=tables.computed_schema(table))
 
 
 def run(model_name: str, settings: MapsSettings, out_dir: str | Path, *, dtype: str = "float32",
@@ -145,7 +145,11 @@ def run(model_name: str, settings: MapsSettings, out_dir: str | Path, *, dtype: 
     import polars as pl
     import torch
 
-    from analysis.core.io import write_json, write_parquet
+    from dataclasses import asdict
+
+    from analysis.core.io import write_json
+    from analysis.core.io import write_parquet as _write
+    from extract import provenance
     from extract.errors import DormantError
     from extract.maps.dynamic import causal_check, correlations, dynamic_rows, dynamic_scores
     from extract.maps.operations import DATA_DIR, prepare
@@ -156,7 +160,14 @@ def run(model_name: str, settings: MapsSettings, out_dir: str | Path, *, dtype: 
     out = Path(out_dir)
     torch.manual_seed(s.seed)
     t0 = time.perf_counter()
+    start = provenance.now()
     model, tok = load_model(model_name, dtype=getattr(torch, dtype), device=device)
+    run = provenance.run_record("maps", model, {"model": model_name, **asdict(s), "dtype": dtype},
+                                prompt_format="parameters; MAPS operation templates for the dynamic and causal checks",
+                                start_time=start)
+
+    def write_parquet(df, path):  # every part carries the run (run_id per row, the row in its metadata)
+        return _write(provenance.stamped(df, run), path, run=provenance.finished(run))
     ops = prepare(tok, list(s.operations) if s.operations is not None else None,
                   root=Path(s.data_dir) if s.data_dir else DATA_DIR, k_copy=s.k_copy, k_other=s.k_other,
                   max_pairs=s.max_pairs, seed=s.seed)

@@ -306,6 +306,6 @@ def static_scores(model, tok, ops: list[Operation], *, model_name: str, inputs=(
                 sal_rows.append((model_name, layer, h, r + 1, tid, tok.decode([tid]), float(sv[h, r]),
                                  "|".join(tok.decode([int(t)]) for t in tops[r0 + h * si.shape[1] + r])))
         r0 += si.numel()
-    scores = pl.DataFrame(score_rows, orient="row", schema=tables.polars_schema("maps_scores"))
-    salient = pl.DataFrame(sal_rows, orient="row", schema=tables.polars_schema("maps_salient"))
+    scores = pl.DataFrame(score_rows, orient="row", schema=tables.computed_schema("maps_scores"))
+    salient = pl.DataFrame(sal_rows, orient="row", schema=tables.computed_schema("maps_salient"))
     return StaticResult(scores, salient, extra_hit)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from analysis.core import provenance
 from analysis.core.io import atomic_path, write_json, write_parquet
 from extract.toy.data import BigramBackcopy, corpus_task
 from extract.toy.metrics import Key, interventions, measure
@@ -69,6 +70,10 @@ def train(spec: RunSpec, task: BigramBackcopy | None, out_dir: Path, *, device: 
     ``device``); write the files of the module doc; return the metrics frame."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    run = provenance.run_record("toy", asdict(spec), model=f"toy:{spec.name}", device=str(torch.device(device)),
+                                dtype="float32", attention_backend=f"toy {spec.attention} attention",
+                                prompt_format="Bigram-Backcopy sequences (extract.toy.data)",
+                                start_time=provenance.now())
     task = task_of(spec) if task is None else task
     model = toy_model(task.vocab_size, width=spec.width, layers=spec.layers, length=spec.length,
                       attention=spec.attention, init=spec.init, seed=spec.seed).to(device)
@@ -105,6 +110,6 @@ def train(spec: RunSpec, task: BigramBackcopy | None, out_dir: Path, *, device: 
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     rows.extend(_rows(spec.name, spec.steps, interventions(model, task, x_eval)))
-    df = pl.DataFrame(rows, schema=METRICS_SCHEMA)
-    write_parquet(df, out_dir / "metrics.parquet")
+    df = provenance.stamped(pl.DataFrame(rows, schema=METRICS_SCHEMA), run)
+    write_parquet(df, out_dir / "metrics.parquet", run=provenance.finished(run))
     return df

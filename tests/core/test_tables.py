@@ -17,7 +17,7 @@ from analysis.database import connect, migrations, schema
 # afhon_ln: IH's full head output norm) follow the 13, then awls (the learned sink's weight); bb_metrics has layer and part
 # (key columns; the toy metrics no longer spell them in the metric name); maps_scores, maps_correlations and
 # maps_causal have inputs (the E' choice, a key column) and maps_inputs is new; runs is new (the provenance of
-# each job) and examples, thresholds, ablation_results and ablation_questions end with its run_id.
+# each job) and every result table ends with its run_id.
 BUILTIN_SCORES = ("awft DOUBLE, awft_ln DOUBLE, aeqd DOUBLE, aeqd_ln DOUBLE, ftvvn DOUBLE, ftvvn_ln DOUBLE, "
                   "avvn DOUBLE, avvn_ln DOUBLE, lthon DOUBLE, lthon_ln DOUBLE, lthon_hn DOUBLE, ahon DOUBLE, "
                   "ahon_ln DOUBLE, afhon DOUBLE, afhon_ln DOUBLE, awls DOUBLE")
@@ -47,44 +47,45 @@ CREATE TABLE ablation_questions (
   PRIMARY KEY (model, task, score_fn, target_fraction, question));
 CREATE TABLE calibration_scores (
   model VARCHAR, task VARCHAR, question_task VARCHAR, question VARCHAR, layer INTEGER, head INTEGER,
-  {BUILTIN_SCORES}, PRIMARY KEY (model, task, question, layer, head));
+  {BUILTIN_SCORES}, run_id VARCHAR, PRIMARY KEY (model, task, question, layer, head));
 CREATE TABLE distribution_tests (
   comparison VARCHAR, score_fn VARCHAR, depth_bin VARCHAR, statistic VARCHAR, value DOUBLE, ci_low DOUBLE,
-  ci_high DOUBLE, p_value DOUBLE, n_examples INTEGER, kind VARCHAR, model_a VARCHAR, model_b VARCHAR,
+  ci_high DOUBLE, p_value DOUBLE, n_examples INTEGER, kind VARCHAR, model_a VARCHAR, model_b VARCHAR, run_id VARCHAR,
   PRIMARY KEY (comparison, score_fn, depth_bin, statistic));
 CREATE TABLE finetune_log (
-  model VARCHAR, step INTEGER, split VARCHAR, loss DOUBLE, tokens INTEGER, lr DOUBLE, seconds DOUBLE,
+  model VARCHAR, step INTEGER, split VARCHAR, loss DOUBLE, tokens INTEGER, lr DOUBLE, seconds DOUBLE, run_id VARCHAR,
   PRIMARY KEY (model, step, split));
 CREATE TABLE bb_metrics (
-  run VARCHAR, step INTEGER, metric VARCHAR, layer INTEGER, part VARCHAR, value DOUBLE,
+  run VARCHAR, step INTEGER, metric VARCHAR, layer INTEGER, part VARCHAR, value DOUBLE, run_id VARCHAR,
   PRIMARY KEY (run, step, metric, layer, part));
 CREATE TABLE domain_head_ablation (
   model VARCHAR, dataset VARCHAR, example VARCHAR, domain VARCHAR, n_tokens INTEGER, layer INTEGER, head INTEGER,
   awft DOUBLE, ahon_ln DOUBLE, loss_base DOUBLE, loss_ablated DOUBLE, delta_loss DOUBLE,
   loss_mean_ablated DOUBLE, delta_loss_mean DOUBLE,
-  PRIMARY KEY (model, dataset, example, layer, head));
+  run_id VARCHAR, PRIMARY KEY (model, dataset, example, layer, head));
 CREATE TABLE maps_scores (
   model VARCHAR, inputs VARCHAR, layer INTEGER, head INTEGER, operation VARCHAR, category VARCHAR, k INTEGER,
-  score DOUBLE, suppression_score DOUBLE, n_pairs INTEGER, PRIMARY KEY (model, inputs, layer, head, operation));
+  score DOUBLE, suppression_score DOUBLE, n_pairs INTEGER, run_id VARCHAR,
+  PRIMARY KEY (model, inputs, layer, head, operation));
 CREATE TABLE maps_salient (
   model VARCHAR, layer INTEGER, head INTEGER, rank INTEGER, token_id BIGINT, token VARCHAR, saliency DOUBLE,
-  top_targets VARCHAR, PRIMARY KEY (model, layer, head, rank));
+  top_targets VARCHAR, run_id VARCHAR, PRIMARY KEY (model, layer, head, rank));
 CREATE TABLE maps_dynamic (
   model VARCHAR, layer INTEGER, head INTEGER, operation VARCHAR, template INTEGER, context VARCHAR, score DOUBLE,
-  n_prompts INTEGER, PRIMARY KEY (model, layer, head, operation, template, context));
+  n_prompts INTEGER, run_id VARCHAR, PRIMARY KEY (model, layer, head, operation, template, context));
 CREATE TABLE maps_correlations (
   model VARCHAR, inputs VARCHAR, operation VARCHAR, context VARCHAR, pearson DOUBLE, n INTEGER, max_static DOUBLE,
-  max_dynamic DOUBLE, PRIMARY KEY (model, inputs, operation, context));
+  max_dynamic DOUBLE, run_id VARCHAR, PRIMARY KEY (model, inputs, operation, context));
 CREATE TABLE maps_causal (
   model VARCHAR, inputs VARCHAR, operation VARCHAR, selection VARCHAR, n_heads INTEGER, draw INTEGER,
-  accuracy DOUBLE, base_accuracy DOUBLE, n_prompts INTEGER,
+  accuracy DOUBLE, base_accuracy DOUBLE, n_prompts INTEGER, run_id VARCHAR,
   PRIMARY KEY (model, inputs, operation, selection, n_heads, draw));
 CREATE TABLE maps_inputs (
   source VARCHAR, model VARCHAR, inputs VARCHAR, r_without DOUBLE, r_without_low DOUBLE, r_without_high DOUBLE,
   r_with DOUBLE, r_with_low DOUBLE, r_with_high DOUBLE, r_operations INTEGER, r_undefined INTEGER, n_heads INTEGER,
   drop_top DOUBLE,
   drop_top_low DOUBLE, drop_top_high DOUBLE, drop_random DOUBLE, drop_random_low DOUBLE, drop_random_high DOUBLE,
-  causal_operations INTEGER, PRIMARY KEY (source, model, inputs));
+  causal_operations INTEGER, run_id VARCHAR, PRIMARY KEY (source, model, inputs));
 CREATE TABLE score_functions (
   score_fn VARCHAR PRIMARY KEY, inactive_when VARCHAR);
 CREATE TABLE runs (
@@ -142,7 +143,7 @@ def test_a_few_tables_against_literal_column_lists(fresh):
             "config_hash", "config", "start_time", "end_time")],
         "maps_salient": [("model", "VARCHAR", 1), ("layer", "INTEGER", 1), ("head", "INTEGER", 1),
                          ("rank", "INTEGER", 1), ("token_id", "BIGINT", 0), ("token", "VARCHAR", 0),
-                         ("saliency", "DOUBLE", 0), ("top_targets", "VARCHAR", 0)],
+                         ("saliency", "DOUBLE", 0), ("top_targets", "VARCHAR", 0), ("run_id", "VARCHAR", 0)],
         "score_functions": [("score_fn", "VARCHAR", 1), ("inactive_when", "VARCHAR", 0)],
         "head_scores": [("model", "VARCHAR", 1), ("dataset", "VARCHAR", 1), ("example", "VARCHAR", 1),
                         ("layer", "INTEGER", 1), ("head", "INTEGER", 1)] + [
@@ -167,12 +168,13 @@ def test_a_registered_score_function_is_a_column_of_both_score_tables(tmp_path):
     before = tables.column_names("head_scores")
     with registered(ScoreFunction("tbl_test", "test score", "p_first", "above")):
         assert tables.column_names("head_scores") == before + ["tbl_test"]
-        assert tables.column_names("calibration_scores")[-1] == "tbl_test"
+        assert tables.column_names("calibration_scores")[-2:] == ["tbl_test", "run_id"]
         assert tables.polars_schema("calibration_scores")["tbl_test"] == pl.Float64
         assert "tbl_test DOUBLE" in schema()
         con = connect(tmp_path / "x.duckdb")
         for t in ("head_scores", "calibration_scores"):
-            assert table_info(con, t)[-1][:2] == ("tbl_test", "DOUBLE")
+            cols = [c[:2] for c in table_info(con, t)]
+            assert cols[-1 if t == "head_scores" else -2] == ("tbl_test", "DOUBLE")  # calibration: then run_id
         con.close()
     assert tables.column_names("head_scores") == before
 
@@ -183,7 +185,10 @@ def test_migrations_add_exactly_the_added_columns(tmp_path):
                      ("examples", "beyond_context")} | {
         ("ablation_results", c) for c in ("chance", "accuracy_ci_low", "accuracy_ci_high", "delta_ci_low",
                                           "delta_ci_high", "kl_mean", "kl_ci_low", "kl_ci_high", "kl_choices_mean")} | {
-        (t, "run_id") for t in ("examples", "thresholds", "ablation_results", "ablation_questions")}
+        (t, "run_id") for t in ("examples", "thresholds", "ablation_results", "ablation_questions", "calibration_scores",
+                                "distribution_tests", "finetune_log", "bb_metrics", "domain_head_ablation",
+                                "maps_scores", "maps_salient", "maps_dynamic", "maps_correlations", "maps_causal",
+                                "maps_inputs")}
     statements = re.findall(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+) (\w+);", migrations())
     assert len(statements) == len(migrations().strip().splitlines()) == len(added)
     assert {(t, c) for t, c, _ in statements} == added
@@ -242,7 +247,7 @@ def test_distribution_tests_schema():
     """The statistics frame keeps its own column order (the report tables print it) with the table's types."""
     from analysis.distributions.stats import SCHEMA
 
-    assert sorted(SCHEMA) == sorted(tables.column_names("distribution_tests"))
+    assert sorted(SCHEMA) == sorted(tables.computed_schema("distribution_tests"))  # run_id: the job's
     assert list(SCHEMA.items()) == list(tables.polars_schema("distribution_tests", list(SCHEMA)).items())
     assert list(SCHEMA) == ["comparison", "kind", "model_a", "model_b", "score_fn", "depth_bin", "statistic", "value",
                             "ci_low", "ci_high", "p_value", "n_examples"]
@@ -273,18 +278,18 @@ def test_maps_frames():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     ops = [_op("digits", range(20, 30), range(30, 40), 3), _op("letters", range(40, 50), range(50, 60), 5)]
     res = static_scores(model, tok, ops, model_name="m", progress=False)
-    assert res.scores.schema == pl.Schema(tables.polars_schema("maps_scores"))
-    assert res.salient.schema == pl.Schema(tables.polars_schema("maps_salient"))
+    assert res.scores.schema == pl.Schema(tables.computed_schema("maps_scores"))
+    assert res.salient.schema == pl.Schema(tables.computed_schema("maps_salient"))
     rows = [("digits", t, c, i) for t in range(2) for c in ("with", "without") for i in range(2)]
     frame = pl.DataFrame(rows, orient="row", schema={"operation": pl.Utf8, "template": pl.Int32,
                                                      "context": pl.Utf8, "pair": pl.Int32})  # as dynamic_rows
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     dyn = dynamic_scores("m", frame, torch.rand(L, H, len(rows), generator=torch.Generator().manual_seed(0)) > 0.5)
-    assert dyn.schema == pl.Schema(tables.polars_schema("maps_dynamic"))
-    assert correlations(res.scores, dyn).schema == pl.Schema(tables.polars_schema("maps_correlations"))
+    assert dyn.schema == pl.Schema(tables.computed_schema("maps_dynamic"))
+    assert correlations(res.scores, dyn).schema == pl.Schema(tables.computed_schema("maps_correlations"))
     causal = causal_check(model, tok, ops[0], res.scores, model_name="m", counts=[1, 2], draws=2, prompts=4,
                           shots=2, seed=0)
-    assert causal.height == 1 + 2 * (1 + 2) and causal.schema == pl.Schema(tables.polars_schema("maps_causal"))
+    assert causal.height == 1 + 2 * (1 + 2) and causal.schema == pl.Schema(tables.computed_schema("maps_causal"))
 
 
 def test_domain_head_ablation_frame():
@@ -300,7 +305,7 @@ def test_domain_head_ablation_frame():
     for mean in (True, False):
         df = head_loss_changes(model, tok, texts, [(1, 2), (0, 1)], mean=mean, progress=False)
         df = df.with_columns(pl.lit("m").alias("model")).select("model", *[c for c in df.columns if c != "model"])
-        want = tables.polars_schema("domain_head_ablation")
+        want = tables.computed_schema("domain_head_ablation")
         if not mean:
             want = {c: t for c, t in want.items() if c not in tables.get("domain_head_ablation").added}
         assert df.schema == pl.Schema(want)

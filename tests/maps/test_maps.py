@@ -254,16 +254,16 @@ def test_inputs_table_in_the_reference_form():
     rng = np.random.default_rng(0)
     corr = pl.DataFrame([("m", c, f"op{i}", ctx, float("nan") if (c, i) == ("raw", 0) else float(rng.uniform(-1, 1)),
                           10, 0.5, 0.5) for c in ("reference", "raw") for i in range(5) for ctx in ("with", "without")],
-                        orient="row", schema=tables.polars_schema("maps_correlations"))  # raw op0: r undefined
+                        orient="row", schema=tables.computed_schema("maps_correlations"))  # raw op0: r undefined
     acc = {"op0": (0.5, 0.25, 0.5), "op1": (0.8, 0.2, 0.6), "op2": (0.0, 0.0, 0.0)}  # base, top, random
     causal = pl.DataFrame([("m", c, op, sel, n, d, {"none": b, "top": t * (c == "raw") + b * (c != "raw"),
                                                        "random": r}[sel] if n == 4 or sel == "none" else 0.0, b, 8)
                            for c in ("reference", "raw") for op, (b, t, r) in acc.items()
                            for sel, n, d in (("none", 0, 0), ("top", 1, 0), ("random", 1, 0), ("top", 4, 0),
                                              ("random", 4, 0), ("random", 4, 1))],
-                          orient="row", schema=tables.polars_schema("maps_causal"))
+                          orient="row", schema=tables.computed_schema("maps_causal"))
     t = inputs_table(corr, causal)
-    assert t.schema == pl.Schema(tables.polars_schema("maps_inputs"))
+    assert t.schema == pl.Schema(tables.computed_schema("maps_inputs"))
     ours = {r["inputs"]: r for r in t.filter(pl.col("source") == "this run").iter_rows(named=True)}
     for c, r in ours.items():
         for ctx, col in (("without", "r_without"), ("with", "r_with")):
@@ -278,7 +278,7 @@ def test_inputs_table_in_the_reference_form():
     assert paper["model"].to_list() == [m[0] for m in MAPS_PAPER] and paper["r_without"][0] == 0.945
     assert paper["drop_top"].to_list() == [0.685, 0.955, 0.785, 0.5]
     scores = pl.DataFrame([("m", c, 0, 0, "op0", "algorithmic", 1, 0.5, 0.0, 30) for c in ("reference", "raw")],
-                          orient="row", schema=tables.polars_schema("maps_scores"))
+                          orient="row", schema=tables.computed_schema("maps_scores"))
     text = inputs_answer(t, corr, causal, scores)
     assert "`raw` - `reference`" in text and "(n = 4)" in text and "| m | algorithmic | 0.5 | 0.5 |" in text
     assert "| raw | 1 |" in text  # one undefined r, counted as 0 in the `undefined = 0` columns (n = 5)
@@ -425,7 +425,7 @@ def test_causal_check_batch_equals_one_prompt_at_a_time(family):
     op = op.__class__(**{**op.__dict__, "words": words})
     static = pl.DataFrame([("m", c, la, h, "letters", "test", 3, float(la * 4 + h) * (c == "reference"), 0.0, 20)
                            for c in ("reference", "raw") for la in range(3) for h in range(4)], orient="row",
-                          schema=tables.polars_schema("maps_scores"))
+                          schema=tables.computed_schema("maps_scores"))
     got = causal_check(model, tok, op, static, model_name="m", counts=[2], draws=1, prompts=6, shots=2, seed=1)
     ids, answers = fewshot_prompts(tok, op, 6, 2, 1)
     assert len({len(p) for p in ids}) > 1  # the batch is padded

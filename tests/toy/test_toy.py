@@ -264,7 +264,8 @@ def _check_metrics_frame(df: pl.DataFrame, spec: RunSpec) -> None:
     """The bb_metrics frame of a trained run: its columns and types, one row per (step, metric, layer, part),
     ``layer`` null exactly for the model-level metrics, ``part`` only on the interventions at the last step,
     nothing spelled in a metric's name."""
-    assert dict(df.schema) == METRICS_SCHEMA and df.columns == ["run", "step", "metric", "layer", "part", "value"]
+    assert df.columns == ["run", "step", "metric", "layer", "part", "value", "run_id"]
+    assert dict(df.drop("run_id").schema) == METRICS_SCHEMA and df["run_id"].n_unique() == 1  # its job's run
     assert df.select("run", "step", "metric", "layer", "part").is_unique().all() and set(df["run"]) == {spec.name}
     plain = df.filter(pl.col("part").is_null())
     assert set(plain.filter(pl.col("layer").is_null())["metric"]) == MODEL_METRICS
@@ -304,7 +305,11 @@ def test_training_is_seeded_learns_and_ingests(tmp_path):
     # the database holds every row once; NULL layer / part are stored as -1 / '' (its primary key)
     stored = query(con, "SELECT run, step, metric, layer, part, value FROM bb_metrics")
     want = a.with_columns(pl.col("layer").fill_null(-1), pl.col("part").fill_null(""))
-    assert stored.height == a.height and sorted(stored.rows()) == sorted(want.rows())
+    assert stored.height == a.height and sorted(stored.rows()) == sorted(want.drop("run_id").rows())
+    # the file's metadata brought its run: every row joins it
+    runs = query(con, "SELECT kind, model, run_id, config FROM runs")
+    assert runs.select("kind", "model").rows() == [("toy", "toy:t")] and runs["run_id"][0] == a["run_id"][0]
+    assert json.loads(runs["config"][0]) == json.loads(json.dumps(asdict(spec)))
     # the saved checkpoint reproduces the final metrics
     from safetensors.torch import load_file
 
