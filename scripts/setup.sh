@@ -6,7 +6,9 @@
 # System packages (Debian, as root, with apt-get --no-install-recommends, only those missing):
 #   always      TeX for the manuscript (the workflow's `paper` rule): latexmk texlive-latex-base
 #               texlive-latex-recommended lmodern
-#   --tests     also poppler-utils (the paper test reads the PDF) and chromium (the explorer's browser test)
+#   --tests     also poppler-utils (the paper test reads the PDF), chromium (the explorer's browser test) and
+#               a one-node SLURM cluster's parts (the cluster test, scripts/slurm_cluster.sh): slurmctld slurmd
+#               slurm-client slurmdbd munge mariadb-server (their init scripts are not started)
 # Not root, no apt-get, or DORMANT_SYSTEM_PACKAGES=0: nothing is installed and a line says so. A failed
 # install never stops set-up: the paper rule then writes "skipped" and those tests skip, saying why.
 set -euo pipefail
@@ -28,6 +30,13 @@ have_chromium() {
   command -v chromium > /dev/null || command -v chromium-browser > /dev/null || command -v google-chrome > /dev/null
 }
 
+have_slurm() {
+  local c
+  for c in munged mungekey mariadbd mariadb-install-db slurmdbd slurmctld slurmd sbatch sacct sacctmgr; do
+    command -v "$c" > /dev/null || return 1
+  done
+}
+
 system_packages() {
   local want=() log start
   [ "${DORMANT_SYSTEM_PACKAGES:-1}" = 0 ] && return 0
@@ -35,6 +44,7 @@ system_packages() {
   if [ "$tests" = 1 ]; then
     command -v pdftotext > /dev/null && command -v pdfimages > /dev/null || want+=(poppler-utils)
     have_chromium || want+=(chromium)
+    have_slurm || want+=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server)
   fi
   [ ${#want[@]} = 0 ] && return 0
   if [ "$(id -u)" != 0 ]; then
@@ -51,6 +61,9 @@ system_packages() {
   start=$(date +%s)
   echo "[setup] installing ${want[*]} (apt-get, as root; once)"
   export DEBIAN_FRONTEND=noninteractive
+  # no package's daemon is started at install (munge, MariaDB, SLURM: the cluster test starts its own)
+  local policy=/usr/sbin/policy-rc.d own_policy=0
+  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && own_policy=1; fi
   local apt=(apt-get -y -q -o DPkg::Lock::Timeout=120)
   if { "${apt[@]}" install --no-install-recommends "${want[@]}" \
        || { "${apt[@]}" update && "${apt[@]}" install --no-install-recommends "${want[@]}"; }; } > "$log" 2>&1; then
@@ -60,6 +73,7 @@ system_packages() {
     echo "[setup] apt-get could not install ${want[*]} (log: $log); continuing without them"
     tail -n 5 "$log" | sed 's/^/[setup]   /'
   fi
+  [ "$own_policy" = 0 ] || rm -f "$policy"
 }
 system_packages || echo "[setup] system packages not installed; continuing"
 

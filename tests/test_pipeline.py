@@ -1,6 +1,8 @@
 """The smoke profile end to end through Snakemake: outputs, rerun is a no-op, kill -9 then resume gives the
 same database (row counts and checksum)."""
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -66,11 +68,39 @@ def test_smoke_outputs(first_run):
               "results/paper/status.txt"):
         assert (d / f).is_file() and (d / f).stat().st_size > 0, f
     check_paper(d)
+    check_provenance(d)
     rerun = snakemake(d)
     assert "Nothing to be done" in rerun.stdout + rerun.stderr  # rerun: no-op
     rep = subprocess.run([sys.executable, "-m", "snakemake", "--configfile", "config/smoke.yaml", "--report",
                           "results/report.html"], cwd=d, capture_output=True, text=True)
     assert rep.returncode == 0 and (d / "results" / "report.html").stat().st_size > 100_000, rep.stderr[-2000:]
+
+
+def check_provenance(d: Path) -> None:
+    """Every result row of the final database names the run that wrote it, and that run is in ``runs``: each
+    table with a ``run_id`` column, head_scores through examples; every kind of job of the DAG is there."""
+    from analysis.core import tables
+
+    con = connect(d / "results" / "scores.duckdb", read_only=True)
+    try:
+        for t in tables.all_tables():
+            if "run_id" not in t.column_names or t.name == "runs":
+                continue
+            n, orphans = con.execute(f"""SELECT count(*), count(*) FILTER (WHERE r.run_id IS NULL)
+                                         FROM {t.name} LEFT JOIN runs r USING (run_id)""").fetchone()
+            assert n > 0 and orphans == 0, (t.name, n, orphans)
+        n, orphans = con.execute("""SELECT count(*), count(*) FILTER (WHERE r.run_id IS NULL) FROM head_scores
+                                    JOIN examples USING (model, dataset, example) LEFT JOIN runs r USING (run_id)
+                                 """).fetchone()
+        assert n > 0 and orphans == 0
+        kinds = {k for (k,) in con.execute("SELECT DISTINCT kind FROM runs").fetchall()}
+        assert kinds == {"score", "sweep", "maps", "maps_report", "domain_ablate", "toy", "finetune",
+                         "distributions"}, kinds
+        # a run's row is the one the job wrote: the toy run's settings are its config
+        (config,) = con.execute("SELECT config FROM runs WHERE model = 'toy:adam_1l'").fetchone()
+        assert json.loads(config)["name"] == "adam_1l"
+    finally:
+        con.close()
 
 
 def check_paper(d: Path) -> None:
@@ -116,3 +146,49 @@ def test_kill_and_resume_gives_the_same_database(first_run, tmp_path):
     res = snakemake(d, core)
     assert res.returncode == 0, res.stderr[-3000:]
     assert db_state(d, core) == want
+
+
+SLURM_TOOLS = ("munged", "mungekey", "mariadbd", "mariadb-install-db", "slurmdbd", "slurmctld", "slurmd",
+               "sbatch", "sacct", "sacctmgr")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A one-node SLURM cluster with accounting (scripts/slurm_cluster.sh), stopped after the module."""
+    if os.geteuid() != 0:
+        pytest.skip("the SLURM test starts a one-node cluster (scripts/slurm_cluster.sh) and needs root")
+    missing = [t for t in SLURM_TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): as root on Debian, "
+                    "bash scripts/setup.sh --tests installs it")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "DORMANT_SLURM_DIR": str(state)}
+    script = str(ROOT / "scripts" / "slurm_cluster.sh")
+    up = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr  # installed but not starting is a failure, not a skip
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    yield env
+    subprocess.run(["bash", script, "stop"], env=env, capture_output=True, timeout=120)
+
+
+def test_smoke_scoring_on_slurm_equals_the_local_run(first_run, slurm, tmp_path):
+    """The scoring part of the smoke DAG (models, finetune, perturbed copy, score shards, core database) runs
+    as SLURM jobs through config/slurm: every job was submitted with sbatch, sacct (slurmdbd's accounting)
+    knows each one as COMPLETED under its rule's name, and the database equals the local run's."""
+    core = "results/db/core.duckdb"
+    d = workdir(tmp_path)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
+    res = subprocess.run([sys.executable, "-m", "snakemake", core, "--workflow-profile", "config/slurm",
+                          "--slurm-init-seconds-before-status-checks", "1", "--configfile", "config/smoke.yaml"],
+                         cwd=d, env=slurm, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    acct = subprocess.run(["sacct", "-X", "-n", "-P", "-S", started, "-o", "JobID,JobName,Comment,State"], env=slurm,
+                          capture_output=True, text=True, check=True)
+    jobs = [line.split("|") for line in acct.stdout.splitlines() if line.strip()]
+    # the plugin names each job by the workflow run and comments it with the rule (and wildcards)
+    rules = sorted(re.fullmatch(r"rule_(\w+?)(_wildcards_.*)?", comment).group(1) for _, _, comment, _ in jobs)
+    submitted = sorted(re.findall(r"^rule (\w+):", res.stdout + res.stderr, flags=re.M))
+    assert rules == submitted and {"score", "finetune", "perturb", "database_core"} <= set(rules), (acct.stdout, submitted)
+    assert all(state == "COMPLETED" for *_, state in jobs) and len({name for _, name, _, _ in jobs}) == 1, acct.stdout
+    ran_locally = re.findall(r"^localrule (\w+):", res.stdout + res.stderr, flags=re.M)
+    assert db_state(d, core) == db_state(first_run, core), ran_locally  # same rows and checksum as the local run
