@@ -88,11 +88,15 @@ def with_ci(value: float | None, low: float | None, high: float | None, digits: 
 
 
 def write_figure(chart, stem: str | Path, scale: float = 2.0) -> list[Path]:
-    """Render an altair chart to ``stem``.png and .svg with vl-convert (offline, system fonts)."""
+    """Render an altair chart to ``stem``.png and .svg with vl-convert (offline, system fonts). The data are
+    embedded whatever their size: altair's 5000-row guard runs when the spec is written, after the figure
+    modules chose what to plot (one row per head and score function: 16 functions x 336 heads pass it)."""
+    import altair as alt
     import vl_convert as vlc
 
     stem = Path(stem)
-    spec = chart.to_json()
+    with alt.data_transformers.disable_max_rows():
+        spec = chart.to_json()
     png, svg = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".svg")
     write_bytes(png, vlc.vegalite_to_png(spec, scale=scale))
     write_bytes(svg, vlc.vegalite_to_svg(spec))

@@ -414,3 +414,19 @@ def test_response_loss_matches_naive_and_finetune_learns(tmp_path):
     ids = torch.tensor([train[0].ids])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
+
+
+def test_a_paired_difference_figure_larger_than_altairs_row_guard_is_drawn(tmp_path):
+    """16 score functions x 336 heads (Qwen2.5-0.5B's 24 x 14) is 5376 rows, over altair's 5000-row guard: the
+    figure is written with every head's cell in it."""
+    from analysis.distributions.figures import paired_diff_chart, paired_diff_frame
+    from analysis.render import write_figure
+
+    rng = np.random.default_rng(0)
+    ex = ("e0", "e1", "e2")
+    a = {f"f{k}": ScoreMatrix("a", f"f{k}", ex, 24, 14, rng.random((3, 24 * 14))) for k in range(16)}
+    b = {f: ScoreMatrix("b", f, ex, 24, 14, m.values + 1.0) for f, m in a.items()}
+    df = paired_diff_frame(a, b)
+    assert df.height == 5376 and np.allclose(df["diff"], 1.0)
+    png, svg = write_figure(paired_diff_chart(df, "test"), tmp_path / "paired")
+    assert png.stat().st_size > 0 and svg.read_text().count("<path") >= 5376
