@@ -24,7 +24,7 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis.core.io import write_bytes, write_parquet
+from analysis.core.io import write_bytes
 from analysis.core.names import model_key
 from analysis.database import connect, query
 from analysis.render import markdown, write_figure, write_table
@@ -299,7 +299,7 @@ def write_maps_reports(dirs: list[Path], core_db: Path | None, out: Path, *, ina
         runs = sorted(set(d["scores"]["run_id"].drop_nulls())) if "run_id" in d["scores"].columns else []
         run = provenance.run_record("maps_report", {"inactive_below": inactive_below, "salient_min": salient_min,
                                                     "maps_runs": runs}, start_time=start)
-        paths.append(write_parquet(provenance.stamped(inputs, run), inputs_parquet, run=provenance.finished(run)))
+        paths.append(provenance.write_with_run(inputs, inputs_parquet, run))
     paths.append(write_bytes(out / "tables" / "maps_inputs_answer.md",
                              inputs_answer(inputs, d["correlations"], d["causal"], d["scores"])))
     paths += write_table(correlation_table(d["correlations"]), out / "tables" / "maps_correlations")

@@ -226,7 +226,6 @@ def ablate(model_name: str, candidates: str | Path, data: Sequence[str | Path], 
 
     from dataclasses import asdict
 
-    from analysis.core.io import write_parquet
     from extract import provenance
     from extract.errors import DormantError
     from extract.models.fetch import sha256_file
@@ -257,7 +256,7 @@ def ablate(model_name: str, candidates: str | Path, data: Sequence[str | Path], 
     df = head_loss_changes(model, tok, examples, heads, prepend_bos=s.prepend_bos, max_tokens=s.max_tokens or None,
                            mean=s.mean_ablation, progress=progress)
     df = df.with_columns(pl.lit(name).alias("model")).select("model", *[c for c in df.columns if c != "model"])
-    path = write_parquet(provenance.stamped(df, run), out, run=provenance.finished(run))
+    path = provenance.write_with_run(df, out, run)
     print(f"{name}: heads {', '.join(f'L{l}H{h}' for l, h in heads)} zeroed{' and mean-ablated' * s.mean_ablation} "
           f"on {len(examples)} examples ({time.perf_counter() - t0:.0f} s) -> {path}")
     return [path]

@@ -6,11 +6,11 @@ the row is stored) is documented there.
 from __future__ import annotations
 
 from analysis.core.provenance import (RUN_KEY, UNKNOWN, config_hash, finished, git_commit, now, run_id,
-                                      runs_frame, stamped, version)
+                                      runs_frame, stamped, version, write_with_run)
 from analysis.core.provenance import run_record as base_record
 
 __all__ = ["RUN_KEY", "UNKNOWN", "attention_backend", "base_record", "config_hash", "device_name", "finished",
-           "git_commit", "now", "run_id", "run_record", "runs_frame", "stamped", "version"]
+           "git_commit", "now", "run_id", "run_record", "runs_frame", "stamped", "version", "write_with_run"]
 
 
 def attention_backend(model) -> str:

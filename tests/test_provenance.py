@@ -91,6 +91,27 @@ def test_score_shard_carries_its_run(tmp_path, tiny):
     assert got == [(run["run_id"], "score", df.height)]
 
 
+def test_a_job_result_file_brings_its_run_into_the_database(tmp_path):
+    """``write_with_run`` (what the MAPS, domain, finetune, distributions and MAPS report jobs write): every row
+    carries the run's id and the file's metadata the row, ended; building the database upserts that row into
+    ``runs`` from the file alone, and every row of the result table joins it."""
+    run = provenance.base_record("finetune", {"lr": 0.1}, model="m", device="cpu", start_time=provenance.now())
+    log = pl.DataFrame({"model": ["m", "m"], "step": [0, 1], "split": ["train", "train"], "loss": [2.0, 1.5],
+                        "tokens": [10, 10], "lr": [0.1, 0.1], "seconds": [0.0, 1.0]},
+                       schema=tables.computed_schema("finetune_log"))
+    out = provenance.write_with_run(log, tmp_path / "log.parquet", run)
+    assert pl.read_parquet(out)["run_id"].to_list() == [run["run_id"]] * 2
+    stored = json.loads(pl.read_parquet_metadata(out)[provenance.RUN_KEY])
+    assert {k: v for k, v in stored.items() if k != "end_time"} == {k: v for k, v in run.items() if k != "end_time"}
+    assert TIME.fullmatch(stored["end_time"]) and run["end_time"] is None
+    build(tmp_path / "x.duckdb", tables={"finetune_log": [out]})
+    con = connect(tmp_path / "x.duckdb", read_only=True)
+    got = con.execute("SELECT r.run_id, r.kind, r.end_time, count(*) FROM finetune_log JOIN runs r USING (run_id) "
+                      "GROUP BY ALL").fetchall()
+    con.close()
+    assert got == [(run["run_id"], "finetune", stored["end_time"], 2)]
+
+
 def test_the_sweep_command_writes_its_run(tmp_path, tiny, monkeypatch):
     """``dormant sweep`` (task loading and model loading replaced by a toy task and the tiny model)."""
     import extract.models.load

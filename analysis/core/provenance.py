@@ -115,3 +115,12 @@ def stamped(df, record: dict):
     import polars as pl
 
     return df.with_columns(pl.lit(record["run_id"], pl.String).alias("run_id"))
+
+
+def write_with_run(df, out, record: dict):
+    """Write a job's result frame ``df`` to the Parquet file ``out`` (atomically) as the database reads it:
+    :func:`stamped` with ``record``'s ``run_id``, and the row itself, ended now, in the file's metadata;
+    returns ``out``."""
+    from analysis.core.io import write_parquet
+
+    return write_parquet(stamped(df, record), out, run=finished(record))

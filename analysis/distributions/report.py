@@ -100,7 +100,6 @@ def run(db: Path, out: Path, series: list[tuple[str, list[str]]], *, null_models
     from dataclasses import asdict
 
     from analysis.core import provenance
-    from analysis.core.io import write_parquet
     from analysis.distributions.explorer import write_explorer
 
     t0 = time.perf_counter()
@@ -127,7 +126,7 @@ def run(db: Path, out: Path, series: list[tuple[str, list[str]]], *, null_models
     t_stats = time.perf_counter()
     written = []
     tests_out = Path(tests_out) if tests_out else out / "distributions" / "distribution_tests.parquet"
-    written.append(write_parquet(provenance.stamped(tests, run), tests_out, run=provenance.finished(run)))
+    written.append(provenance.write_with_run(tests, tests_out, run))
     written += write_table(summary_table(tests), out / "tables" / "distribution_tests")
     written += write_table(tests.drop("model_a", "model_b"), out / "tables" / "distribution_tests_full")
     figs = out / "figures"

@@ -22,7 +22,7 @@ def _load_base(name: str, threads: int | None):
 def _finetune(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from analysis.core.io import write_json, write_parquet
+    from analysis.core.io import write_json
     from extract import provenance
     from extract.finetune import SFTConfig, config_dict, finetune, sft_examples
     from extract.models.derived import derived_source, save_derived
@@ -44,7 +44,7 @@ def _finetune(args: argparse.Namespace) -> int:
                "heldout_loss_before": res.heldout_before, "heldout_loss_after": res.heldout_after,
                "train_seconds": res.seconds, "total_seconds": time.perf_counter() - t0, "config": config_dict(cfg)}
     write_json(Path(args.out) / "finetune.json", summary)
-    write_parquet(provenance.stamped(log, run), args.log, run=provenance.finished(run))  # last: job complete
+    provenance.write_with_run(log, args.log, run)  # last: marks the job complete
     print(f"{args.name}: {res.info['steps']} steps over {res.info['train_examples']} examples "
           f"({res.info['train_tokens']} response tokens), held-out loss {res.heldout_before:.3f} -> "
           f"{res.heldout_after:.3f} nats/token; {res.seconds:.0f} s training, "

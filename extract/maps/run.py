@@ -148,7 +148,6 @@ def run(model_name: str, settings: MapsSettings, out_dir: str | Path, *, dtype: 
     from dataclasses import asdict
 
     from analysis.core.io import write_json
-    from analysis.core.io import write_parquet as _write
     from extract import provenance
     from extract.errors import DormantError
     from extract.maps.dynamic import causal_check, correlations, dynamic_rows, dynamic_scores
@@ -167,7 +166,7 @@ def run(model_name: str, settings: MapsSettings, out_dir: str | Path, *, dtype: 
                                 start_time=start)
 
     def write_parquet(df, path):  # every part carries the run (run_id per row, the row in its metadata)
-        return _write(provenance.stamped(df, run), path, run=provenance.finished(run))
+        return provenance.write_with_run(df, path, run)
     ops = prepare(tok, list(s.operations) if s.operations is not None else None,
                   root=Path(s.data_dir) if s.data_dir else DATA_DIR, k_copy=s.k_copy, k_other=s.k_other,
                   max_pairs=s.max_pairs, seed=s.seed)
